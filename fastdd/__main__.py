@@ -1,0 +1,5 @@
+import sys
+
+from fastdd.cli.main import main
+
+sys.exit(main())

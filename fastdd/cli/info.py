@@ -1,0 +1,47 @@
+"""`fastdd info`: versions, devices, and which backend each op uses on each device."""
+from __future__ import annotations
+
+import importlib.metadata
+import platform
+
+import torch
+
+
+def _version(package: str) -> str:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def info_text() -> str:
+    import fastdd
+    from fastdd import ops  # noqa: F401  (registers the ops)
+    from fastdd.ops._backend import OP_BACKENDS, extension, extension_error, extension_has_cuda, resolve_backend
+
+    lines = [f"fastdd {fastdd.__version__}", f"python {platform.python_version()} ({platform.machine()})"]
+    for package in ("torch", "triton", "diffusers", "safetensors", "numpy"):
+        lines.append(f"{package} {_version(package)}")
+    lines.append(f"torch CUDA build: {torch.version.cuda or 'none (CPU build)'}")
+    ext = extension()
+    lines.append(
+        "fastdd._C: " + ("built with CUDA kernels" if extension_has_cuda() else "built (C++ CPU kernels)")
+        if ext is not None
+        else f"fastdd._C: missing ({extension_error()})"
+    )
+    devices = [torch.device("cpu")]
+    if torch.cuda.is_available():
+        devices += [torch.device("cuda", i) for i in range(torch.cuda.device_count())]
+    for d in devices:
+        name = torch.cuda.get_device_name(d) if d.type == "cuda" else f"{torch.get_num_threads()} threads"
+        lines.append(f"device {d}: {name}")
+    lines.append("")
+    lines.append("op".ljust(22) + "".join(str(d).ljust(12) for d in devices))
+    for op in sorted(OP_BACKENDS):
+        lines.append(op.ljust(22) + "".join(resolve_backend(op, "auto", d).ljust(12) for d in devices))
+    return "\n".join(lines)
+
+
+def add_parser(subparsers) -> None:
+    parser = subparsers.add_parser("info", help="print versions, devices and the backend of each op")
+    parser.set_defaults(func=lambda args: print(info_text()))

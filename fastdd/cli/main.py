@@ -1,0 +1,24 @@
+"""The `fastdd` command line: one entry point, a sub-command per job."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from . import info
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fastdd", description=__doc__)
+    subparsers = parser.add_subparsers(dest="command", required=True)
+    info.add_parser(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    result = args.func(args)
+    return int(result or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

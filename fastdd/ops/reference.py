@@ -1,0 +1,202 @@
+"""Plain PyTorch references of every fastdd op: the specification the fast backends are tested against.
+
+Readable first, fast never. Each function here is differentiable by autograd where the op is, so
+references also give the gradients (first and second order) the fast paths must match.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.func import functional_call
+
+COS_EPS = 1e-6  # cosine epsilon of the authors' deviation guidance and memories
+
+
+def normalize_rows(x: Tensor, eps: float = COS_EPS) -> Tensor:
+    """x / max(‖x‖, eps) row-wise. x: [..., D]."""
+    return x / x.norm(dim=-1, keepdim=True).clamp_min(eps)
+
+
+def valid_rows(memory: Tensor, count: Tensor | int | None) -> Tensor:
+    """Boolean mask [M] of the rows < count (all rows when count is None)."""
+    rows = torch.arange(memory.shape[0], device=memory.device)
+    if count is None:
+        return torch.ones_like(rows, dtype=torch.bool)
+    return rows < torch.as_tensor(count, device=memory.device)
+
+
+# --------------------------------------------------------------------------- cosine memory
+def max_cosine(query: Tensor, memory: Tensor, count: Tensor | int | None = None, eps: float = COS_EPS):
+    """Most similar memory row for every query.
+
+    query: [B, D], memory: [M, D] (rows >= count ignored) -> (values [B], indices [B] int64).
+    values[b] = max_j cos(query[b], memory[j]); with no valid row values = 0 and indices = 0.
+    Differentiable w.r.t. query (the argmax is piecewise constant).
+    """
+    cos = normalize_rows(query, eps) @ normalize_rows(memory, eps).T  # [B, M]
+    mask = valid_rows(memory, count)
+    cos = cos.masked_fill(~mask, float("-inf"))
+    values, indices = cos.max(dim=1)
+    any_valid = mask.any()
+    return torch.where(any_valid, values, torch.zeros_like(values)), torch.where(any_valid, indices, 0)
+
+
+def most_similar_index(memory: Tensor, count: Tensor | int | None = None, eps: float = COS_EPS) -> Tensor:
+    """Index (0-dim int64) of the valid row with the largest summed cosine similarity to all valid rows
+    (itself included): SAM's pop rule. memory: [M, D]."""
+    unit = normalize_rows(memory, eps)
+    mask = valid_rows(memory, count)
+    sim = unit @ unit.T  # [M, M]
+    scores = (sim * mask[None, :]).sum(dim=1).masked_fill(~mask, float("-inf"))
+    return scores.argmax()
+
+
+# --------------------------------------------------------------------------- Mercer distance
+def mercer_kernel(a: Tensor, b: Tensor, kernel: str, *, sigma: float, degree: int, coef0: float) -> Tensor:
+    """Gram matrix K(a_i, b_j) in float32 or wider. a: [B, D], b: [N, D] -> [B, N]."""
+    dim = a.shape[1]
+    if kernel == "linear":
+        return a @ b.T
+    if kernel == "rbf":
+        sq = (a * a).sum(1)[:, None] + (b * b).sum(1)[None, :] - 2 * a @ b.T
+        return torch.exp(-sq.clamp_min(0) / (2 * sigma**2))
+    if kernel == "poly":
+        return (a @ b.T / dim + coef0) ** degree
+    raise ValueError(f"kernel must be 'linear', 'rbf' or 'poly', got {kernel!r}")
+
+
+def mercer_self_kernel(a: Tensor, kernel: str, *, degree: int, coef0: float) -> Tensor:
+    """K(a_i, a_i) for every row. a: [B, D] -> [B]."""
+    if kernel == "rbf":
+        return torch.ones(a.shape[0], dtype=a.dtype, device=a.device)
+    sq = (a * a).sum(1)
+    return sq if kernel == "linear" else (sq / a.shape[1] + coef0) ** degree
+
+
+def default_sigma(dim: int) -> float:
+    """RBF bandwidth when none is given: √D (so ‖x−y‖²/2σ² is a per-feature mean)."""
+    return math.sqrt(dim)
+
+
+def mercer_distance(
+    x: Tensor,
+    y: Tensor,
+    kernel: str = "linear",
+    *,
+    sigma: float | None = None,
+    degree: int = 2,
+    coef0: float = 1.0,
+    y_sqnorm: Tensor | None = None,
+    eps: float = 1e-12,
+) -> Tensor:
+    """Mean kernel-induced distance of each x to the set y (DAP's representativeness energy).
+
+    x: [B, D], y: [N, D] -> [B]:  out_b = (1/N) Σ_n √(max(K(x,x) + K(y,y) − 2K(x,y), 0) + eps).
+    Kernels: linear x·y; rbf exp(−‖x−y‖²/2σ²) (σ = √D by default); poly (x·y/D + coef0)^degree.
+    y_sqnorm [N] (‖y_n‖²) is only a cache and does not change the result. Computed in float32 (or x's
+    dtype if wider) whatever y's dtype.
+    """
+    acc = torch.promote_types(x.dtype, torch.float32)
+    xa, ya = x.to(acc), y.to(acc)
+    sigma = default_sigma(x.shape[1]) if sigma is None else sigma
+    kxy = mercer_kernel(xa, ya, kernel, sigma=sigma, degree=degree, coef0=coef0)
+    kxx = mercer_self_kernel(xa, kernel, degree=degree, coef0=coef0)
+    kyy = mercer_self_kernel(ya, kernel, degree=degree, coef0=coef0)
+    sq = (kxx[:, None] + kyy[None, :] - 2 * kxy).clamp_min(0)
+    return torch.sqrt(sq + eps).mean(dim=1)
+
+
+# --------------------------------------------------------------------------- D3HR group sampling
+def sample_skewness(x: Tensor) -> Tensor:
+    """Adjusted Fisher–Pearson skewness of each row over its features. x: [..., n] -> [...].
+
+    z = (x − mean) / std (unbiased std); skew = Σ z³ · n / ((n − 1)(n − 2)).
+    """
+    n = x.shape[-1]
+    z = (x - x.mean(-1, keepdim=True)) / x.std(-1, keepdim=True)
+    return (z**3).sum(-1) * n / ((n - 1) * (n - 2))
+
+
+def group_score(groups: Tensor, mean: Tensor, std: Tensor, weights=(1.0, 1.0, 0.1)) -> Tensor:
+    """D3HR score of candidate groups (lower is better). groups: [G, ipc, D]; mean, std: [D] -> [G].
+
+    w0·‖mean over members − mean‖ + w1·‖std over members (unbiased) − std‖ + w2·‖skew per member‖
+    (norms over features, then over members for the skew). With ipc = 1 the std term is left out
+    (an unbiased std of one member is undefined).
+    """
+    ipc = groups.shape[1]
+    score = weights[0] * (groups.mean(1) - mean).norm(dim=-1)
+    if ipc > 1:
+        score = score + weights[1] * (groups.std(1) - std).norm(dim=-1)
+    return score + weights[2] * sample_skewness(groups).norm(dim=-1)
+
+
+def group_sampling(
+    mean: Tensor,
+    std: Tensor,
+    ipc: int,
+    n_candidates: int,
+    *,
+    generator: torch.Generator | None = None,
+    weights=(1.0, 1.0, 0.1),
+    chunk: int = 1024,
+):
+    """Best of n_candidates groups of ipc latents drawn from N(mean, diag(std²)).
+
+    mean, std: [D] -> (group [ipc, D], score 0-dim). Candidates are drawn in chunks of `chunk` groups
+    as randn(chunk, ipc, D) * std + mean from `generator`, in order, so the result is reproducible.
+    """
+    best_score = torch.tensor(float("inf"), device=mean.device)
+    best_group = None
+    for start in range(0, n_candidates, chunk):
+        n = min(chunk, n_candidates - start)
+        noise = torch.randn(n, ipc, mean.shape[0], generator=generator, device=mean.device, dtype=mean.dtype)
+        groups = noise * std + mean
+        scores = group_score(groups, mean, std, weights)
+        i = scores.argmin()
+        if best_group is None or scores[i] < best_score:
+            best_score, best_group = scores[i], groups[i]
+    return best_group, best_score
+
+
+# --------------------------------------------------------------------------- gradient cosine
+def unflatten_params(model: nn.Module, flat: Tensor) -> dict[str, Tensor]:
+    """Split a flat parameter vector ([P], `parameters_to_vector` order) into model's named shapes."""
+    params, offset = {}, 0
+    for name, p in model.named_parameters():
+        params[name] = flat[offset : offset + p.numel()].view_as(p)
+        offset += p.numel()
+    return params
+
+
+def per_sample_grads(model: nn.Module, flat_params: Tensor, x: Tensor, y: Tensor, create_graph: bool = True) -> Tensor:
+    """∇_θ CE(f_θ(x_i), y_i) for every sample and parameter set, one autograd.grad at a time.
+
+    flat_params: [K, P], x: [B, C, H, W], y: [B] -> [B, K, P] (differentiable w.r.t. x when create_graph).
+    """
+    out = []
+    for i in range(x.shape[0]):
+        row = []
+        for k in range(flat_params.shape[0]):
+            theta = flat_params[k].detach().requires_grad_(True)
+            logits = functional_call(model, unflatten_params(model, theta), (x[i : i + 1],))
+            loss = F.cross_entropy(logits, y[i : i + 1])
+            (g,) = torch.autograd.grad(loss, theta, create_graph=create_graph)
+            row.append(g)
+        out.append(torch.stack(row))
+    return torch.stack(out)
+
+
+def grad_dot_and_norm(model: nn.Module, flat_params: Tensor, x: Tensor, y: Tensor, ref_grads: Tensor):
+    """(⟨g_ik, ref_grads[k]⟩ [B, K], ‖g_ik‖ [B, K]) with g_ik = ∇_θ CE(f_θk(x_i), y_i)."""
+    g = per_sample_grads(model, flat_params, x, y)
+    return (g * ref_grads[None]).sum(-1), g.norm(dim=-1)
+
+
+def grad_cosine(model: nn.Module, flat_params: Tensor, x: Tensor, y: Tensor, ref_grads: Tensor, eps: float = 1e-8) -> Tensor:
+    """cos(∇_θ CE(f_θk(x_i), y_i), ref_grads[k]) -> [B, K]; norms clamped at eps like F.cosine_similarity."""
+    dots, norms = grad_dot_and_norm(model, flat_params, x, y, ref_grads)
+    return dots / (norms.clamp_min(eps) * ref_grads.norm(dim=-1).clamp_min(eps)[None])

@@ -1,6 +1,6 @@
 """fastdd.ops: fused guidance kernels with a plain PyTorch reference for each (see reference.py)."""
 from ._backend import BACKENDS, OP_BACKENDS, resolve_backend
 from ._checks import value_checks
-from .cosine_memory import max_cosine, most_similar_index
+from .cosine_memory import CosineMemory, max_cosine, most_similar_index
 
-__all__ = ["BACKENDS", "OP_BACKENDS", "resolve_backend", "value_checks", "max_cosine", "most_similar_index"]
+__all__ = ["BACKENDS", "OP_BACKENDS", "resolve_backend", "value_checks", "CosineMemory", "max_cosine", "most_similar_index"]

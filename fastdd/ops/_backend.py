@@ -87,8 +87,11 @@ def register_op(name: str, *, cpu: tuple[str, ...], cuda: tuple[str, ...]) -> No
     OP_BACKENDS[name] = {"cpu": cpu, "cuda": cuda}
 
 
+@torch.compiler.assume_constant_result
 def resolve_backend(op: str, backend: str, device: torch.device) -> str:
     """The concrete backend that runs `op` on `device` for the requested `backend`.
+
+    Under torch.compile it runs once at trace time (it asks the dispatcher, which cannot be traced).
 
     "auto" picks the first usable backend in the op's preference order (triton is not auto-picked on CPU).
     An explicit backend that is not implemented or cannot run here raises ValueError.

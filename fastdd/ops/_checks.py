@@ -68,4 +68,4 @@ def check_count(count, capacity: int, device: torch.device):
         return count.to(torch.int64)
     if not isinstance(count, int) or not 0 <= count <= capacity:
         raise ValueError(f"count must be an int in [0, {capacity}], got {count!r}")
-    return torch.tensor(count, device=device, dtype=torch.int64)
+    return torch.full((), count, device=device, dtype=torch.int64)

@@ -74,7 +74,7 @@ def max_cosine(query: Tensor, memory: Tensor, count: Tensor | int | None = None,
         raise ValueError(f"query has D={query.shape[1]} features but memory has D={memory.shape[1]}")
     count = check_count(count, memory.shape[0], memory.device)
     if count is None:
-        count = torch.tensor(memory.shape[0], device=memory.device, dtype=torch.int64)
+        count = torch.full((), memory.shape[0], device=memory.device, dtype=torch.int64)  # a fill: capture-safe
     return _max_cosine_op(query, memory, count, resolve_backend("max_cosine", backend, query.device))
 
 
@@ -102,5 +102,123 @@ def most_similar_index(memory: Tensor, count: Tensor | int | None = None, *, bac
     check_nonempty("memory", memory)
     count = check_count(count, memory.shape[0], memory.device)
     if count is None:
-        count = torch.tensor(memory.shape[0], device=memory.device, dtype=torch.int64)
+        count = torch.full((), memory.shape[0], device=memory.device, dtype=torch.int64)  # a fill: capture-safe
     return _most_similar_index_op(memory, count, resolve_backend("most_similar_index", backend, memory.device))
+
+
+POLICIES = ("fifo", "most_similar")
+
+
+class CosineMemory:
+    """Fixed-capacity memory of D-dim rows for cosine look-ups (IGD's FIFO memory, SAM's most-similar pop).
+
+    Capture-safe: rows live in a preallocated `buffer` and `count` is a 0-dim int64 tensor on the device,
+    so `add` never syncs with the host and works under CUDA graphs and torch.compile(fullgraph=True).
+
+    policy="fifo": `buffer` is a ring of `capacity` rows; once full, a new row overwrites the oldest one
+    (slot `head`). policy="most_similar": `buffer` has one spare row; a new row is written at slot `count`,
+    and when that exceeds `capacity` the row with the largest summed cosine similarity to all rows (itself
+    included; SAM's rule) is popped and the spare row moves into its slot. The scores come from `unit_sum`,
+    the running sum of the normalised rows (float32, float64 for float64 buffers), so a pop costs O(M·D).
+
+    Row indices returned by `max_cosine` / `most_similar_index` index the rows of `view()`.
+    """
+
+    def __init__(self, capacity: int, dim: int, policy: str = "fifo", device=None, dtype: torch.dtype = torch.float32):
+        if isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 1:
+            raise ValueError(f"capacity must be a positive int, got {capacity!r}")
+        if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
+            raise ValueError(f"dim must be a positive int, got {dim!r}")
+        if policy not in POLICIES:
+            raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
+        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+            raise ValueError(f"dtype must be a floating-point torch.dtype, got {dtype!r}")
+        self.capacity, self.dim, self.policy = capacity, dim, policy
+        slots = capacity + 1 if policy == "most_similar" else capacity
+        self.buffer = torch.zeros(slots, dim, device=device, dtype=dtype)  # [slots, D]
+        self.count = torch.zeros((), device=self.buffer.device, dtype=torch.int64)
+        self.head = torch.zeros((), device=self.buffer.device, dtype=torch.int64)  # fifo: slot of the oldest row
+        self.unit_sum = (  # most_similar: Σ of the normalised valid rows, [D]
+            torch.zeros(dim, device=self.buffer.device, dtype=torch.promote_types(dtype, torch.float32))
+            if policy == "most_similar"
+            else None
+        )
+
+    @property
+    def device(self) -> torch.device:
+        return self.buffer.device
+
+    def reset(self) -> None:
+        """Empty the memory (in place, so captured graphs keep working)."""
+        self.buffer.zero_()
+        self.count.zero_()
+        self.head.zero_()
+        if self.unit_sum is not None:
+            self.unit_sum.zero_()
+
+    def add(self, z: Tensor) -> None:
+        """Append z: [D] or [n, D] (n rows, in order), applying the eviction policy after each row."""
+        check_tensor("z", z)
+        if z.dim() not in (1, 2) or z.shape[-1] != self.dim:
+            raise ValueError(f"z must have shape [{self.dim}] or [n, {self.dim}], got {tuple(z.shape)}")
+        check_same_device(buffer=self.buffer, z=z)
+        rows = z.detach().reshape(-1, self.dim).to(self.buffer.dtype)
+        add_row = self._add_fifo if self.policy == "fifo" else self._add_most_similar
+        for row in rows.unbind(0):
+            add_row(row)
+
+    def _add_fifo(self, row: Tensor) -> None:
+        full = self.count >= self.capacity
+        slot = torch.where(full, self.head, self.count)
+        self.buffer.index_copy_(0, slot.view(1), row.unsqueeze(0))
+        self.head.copy_(torch.where(full, (self.head + 1) % self.capacity, self.head))
+        self.count.copy_((self.count + 1).clamp_max(self.capacity))
+
+    def _add_most_similar(self, row: Tensor) -> None:
+        slot = self.count.view(1)  # the next free row, or the spare row when full
+        self.buffer.index_copy_(0, slot, row.unsqueeze(0))
+        units = reference.normalize_rows(self.buffer.to(self.unit_sum.dtype))  # [capacity + 1, D]
+        self.unit_sum.add_(units.index_select(0, slot).squeeze(0))
+        rows = self.count + 1
+        valid = torch.arange(self.capacity + 1, device=self.device) < rows
+        scores = (units @ self.unit_sum).masked_fill(~valid, float("-inf"))  # Σ_j cos(row_i, row_j)
+        popped = scores.argmax().view(1)  # first of equal maxima, like the reference
+        over = rows > self.capacity
+        self.unit_sum.sub_(torch.where(over, units.index_select(0, popped).squeeze(0), 0.0))
+        # move the spare row into the popped slot (a no-op write when nothing is popped)
+        kept = torch.where(over, self.buffer[self.capacity : self.capacity + 1], self.buffer.index_select(0, popped))
+        self.buffer.index_copy_(0, popped, kept)
+        self.count.copy_(rows - over.to(torch.int64))
+
+    def _slot_to_position(self, slot: Tensor) -> Tensor:
+        """Buffer slot -> index into view() (insertion order for fifo)."""
+        if self.policy == "fifo":
+            return torch.remainder(slot - self.head, self.capacity)
+        return slot
+
+    def view(self) -> Tensor:
+        """The valid rows [count, D] as a new tensor, oldest first for fifo. Syncs with the host (inspection only)."""
+        rows = int(self.count)
+        if self.policy == "fifo":
+            order = torch.remainder(self.head + torch.arange(rows, device=self.device), self.capacity)
+            return self.buffer.index_select(0, order)
+        return self.buffer[:rows].clone()
+
+    def max_cosine(self, query: Tensor, *, backend: str = "auto") -> tuple[Tensor, Tensor]:
+        """(values [B], indices [B]) of the most similar stored row per query [B, D]; indices index view().
+
+        Differentiable w.r.t. query. Only the query is validated: rows were checked when added.
+        """
+        check_tensor("query", query, ndim=2)
+        check_same_device(query=query, buffer=self.buffer)
+        if query.shape[1] != self.dim:
+            raise ValueError(f"query has D={query.shape[1]} features but the memory has D={self.dim}")
+        op_backend = resolve_backend("max_cosine", backend, query.device)
+        values, slots = _max_cosine_op(query, self.buffer, self.count, op_backend)
+        return values, self._slot_to_position(slots)
+
+    def most_similar_index(self, *, backend: str = "auto") -> Tensor:
+        """0-dim index (into view()) of the stored row with the largest summed cosine to all stored rows
+        (0 when empty)."""
+        op_backend = resolve_backend("most_similar_index", backend, self.device)
+        return self._slot_to_position(_most_similar_index_op(self.buffer, self.count, op_backend))

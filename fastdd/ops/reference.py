@@ -34,9 +34,11 @@ def max_cosine(query: Tensor, memory: Tensor, count: Tensor | int | None = None,
 
     query: [B, D], memory: [M, D] (rows >= count ignored) -> (values [B], indices [B] int64).
     values[b] = max_j cos(query[b], memory[j]); with no valid row values = 0 and indices = 0.
-    Differentiable w.r.t. query (the argmax is piecewise constant).
+    Computed in the promoted dtype of query and memory (e.g. a bfloat16 memory with float32 queries).
+    Ties go to the lowest index. Differentiable w.r.t. query (the argmax is piecewise constant).
     """
-    cos = normalize_rows(query, eps) @ normalize_rows(memory, eps).T  # [B, M]
+    dtype = torch.promote_types(query.dtype, memory.dtype)
+    cos = normalize_rows(query.to(dtype), eps) @ normalize_rows(memory.to(dtype), eps).T  # [B, M]
     mask = valid_rows(memory, count)
     cos = cos.masked_fill(~mask, float("-inf"))
     values, indices = cos.max(dim=1)

@@ -192,13 +192,36 @@ def per_sample_grads(model: nn.Module, flat_params: Tensor, x: Tensor, y: Tensor
     return torch.stack(out)
 
 
-def grad_dot_and_norm(model: nn.Module, flat_params: Tensor, x: Tensor, y: Tensor, ref_grads: Tensor):
-    """(⟨g_ik, ref_grads[k]⟩ [B, K], ‖g_ik‖ [B, K]) with g_ik = ∇_θ CE(f_θk(x_i), y_i)."""
-    g = per_sample_grads(model, flat_params, x, y)
-    return (g * ref_grads[None]).sum(-1), g.norm(dim=-1)
+def group_mean(rows: Tensor, groups: Tensor | None) -> Tensor:
+    """Mean of the rows of each group: rows [B, ...], groups [B] ids 0..G-1 -> [G, ...] (rows when None)."""
+    if groups is None:
+        return rows
+    sizes = torch.bincount(groups)
+    weights = (1.0 / sizes[groups]).to(rows.dtype).view(-1, *([1] * (rows.dim() - 1)))
+    return rows.new_zeros(len(sizes), *rows.shape[1:]).index_add(0, groups, rows * weights)
 
 
-def grad_cosine(model: nn.Module, flat_params: Tensor, x: Tensor, y: Tensor, ref_grads: Tensor, eps: float = 1e-8) -> Tensor:
-    """cos(∇_θ CE(f_θk(x_i), y_i), ref_grads[k]) -> [B, K]; norms clamped at eps like F.cosine_similarity."""
-    dots, norms = grad_dot_and_norm(model, flat_params, x, y, ref_grads)
-    return dots / (norms.clamp_min(eps) * ref_grads.norm(dim=-1).clamp_min(eps)[None])
+def grad_dot_and_norm(
+    model: nn.Module, flat_params: Tensor, x: Tensor, y: Tensor, ref_grads: Tensor, groups: Tensor | None = None
+):
+    """(⟨g_jk, G_jk⟩, ‖g_jk‖), both [B, K] ([G, K] with groups), g_ik = ∇_θ CE(f_θk(x_i), y_i).
+
+    ref_grads: [K, P] (G_jk = ref_grads[k]) or [G, K, P] (one reference per gradient). groups: None or [B]
+    ids 0..G-1; the rows of a group give one gradient, that of their averaged CE (= the mean of their g_ik).
+    """
+    g = group_mean(per_sample_grads(model, flat_params, x, y), groups)  # [G, K, P]
+    return (g * ref_grads).sum(-1), g.norm(dim=-1)
+
+
+def grad_cosine(
+    model: nn.Module,
+    flat_params: Tensor,
+    x: Tensor,
+    y: Tensor,
+    ref_grads: Tensor,
+    groups: Tensor | None = None,
+    eps: float = 1e-8,
+) -> Tensor:
+    """cos(g_jk, G_jk) -> [B, K] ([G, K] with groups); norms clamped at eps like F.cosine_similarity."""
+    dots, norms = grad_dot_and_norm(model, flat_params, x, y, ref_grads, groups)
+    return dots / (norms.clamp_min(eps) * ref_grads.norm(dim=-1).clamp_min(eps))

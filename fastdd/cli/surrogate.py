@@ -1,0 +1,76 @@
+"""`fastdd surrogate`: ConvNet trajectory on real data -> Algorithm 2 checkpoints -> per-class real gradients,
+saved as one safetensors file (or imported from the authors' replay_buffer_<n>.pt)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from ..data.digits import load_digits_split
+from ..data.imagefolder import load_image_folder
+from ..models.replay_buffer import check_against_model, load_replay_buffer, select_snapshots
+from ..surrogate import SurrogateConfig, build_surrogate_bundle, train_trajectory
+from .errors import UsageError
+
+# the bundle shipped in fastdd/assets/digits_surrogate.safetensors:  fastdd surrogate --out fastdd/assets/digits_surrogate.safetensors
+DIGITS_SURROGATE = SurrogateConfig(channel=1, num_classes=10, width=32, depth=3, im_size=16)
+
+
+def run(args) -> int:
+    if args.data is None:
+        images, labels = load_digits_split("train")
+        config, flip = DIGITS_SURROGATE, False
+    else:
+        try:
+            images, labels, classes = load_image_folder(args.data, args.image_size, 3)
+        except ValueError as err:
+            raise UsageError(str(err)) from None
+        config = SurrogateConfig(3, len(classes), width=args.width, depth=args.depth, im_size=args.image_size)
+        flip = True
+    epochs = None
+    if args.epochs_list:
+        try:
+            epochs = [int(e) for e in args.epochs_list.split(",")]
+        except ValueError:
+            raise UsageError(f"--epochs-list must be comma-separated integers, got {args.epochs_list!r}") from None
+    if args.replay_buffer:
+        if epochs is None:
+            raise UsageError("--replay-buffer needs --epochs-list (the authors' picks, e.g. 0,2,11,40)")
+        try:
+            buffer = load_replay_buffer(args.replay_buffer)
+            snapshots = select_snapshots(buffer, list(range(len(buffer[0]))))
+            check_against_model(snapshots, config.build())
+        except (ValueError, IndexError) as err:
+            raise UsageError(str(err)) from None
+    else:
+        if args.epochs <= 0:
+            raise UsageError(f"--epochs must be > 0, got {args.epochs}")
+        snapshots = train_trajectory(config, images, labels, epochs=args.epochs, flip=flip, seed=args.seed,
+                                     device=args.device, progress=not args.quiet)  # fmt: skip
+    if epochs is not None and max(epochs) >= len(snapshots):
+        raise UsageError(f"--epochs-list asks for epoch {max(epochs)} but there are {len(snapshots)} snapshots")
+    bundle = build_surrogate_bundle(config, snapshots, images, labels, epochs=epochs, threshold=args.threshold)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(out.suffix + ".tmp")
+    bundle.save(tmp)
+    tmp.replace(out)
+    print(f"wrote {out}: checkpoints at epochs {bundle.epochs}, real gradients for {config.num_classes} classes")
+    return 0
+
+
+def add_parser(subparsers) -> None:
+    parser = subparsers.add_parser("surrogate", help="surrogate checkpoints + per-class real gradients for IGD")
+    parser.add_argument("--out", required=True, help="output .safetensors")
+    parser.add_argument("--data", default=None, help="ImageFolder of real images (default: digits train split)")
+    parser.add_argument("--image-size", type=int, default=256)
+    parser.add_argument("--width", type=int, default=128)
+    parser.add_argument("--depth", type=int, default=6)
+    parser.add_argument("--epochs", type=int, default=50)
+    parser.add_argument("--threshold", type=float, default=0.7, help="Algorithm 2 cosine threshold")
+    parser.add_argument("--epochs-list", default=None, help="use these epochs instead of Algorithm 2 (e.g. 0,2,11,40)")
+    parser.add_argument("--replay-buffer", default=None, help="import the authors' replay_buffer_<n>.pt instead of training")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--quiet", action="store_true")
+    parser.set_defaults(func=run)

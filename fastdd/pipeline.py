@@ -1,0 +1,190 @@
+"""Resumable, shardable generation of a distilled ImageFolder.
+
+The plan is fixed by (classes, ipc, class_batch): batch j holds image index i of a fixed chunk of
+`class_batch` classes, so every class keeps its one-image-at-a-time order (memories stay sequential),
+and batch composition does not depend on how many processes run. Batches are dealt round-robin over
+torch.distributed ranks (chunk-major), each rank writing its own images.
+
+On disk:
+  DIR/<class>/<i>.png                PNGs, written to a temp file then renamed
+  DIR/.fastdd/batches/<j>.json       one record per finished batch (the resume state)
+  DIR/.fastdd/latents/<j>.safetensors  final latents of batch j (to restore memories on resume)
+  DIR/manifest.json                  method, parameters, seeds, versions, per-image records (atomic)
+A batch counts as done only when its record exists; an interrupted batch is generated again whole,
+so a resumed run ends byte-identical to an uninterrupted one.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from .data.imagefolder import save_png_atomic
+
+STATE_DIR = ".fastdd"
+
+
+@dataclass(frozen=True)
+class Batch:
+    index: int
+    classes: tuple[int, ...]  # class indices, one image each
+    image: int  # image index within each class
+
+
+def plan_batches(num_classes: int, ipc: int, class_batch: int) -> list[Batch]:
+    """Chunk-major plan: for each chunk of classes, images 0..ipc-1 in order."""
+    if ipc <= 0:
+        raise ValueError(f"ipc must be > 0, got {ipc}")
+    if class_batch <= 0:
+        raise ValueError(f"class_batch must be > 0, got {class_batch}")
+    chunks = [tuple(range(s, min(s + class_batch, num_classes))) for s in range(0, num_classes, class_batch)]
+    plan = []
+    for chunk in chunks:
+        for image in range(ipc):
+            plan.append(Batch(len(plan), chunk, image))
+    return plan
+
+
+def chunk_of(batch: Batch) -> int:
+    return batch.classes[0]
+
+
+def batches_for_rank(plan: list[Batch], rank: int, world: int) -> list[Batch]:
+    """Whole class chunks per rank (round-robin), so memories never cross processes."""
+    chunks = sorted({chunk_of(b) for b in plan})
+    mine = {c for k, c in enumerate(chunks) if k % world == rank}
+    return [b for b in plan if chunk_of(b) in mine]
+
+
+def write_json_atomic(path: Path, data) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=2, sort_keys=True)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+class RunDirectory:
+    """The output folder of one distillation run: its manifest, batch records and saved latents."""
+
+    def __init__(self, root: str | Path, run_config: dict, class_names: list[str]):
+        self.root = Path(root)
+        self.run_config = run_config
+        self.class_names = class_names
+        self.state = self.root / STATE_DIR
+
+    @property
+    def manifest_path(self) -> Path:
+        return self.root / "manifest.json"
+
+    def check_compatible(self) -> None:
+        """Refuse a folder holding another run's manifest (different method or parameters)."""
+        if self.manifest_path.exists():
+            try:
+                existing = json.loads(self.manifest_path.read_text())["config"]
+            except (ValueError, KeyError) as err:
+                raise ValueError(f"{self.manifest_path} is not a fastdd manifest ({err})") from err
+            if existing != self.run_config:
+                changed = sorted(k for k in set(existing) | set(self.run_config) if existing.get(k) != self.run_config.get(k))
+                raise ValueError(
+                    f"{self.root} holds another run's manifest (differs in: {', '.join(changed)}); "
+                    "choose another --out or delete it"
+                )
+
+    def start(self) -> None:
+        self.check_compatible()
+        self.state.mkdir(parents=True, exist_ok=True)
+        if not self.manifest_path.exists():
+            self.write_manifest()
+
+    def image_path(self, class_index: int, image: int) -> Path:
+        return self.root / self.class_names[class_index] / f"{image}.png"
+
+    def batch_done(self, batch: Batch) -> bool:
+        return (self.state / "batches" / f"{batch.index}.json").exists()
+
+    def batch_latents(self, batch: Batch) -> torch.Tensor:
+        return load_file(str(self.state / "latents" / f"{batch.index}.safetensors"))["latents"]
+
+    def finish_batch(self, batch: Batch, images: torch.Tensor, latents: torch.Tensor, records: list[dict]) -> None:
+        """Write the batch's PNGs and latents, then its record (which marks it done)."""
+        for class_index, image in zip(batch.classes, images):
+            save_png_atomic(image, self.image_path(class_index, batch.image))
+        latent_dir = self.state / "latents"
+        latent_dir.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=latent_dir, suffix=".tmp")
+        os.close(fd)
+        save_file({"latents": latents.detach().float().cpu().contiguous()}, tmp)
+        os.replace(tmp, latent_dir / f"{batch.index}.safetensors")
+        write_json_atomic(self.state / "batches" / f"{batch.index}.json", records)
+
+    def records(self) -> list[dict]:
+        folder = self.state / "batches"
+        if not folder.exists():
+            return []
+        out = []
+        for path in sorted(folder.glob("*.json"), key=lambda p: int(p.stem)):
+            out += json.loads(path.read_text())
+        return sorted(out, key=lambda r: (r["class_index"], r["index"]))
+
+    def write_manifest(self) -> None:
+        write_json_atomic(self.manifest_path, {"config": self.run_config, "images": self.records()})
+
+
+def generate(
+    run: RunDirectory,
+    plan: list[Batch],
+    generate_batch: Callable[[Batch], tuple[torch.Tensor, torch.Tensor, list[dict]]],
+    restore: Callable[[Batch, torch.Tensor], None] | None = None,
+    *,
+    rank: int = 0,
+    world: int = 1,
+    progress: bool = True,
+    update_manifest: bool = True,
+) -> int:
+    """Run this rank's share of the plan; returns the number of images generated now.
+
+    generate_batch(batch) -> (images [B, C, H, W] in [-1, 1], final latents [B, ...], per-image extra records).
+    restore(batch, latents) replays a finished batch into stateful guidances (memories) on resume.
+    """
+    mine = batches_for_rank(plan, rank, world)
+    todo = [b for b in mine if not run.batch_done(b)]
+    done_images = sum(len(b.classes) for b in mine) - sum(len(b.classes) for b in todo)
+    bar = tqdm(total=sum(len(b.classes) for b in mine), initial=done_images, unit="img", disable=not progress, desc=f"rank {rank}")
+    made = 0
+    for batch in mine:
+        if run.batch_done(batch):
+            if restore is not None:
+                restore(batch, run.batch_latents(batch))
+            continue
+        images, latents, extra = generate_batch(batch)
+        records = [
+            {
+                "class_index": c,
+                "class": run.class_names[c],
+                "index": batch.image,
+                "path": str(run.image_path(c, batch.image).relative_to(run.root)),
+                "batch": batch.index,
+                **e,
+            }
+            for c, e in zip(batch.classes, extra)
+        ]
+        run.finish_batch(batch, images, latents, records)
+        if update_manifest:
+            run.write_manifest()
+        made += len(batch.classes)
+        bar.update(len(batch.classes))
+    bar.close()
+    return made

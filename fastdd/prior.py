@@ -1,0 +1,117 @@
+"""Training a class-conditional DiT prior (pixel space or on VAE latents) with the IDDPM hybrid loss.
+
+loss = MSE(ε̂, ε) + L_vb, where L_vb is the KL (in bits per dimension) between the true posterior
+q(x_{t−1} | x_t, x0) and the model's p(x_{t−1} | x_t) with the mean built from a *detached* ε̂ (so L_vb only
+trains the learned-range variance), as in Nichol & Dhariwal. Difference from IDDPM: at t = 0 the KL uses the
+clipped posterior variance instead of a discretized decoder likelihood. Uniform t over the 1000 steps,
+class dropout 0.1 (for CFG), AdamW, EMA of the weights (what is saved and sampled).
+
+Weights are saved as safetensors in the official DiT state-dict layout with the config in the metadata,
+so `load_prior` (and `fastdd.models.load_dit_checkpoint`) read them back.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import math
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from .models.dit import DiT
+from .sampling.diffusion import GaussianDiffusion
+
+
+def normal_kl(mean1: Tensor, logvar1: Tensor, mean2: Tensor, logvar2: Tensor) -> Tensor:
+    """KL(N(mean1, e^logvar1) ‖ N(mean2, e^logvar2)) elementwise."""
+    return 0.5 * (-1.0 + logvar2 - logvar1 + torch.exp(logvar1 - logvar2) + (mean1 - mean2) ** 2 * torch.exp(-logvar2))
+
+
+def hybrid_loss(model: DiT, diffusion: GaussianDiffusion, x0: Tensor, labels: Tensor, generator: torch.Generator) -> Tensor:
+    """IDDPM hybrid loss of one batch. x0: [B, C, H, W] (pixels in [-1, 1] or scaled latents); labels: [B]."""
+    batch, channels = x0.shape[:2]
+    t = torch.randint(0, diffusion.num_train_steps, (batch,), generator=generator).to(x0.device)
+    noise = torch.randn(x0.shape, generator=generator).to(x0.device)
+    x_t = diffusion.q_sample(x0, t, noise)
+    output = model(x_t, t, labels)
+    eps, v = output[:, :channels], output[:, channels:]
+    mse = ((eps - noise) ** 2).flatten(1).mean(1)
+    frozen = torch.cat([eps.detach(), v], dim=1)
+    p = diffusion.p_mean_variance(frozen, x_t, t)
+    true_mean = (
+        diffusion._coefficient("posterior_mean_coef1", t, x0) * x0 + diffusion._coefficient("posterior_mean_coef2", t, x0) * x_t
+    )
+    true_logvar = diffusion._coefficient("posterior_log_variance_clipped", t, x0)
+    vb = normal_kl(true_mean, true_logvar, p["mean"], p["log_variance"]).flatten(1).mean(1) / math.log(2.0)
+    return (mse + vb).mean()
+
+
+def train_prior(
+    model: DiT,
+    data: Tensor,
+    labels: Tensor,
+    *,
+    steps: int = 4000,
+    batch_size: int = 128,
+    lr: float = 1e-3,
+    warmup: int = 200,
+    ema_decay: float = 0.999,
+    seed: int = 0,
+    device: torch.device | str = "cpu",
+    progress: bool = True,
+) -> DiT:
+    """Train `model` on (data [N, C, H, W], labels [N]); returns the EMA copy (eval mode)."""
+    if steps <= 0 or batch_size <= 0:
+        raise ValueError(f"steps and batch_size must be > 0, got {steps}, {batch_size}")
+    torch.manual_seed(seed)
+    generator = torch.Generator().manual_seed(seed)
+    diffusion = GaussianDiffusion(num_steps=1000, num_train_steps=1000, learn_sigma=True)
+    model = model.to(device).train()
+    ema = copy.deepcopy(model).eval().requires_grad_(False)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps))
+    )
+    data, labels = data.to(device), labels.to(device)
+    bar = tqdm(range(steps), desc="prior", disable=not progress)
+    for step in bar:
+        idx = torch.randint(0, len(labels), (batch_size,), generator=generator).to(device)
+        loss = hybrid_loss(model, diffusion, data[idx], labels[idx], generator)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+        with torch.no_grad():
+            for p_ema, p in zip(ema.parameters(), model.parameters()):
+                p_ema.lerp_(p, 1.0 - ema_decay)
+        if step % 50 == 0:
+            bar.set_postfix(loss=f"{loss.item():.4f}")
+    return ema
+
+
+def save_prior(model: DiT, path: str | Path, extra: dict | None = None) -> None:
+    """Official-layout state dict + config (and any `extra` facts, e.g. the dataset) as safetensors metadata."""
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    metadata = {"fastdd_dit_config": json.dumps(model.config()), "fastdd_extra": json.dumps(extra or {})}
+    save_file(state, str(path), metadata)
+
+
+def load_prior(path: str | Path, device: torch.device | str = "cpu") -> tuple[DiT, dict]:
+    """(DiT in eval mode, extra metadata) from a file written by save_prior."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"prior checkpoint {path} does not exist")
+    with safe_open(str(path), framework="pt") as f:
+        metadata = f.metadata() or {}
+    if "fastdd_dit_config" not in metadata:
+        raise ValueError(f"{path} has no fastdd DiT config; load official checkpoints with fastdd.models.load_dit_checkpoint")
+    model = DiT(**json.loads(metadata["fastdd_dit_config"]))
+    from .models.dit import load_dit_checkpoint
+
+    load_dit_checkpoint(str(path), model=model)
+    return model.to(device).eval(), json.loads(metadata.get("fastdd_extra", "{}"))

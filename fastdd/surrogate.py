@@ -1,0 +1,153 @@
+"""Surrogate checkpoints for influence guidance: train a ConvNet trajectory on real data, pick checkpoints
+with Algorithm 2, compute per-class real gradients, and save everything in one safetensors file.
+
+Training (SPEC "Surrogate training"): SGD lr 0.01, momentum 0.9, wd 5e-4, batch 64, parameters saved
+after every epoch (E + 1 snapshots including epoch 0); augmentation: random resized crop (scale 0.5–1)
+and, unless disabled (digits), horizontal flips.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+from torch.nn.utils import parameters_to_vector
+from tqdm.auto import tqdm
+
+from .guidance.influence import class_mean_gradient, real_gradients, select_checkpoints
+from .models.convnet import ConvNet
+
+
+@dataclass
+class SurrogateConfig:
+    channel: int
+    num_classes: int
+    width: int = 128
+    depth: int = 6
+    im_size: int = 256
+
+    def build(self) -> ConvNet:
+        return ConvNet(self.channel, self.num_classes, width=self.width, depth=self.depth, im_size=self.im_size)
+
+
+def random_resized_crop(images: Tensor, generator: torch.Generator, scale=(0.5, 1.0), flip: bool = True) -> Tensor:
+    """Per-image random crop of area fraction in `scale` (aspect 3/4–4/3), resized back; optional flips."""
+    batch, _, height, width = images.shape
+    out = torch.empty_like(images)
+    for i in range(batch):
+        area = float(torch.empty(1).uniform_(*scale, generator=generator)) * height * width
+        aspect = float(torch.exp(torch.empty(1).uniform_(-0.2877, 0.2877, generator=generator)))
+        h = min(height, max(1, round((area / aspect) ** 0.5)))
+        w = min(width, max(1, round((area * aspect) ** 0.5)))
+        top = int(torch.randint(height - h + 1, (1,), generator=generator))
+        left = int(torch.randint(width - w + 1, (1,), generator=generator))
+        crop = images[i : i + 1, :, top : top + h, left : left + w]
+        crop = F.interpolate(crop, size=(height, width), mode="bilinear", align_corners=False)
+        if flip and bool(torch.rand(1, generator=generator) < 0.5):
+            crop = crop.flip(-1)
+        out[i] = crop[0]
+    return out
+
+
+def train_trajectory(
+    config: SurrogateConfig,
+    images: Tensor,
+    labels: Tensor,
+    *,
+    epochs: int = 50,
+    lr: float = 0.01,
+    batch_size: int = 64,
+    flip: bool = True,
+    seed: int = 0,
+    device: torch.device | str = "cpu",
+    progress: bool = True,
+) -> Tensor:
+    """Train config.build() with SGD on (images [N, C, H, W] in [-1, 1], labels [N]); -> snapshots [epochs + 1, P]."""
+    torch.manual_seed(seed)
+    generator = torch.Generator().manual_seed(seed)
+    model = config.build().to(device)
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4)
+    snapshots = [parameters_to_vector(model.parameters()).detach().cpu().clone()]
+    for _ in tqdm(range(epochs), desc="surrogate epochs", disable=not progress):
+        model.train()
+        order = torch.randperm(len(labels), generator=generator)
+        for start in range(0, len(order), batch_size):
+            idx = order[start : start + batch_size]
+            batch = random_resized_crop(images[idx], generator, flip=flip).to(device)
+            loss = F.cross_entropy(model(batch), labels[idx].to(device))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+        snapshots.append(parameters_to_vector(model.parameters()).detach().cpu().clone())
+    return torch.stack(snapshots)
+
+
+def epoch_class_gradients(config: SurrogateConfig, snapshots: Tensor, images: Tensor, labels: Tensor, **kwargs) -> Tensor:
+    """Per-class mean gradients at every snapshot: [E + 1, num_classes, P] (input of Algorithm 2)."""
+    model = config.build().eval()
+    return torch.stack(
+        [
+            torch.stack([class_mean_gradient(model, snap, images[labels == c], c, **kwargs) for c in range(config.num_classes)])
+            for snap in snapshots
+        ]
+    )
+
+
+@dataclass
+class SurrogateBundle:
+    """What influence guidance needs: config, flat_params [K, P], real_grads [num_classes, K, P], epochs [K]."""
+
+    config: SurrogateConfig
+    flat_params: Tensor
+    real_grads: Tensor
+    epochs: list[int]
+
+    def save(self, path: str | Path) -> None:
+        metadata = {"config": json.dumps(asdict(self.config)), "epochs": json.dumps(self.epochs)}
+        save_file(
+            {"flat_params": self.flat_params.contiguous(), "real_grads": self.real_grads.contiguous()}, str(path), metadata
+        )
+
+    @classmethod
+    def load(cls, path: str | Path) -> "SurrogateBundle":
+        from safetensors import safe_open
+
+        path = Path(path)
+        if not path.is_file():
+            raise ValueError(f"surrogate file {path} does not exist")
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+        if "config" not in metadata:
+            raise ValueError(f"{path} is not a fastdd surrogate file (no config metadata)")
+        tensors = load_file(str(path))
+        config = SurrogateConfig(**json.loads(metadata["config"]))
+        bundle = cls(config, tensors["flat_params"], tensors["real_grads"], json.loads(metadata["epochs"]))
+        expected = sum(p.numel() for p in config.build().parameters())
+        if bundle.flat_params.shape[1] != expected:
+            raise ValueError(f"{path}: flat_params have {bundle.flat_params.shape[1]} parameters, the config needs {expected}")
+        return bundle
+
+
+def build_surrogate_bundle(
+    config: SurrogateConfig,
+    snapshots: Tensor,
+    images: Tensor,
+    labels: Tensor,
+    *,
+    epochs: list[int] | None = None,
+    threshold: float = 0.7,
+    max_images: int = 200,
+    chunk: int = 50,
+) -> SurrogateBundle:
+    """Pick checkpoints (given `epochs`, or Algorithm 2 over all snapshots) and compute real gradients."""
+    model = config.build().eval()
+    if epochs is None:
+        grads = epoch_class_gradients(config, snapshots, images, labels, max_images=max_images, chunk=chunk)
+        epochs = select_checkpoints(grads, threshold)
+    flat = snapshots[epochs]
+    real = real_gradients(model, flat, images, labels, config.num_classes, max_images=max_images, chunk=chunk)
+    return SurrogateBundle(config, flat, real, list(epochs))

@@ -56,6 +56,9 @@ def extension_modules():
     cxx_flags = ["-O3", "-std=c++20", "-fopenmp"]
     extra = {"cxx": cxx_flags}
     if want_cuda and cuda_sources:
+        if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
+            # no GPU to ask for its architecture (a build machine): build for Ampere and Hopper, PTX for newer
+            os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0+PTX"
         extra["cxx"] = cxx_flags + ["-DFASTDD_WITH_CUDA=1"]
         extra["nvcc"] = ["-O3", "-std=c++20", "-DFASTDD_WITH_CUDA=1", "--use_fast_math"]
         ext = cpp_extension.CUDAExtension(

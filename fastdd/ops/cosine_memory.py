@@ -12,8 +12,8 @@ from . import reference
 from ._backend import extension, register_op, resolve_backend
 from ._checks import check_count, check_nonempty, check_same_device, check_tensor
 
-register_op("max_cosine", cpu=("cpp", "reference"), cuda=("triton", "reference"))
-register_op("most_similar_index", cpu=("cpp", "reference"), cuda=("triton", "reference"))
+register_op("max_cosine", cpu=("cpp", "reference"), cuda=("triton", "cuda", "reference"))
+register_op("most_similar_index", cpu=("cpp", "reference"), cuda=("triton", "cuda", "reference"))
 
 
 def _max_cosine_impl(query: Tensor, memory: Tensor, count: Tensor, backend: str) -> tuple[Tensor, Tensor]:

@@ -160,7 +160,7 @@ def group_sampling(
         scores = group_score(groups, mean, std, weights)
         i = scores.argmin()
         if best_group is None or scores[i] < best_score:
-            best_score, best_group = scores[i], groups[i]
+            best_score, best_group = scores[i], groups[i].clone()  # not a view that keeps the chunk alive
     return best_group, best_score
 
 

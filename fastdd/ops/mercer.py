@@ -1,0 +1,169 @@
+"""Mercer-kernel distance of a batch to a set (DAP's representativeness energy), memory-bounded.
+
+mercer_distance(x [B, D], y [N, D])[b] = (1/N) Σ_n √(max(K(x_b,x_b) + K(y_n,y_n) − 2K(x_b,y_n), 0) + eps)
+for the linear, rbf and poly kernels of `fastdd.ops.reference.mercer_kernel`.
+
+Every kernel is a function of three Gram terms only: dot_bn = x_b·y_n, ‖x_b‖² and ‖y_n‖². So the fast
+backends make one pass over y for the dots (a [B, N] matmul, fp32 accumulation, y read in blocks or tiles
+and widened on load, never a [B, N, D] tensor) and apply the kernel, sqrt and mean over n in a fused
+epilogue. The same epilogue stores the backward coefficients
+
+    coef[b, n] = −(1/g_b) ∂L/∂dot_bn,   alpha[b] = (2/g_b) ∂L/∂‖x_b‖²     (g_b = ∂L/∂out_b)
+
+so the x-gradient is one more pass over y:  ∂L/∂x_b = g_b · (alpha_b · x_b − Σ_n coef_bn · y_n).
+y is a constant: no gradient flows to y (pass y.detach(); a y that requires grad is refused).
+Second-order gradients (create_graph=True) are recomputed through the PyTorch reference.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from . import reference
+from ._backend import extension, register_op, resolve_backend
+from ._checks import check_nonempty, check_same_device, check_tensor
+
+KERNELS = ("linear", "rbf", "poly")
+register_op("mercer_distance", cpu=("cpp", "reference"), cuda=("triton", "reference"))
+
+# cpp backend: features per block; B rows of x (fp32: B · 4 KiB) stay in L2 while every y row passes
+CPP_FEATURE_BLOCK = 1024
+
+
+def _accumulation_dtype(x: Tensor) -> torch.dtype:
+    return torch.promote_types(x.dtype, torch.float32)
+
+
+@torch.library.custom_op("fastdd::mercer_distance", mutates_args=())
+def _mercer_distance_op(
+    x: Tensor, y: Tensor, y_sqnorm: Tensor | None, kernel: str, sigma: float, degree: int, coef0: float,
+    eps: float, backend: str,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """-> (out [B], coef [B, N], alpha [B]) in float32 (float64 for float64 x); coef / alpha are the
+    backward coefficients (empty for the reference backend, whose backward is autograd)."""
+    x, y = x.detach(), y.detach()
+    if backend == "triton":
+        from .triton.mercer_distance import mercer_distance_triton
+
+        return mercer_distance_triton(x, y, y_sqnorm, KERNELS.index(kernel), sigma, degree, coef0, eps)
+    if backend == "cpp":
+        extension()
+        return torch.ops.fastdd_C.mercer_distance(
+            x, y, y_sqnorm, KERNELS.index(kernel), sigma, degree, coef0, eps, CPP_FEATURE_BLOCK
+        )
+    out = reference.mercer_distance(x, y, kernel, sigma=sigma, degree=degree, coef0=coef0, eps=eps)
+    return out, out.new_empty(0), out.new_empty(0)
+
+
+@_mercer_distance_op.register_fake
+def _(x, y, y_sqnorm, kernel, sigma, degree, coef0, eps, backend):
+    acc = _accumulation_dtype(x)
+    batch, rows = x.shape[0], y.shape[0]
+    if backend == "reference":
+        return x.new_empty(batch, dtype=acc), x.new_empty(0, dtype=acc), x.new_empty(0, dtype=acc)
+    return x.new_empty(batch, dtype=acc), x.new_empty(batch, rows, dtype=acc), x.new_empty(batch, dtype=acc)
+
+
+@torch.library.custom_op("fastdd::mercer_distance_backward", mutates_args=())
+def _mercer_distance_backward_op(
+    grad_out: Tensor, x: Tensor, y: Tensor, coef: Tensor, alpha: Tensor, backend: str
+) -> Tensor:
+    """∂L/∂x [B, D] (x's dtype) = grad_out_b · (alpha_b · x_b − Σ_n coef_bn · y_n)."""
+    if backend == "triton":
+        from .triton.mercer_distance import mercer_distance_backward_triton
+
+        return mercer_distance_backward_triton(grad_out, x, y, coef, alpha)
+    extension()
+    return torch.ops.fastdd_C.mercer_distance_backward(grad_out, x, y, coef, alpha, CPP_FEATURE_BLOCK)
+
+
+@_mercer_distance_backward_op.register_fake
+def _(grad_out, x, y, coef, alpha, backend):
+    return torch.empty_like(x)
+
+
+def _setup_context(ctx, inputs, output):
+    x, y, y_sqnorm, kernel, sigma, degree, coef0, eps, backend = inputs
+    _, coef, alpha = output
+    ctx.save_for_backward(x, y, coef, alpha)
+    ctx.params = dict(kernel=kernel, sigma=sigma, degree=degree, coef0=coef0, eps=eps)
+    ctx.backend = backend
+    ctx.mark_non_differentiable(coef, alpha)
+
+
+def _backward(ctx, grad_out, grad_coef, grad_alpha):
+    x, y, coef, alpha = ctx.saved_tensors
+    if ctx.backend == "reference" or torch.is_grad_enabled():
+        # the reference's autograd; with create_graph=True this also gives the second-order terms
+        with torch.enable_grad():
+            x_leaf = x if x.requires_grad else x.detach().requires_grad_(True)
+            out = reference.mercer_distance(x_leaf, y.detach(), **ctx.params)
+            (grad_x,) = torch.autograd.grad(out, x_leaf, grad_out, create_graph=torch.is_grad_enabled())
+    else:
+        grad_x = _mercer_distance_backward_op(grad_out.contiguous(), x, y, coef, alpha, ctx.backend)
+    return grad_x, None, None, None, None, None, None, None, None
+
+
+_mercer_distance_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _check_inputs(x, y, kernel, sigma, degree, coef0, y_sqnorm, eps) -> None:
+    """Metadata first; the NaN/Inf checks (a host sync, skipped under capture) last."""
+    check_tensor("x", x, ndim=2, finite=False)
+    check_tensor("y", y, ndim=2, finite=False)
+    if y_sqnorm is not None:
+        check_tensor("y_sqnorm", y_sqnorm, ndim=1, finite=False)
+    check_same_device(x=x, y=y, y_sqnorm=y_sqnorm)
+    check_nonempty("x", x)
+    check_nonempty("y", y)
+    if x.shape[1] == 0:
+        raise ValueError(f"x has no features (shape {tuple(x.shape)})")
+    if x.shape[1] != y.shape[1]:
+        raise ValueError(f"x has D={x.shape[1]} features but y has D={y.shape[1]}")
+    if y_sqnorm is not None and y_sqnorm.shape[0] != y.shape[0]:
+        raise ValueError(f"y_sqnorm must have shape [{y.shape[0]}] (‖y_n‖² per row of y), got {tuple(y_sqnorm.shape)}")
+    if y.requires_grad and torch.is_grad_enabled():
+        raise ValueError("y requires grad, but mercer_distance treats y as a constant: pass y.detach()")
+    if kernel not in KERNELS:
+        raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
+    if sigma is not None and (isinstance(sigma, bool) or not isinstance(sigma, (int, float)) or not 0 < sigma < math.inf):
+        raise ValueError(f"sigma must be a positive finite number or None, got {sigma!r}")
+    if isinstance(degree, bool) or not isinstance(degree, int) or degree < 1:
+        raise ValueError(f"degree must be an int >= 1, got {degree!r}")
+    if isinstance(coef0, bool) or not isinstance(coef0, (int, float)) or not math.isfinite(coef0):
+        raise ValueError(f"coef0 must be a finite number, got {coef0!r}")
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 < eps < math.inf:
+        raise ValueError(f"eps must be a positive finite number (it keeps the gradient finite at zero distance), got {eps!r}")
+    for name, t in (("x", x), ("y", y), ("y_sqnorm", y_sqnorm)):
+        if t is not None:
+            check_tensor(name, t)
+
+
+def mercer_distance(
+    x: Tensor,
+    y: Tensor,
+    kernel: str = "linear",
+    *,
+    sigma: float | None = None,
+    degree: int = 2,
+    coef0: float = 1.0,
+    y_sqnorm: Tensor | None = None,
+    eps: float = 1e-12,
+    backend: str = "auto",
+) -> Tensor:
+    """Mean kernel distance of every x_b to the set y (DAP energy). x: [B, D], y: [N, D] -> [B].
+
+    out_b = (1/N) Σ_n √(max(K(x_b,x_b) + K(y_n,y_n) − 2K(x_b,y_n), 0) + eps) with kernel
+    "linear" (x·y: the Euclidean distance), "rbf" (exp(−‖x−y‖²/2σ²), σ = √D by default) or
+    "poly" ((x·y/D + coef0)^degree). y may be bfloat16 / float16: it is widened on load and everything
+    accumulates in float32 (float64 for float64 x); the result has that dtype. y_sqnorm [N] = ‖y_n‖²
+    (float32) may be passed to save the fast backends a pass; it is trusted, not checked against y.
+    Differentiable w.r.t. x (finite at zero distance thanks to eps); y is a constant.
+    """
+    _check_inputs(x, y, kernel, sigma, degree, coef0, y_sqnorm, eps)
+    sigma = reference.default_sigma(x.shape[1]) if sigma is None else float(sigma)
+    op_backend = resolve_backend("mercer_distance", backend, x.device)
+    out, _, _ = _mercer_distance_op(x, y, y_sqnorm, kernel, sigma, degree, float(coef0), float(eps), op_backend)
+    return out

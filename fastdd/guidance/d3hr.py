@@ -1,0 +1,296 @@
+"""D3HR ("Taming Diffusion for Dataset Distillation with High Representativeness", 2025), SPEC "D3HR":
+a distillation pipeline on the sampler, not a per-step guidance.
+
+Per class:
+1. `invert_class_latents`: DDIM-invert the VAE latents of every class image (encoder samples, ×0.18215) with
+   the true label and CFG on all eps channels, batched, to the target respaced index.
+2. `class_statistics`: per-feature mean and unbiased variance of the inverted latents (a diagonal Gaussian);
+   `save_class_statistics` / `load_class_statistics` keep them per class in a safetensors file, and
+   `inverted_class_statistics` reuses a file that is already there instead of inverting again.
+3. `select_group`: `fastdd.ops.group_sampling` keeps the lowest-score group of IPC latents among
+   n_candidates groups drawn from N(mean, std²).
+4. `generate_from_group`: DDIM (η = 0) from the start index with `GuidedSampler.ddim_sample(x_start=group)`.
+`distill_class` runs the four steps.
+
+Schedule: the authors use diffusers' DDIMScheduler with 50 "leading" steps (timesteps 0, 20, ..., 980), i.e.
+`GaussianDiffusion(50, timestep_spacing="leading")`, whose respaced index k is timestep 20k. They sample from
+step 18 of 50 (timestep 620, start_index 31 here), but the statistics they use (i_step 6 of the stored
+inversion steps 24..38) are those of the latents inverted to timestep 600 (index 30): an off-by-one step.
+The default here is consistent (target_index = start_index = 31); target_index=30, start_index=31
+reproduces the authors' pairing. Their last two DDIM steps also differ slightly (see
+`GuidedSampler.ddim_sample`).
+
+Seeds: the authors draw every class's candidates from the same seeds i·12345 (one per batch of 10,000
+groups). Here each class gets its own generator, seeded with `group_seed(seed, class_index)`, so classes do
+not share candidate noise and a class's group does not depend on which other classes run.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from .. import ops
+from ..sampling.diffusion import GaussianDiffusion
+from ..sampling.sampler import GuidedSampler, ddim_invert
+from ..sampling.seeds import image_seed
+
+D3HR_TARGET_INDEX = 31  # step 18 of 50 with "leading" spacing (timestep 620)
+D3HR_CANDIDATES = 10_000
+D3HR_WEIGHTS = (1.0, 1.0, 0.1)
+STATISTICS_KEYS = ("mean", "variance", "count")
+
+
+class ClassStatistics(NamedTuple):
+    """Diagonal Gaussian of one class's inverted latents: mean, variance (unbiased): [C, H, W]; count: images;
+    config: what they were computed with (class_index, target_index, num_steps, timestep_spacing, cfg_scale, ...)."""
+
+    mean: Tensor
+    variance: Tensor
+    count: int
+    config: dict
+
+
+# --------------------------------------------------------------------------------------------- inversion
+def invert_class_latents(
+    model: nn.Module,
+    diffusion: GaussianDiffusion,
+    latents: Tensor,
+    class_index: int,
+    target_index: int = D3HR_TARGET_INDEX,
+    *,
+    cfg_scale: float = 4.0,
+    null_class: int = 1000,
+    cfg_channels: int | None = None,
+    batch_size: int = 64,
+    progress: bool = True,
+) -> Tensor:
+    """DDIM inversion of one class's clean latents [N, C, H, W] with label class_index to target_index,
+    batch_size images per `ddim_invert` call (CFG on all eps channels by default) -> [N, C, H, W]."""
+    if latents.dim() != 4 or latents.shape[0] == 0:
+        raise ValueError(f"latents: expected a non-empty [N, C, H, W] class, got shape {list(latents.shape)}")
+    if batch_size <= 0:
+        raise ValueError(f"batch_size must be > 0, got {batch_size}")
+    out = []
+    for start in tqdm(range(0, latents.shape[0], batch_size), disable=not progress, desc="ddim inversion", leave=False):
+        chunk = latents[start : start + batch_size]
+        labels = torch.full((chunk.shape[0],), class_index, dtype=torch.long, device=chunk.device)
+        out.append(ddim_invert(model, diffusion, chunk, labels, target_index, cfg_scale, null_class, cfg_channels))
+    return torch.cat(out)
+
+
+def class_statistics(latents: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-feature mean and unbiased variance over N >= 2 latents [N, ...] -> ([...], [...]) (float64 sums,
+    returned in the latents' dtype)."""
+    if latents.shape[0] < 2:
+        raise ValueError(f"latents: the unbiased variance needs at least 2 images, got {latents.shape[0]}")
+    wide = latents.double()
+    return wide.mean(0).to(latents.dtype), wide.var(0, unbiased=True).to(latents.dtype)
+
+
+# --------------------------------------------------------------------------------------------- files
+def statistics_path(stats_dir: str | Path, class_index: int) -> Path:
+    """Where `inverted_class_statistics` keeps class class_index: <stats_dir>/class_<index>.safetensors."""
+    return Path(stats_dir) / f"class_{class_index:05d}.safetensors"
+
+
+def save_class_statistics(path: str | Path, stats: ClassStatistics) -> None:
+    """Write mean, variance and count (tensors) and the config (JSON metadata) atomically (temp file + rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {
+        "mean": stats.mean.detach().contiguous().cpu(),
+        "variance": stats.variance.detach().contiguous().cpu(),
+        "count": torch.tensor([stats.count], dtype=torch.long),
+    }
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, {"fastdd_d3hr": json.dumps(stats.config, sort_keys=True)})
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def load_class_statistics(path: str | Path, device: torch.device | str = "cpu") -> ClassStatistics:
+    """Read a file written by `save_class_statistics`; ValueError naming the file if it or an entry is missing."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"statistics file {path} does not exist")
+    with safe_open(str(path), framework="pt", device=str(device)) as f:
+        missing = [key for key in STATISTICS_KEYS if key not in f.keys()]
+        if missing:
+            raise ValueError(f"statistics file {path} lacks the entries {missing}")
+        mean, variance, count = (f.get_tensor(key) for key in STATISTICS_KEYS)
+        metadata = f.metadata() or {}
+    if "fastdd_d3hr" not in metadata:
+        raise ValueError(f"statistics file {path} has no fastdd_d3hr config metadata")
+    if mean.shape != variance.shape:
+        raise ValueError(f"statistics file {path}: mean {list(mean.shape)} and variance {list(variance.shape)} differ")
+    return ClassStatistics(mean, variance, int(count.flatten()[0]), json.loads(metadata["fastdd_d3hr"]))
+
+
+def statistics_config(sampler: GuidedSampler, class_index: int, target_index: int) -> dict:
+    """The facts a stored class Gaussian depends on (compared before a file is reused)."""
+    diffusion = sampler.diffusion
+    if isinstance(target_index, bool) or not isinstance(target_index, int) or not 0 <= target_index < diffusion.num_steps:
+        raise ValueError(f"target_index must be an int in 0..{diffusion.num_steps - 1}, got {target_index!r}")
+    return {
+        "class_index": int(class_index),
+        "target_index": int(target_index),
+        "timestep": int(diffusion.timestep_list[target_index]),
+        "num_steps": diffusion.num_steps,
+        "timestep_spacing": diffusion.timestep_spacing,
+        "cfg_scale": float(sampler.cfg_scale),
+        "cfg_channels": sampler.cfg_channels,
+        "null_class": int(sampler.null_class),
+    }
+
+
+def inverted_class_statistics(
+    sampler: GuidedSampler,
+    latents: Tensor | None,
+    class_index: int,
+    target_index: int = D3HR_TARGET_INDEX,
+    *,
+    stats_dir: str | Path | None = None,
+    batch_size: int = 64,
+    progress: bool = True,
+) -> ClassStatistics:
+    """The class Gaussian at target_index: loaded from `statistics_path(stats_dir, class_index)` when that file
+    exists (latents may then be None), else computed by inverting latents [N, C, H, W] with the sampler's model,
+    diffusion and CFG settings and saved there (when stats_dir is given).
+
+    A stored file made with another config (target index, schedule, CFG, class) raises ValueError instead of
+    being silently reused or overwritten.
+    """
+    config = statistics_config(sampler, class_index, target_index)
+    path = statistics_path(stats_dir, class_index) if stats_dir is not None else None
+    if path is not None and path.is_file():
+        stats = load_class_statistics(path)
+        if stats.config != config:
+            raise ValueError(
+                f"statistics file {path} was computed with {stats.config}, not {config}; use another stats_dir"
+            )
+        return stats
+    if latents is None:
+        raise ValueError(f"latents are needed: no statistics file for class {class_index} in stats_dir={stats_dir}")
+    if latents.shape[0] < 2:
+        raise ValueError(
+            f"latents: class {class_index} needs at least 2 images for an unbiased variance, got {latents.shape[0]}"
+        )
+    inverted = invert_class_latents(
+        sampler.model, sampler.diffusion, latents, class_index, target_index,
+        cfg_scale=sampler.cfg_scale, null_class=sampler.null_class, cfg_channels=sampler.cfg_channels,
+        batch_size=batch_size, progress=progress,
+    )  # fmt: skip
+    mean, variance = class_statistics(inverted)
+    stats = ClassStatistics(mean, variance, latents.shape[0], config)
+    if path is not None:
+        save_class_statistics(path, stats)
+    return stats
+
+
+# --------------------------------------------------------------------------------------------- groups
+def group_seed(seed: int, class_index: int) -> int:
+    """Seed of class class_index's candidate generator in a run seeded with `seed` (a SplitMix64 hash)."""
+    return image_seed(seed, class_index, 0)
+
+
+def select_group(
+    stats: ClassStatistics,
+    ipc: int,
+    n_candidates: int = D3HR_CANDIDATES,
+    *,
+    generator: torch.Generator | None = None,
+    weights: tuple[float, float, float] = D3HR_WEIGHTS,
+    backend: str = "auto",
+) -> tuple[Tensor, Tensor]:
+    """The lowest-score group of ipc latents among n_candidates groups drawn from N(mean, variance):
+    (group [ipc, C, H, W], score 0-dim), via `fastdd.ops.group_sampling` on the flattened Gaussian.
+
+    ValueError when ipc <= 0, n_candidates <= 0 or ipc exceeds the number of class images (a distilled class
+    larger than the real one).
+    """
+    if isinstance(ipc, bool) or not isinstance(ipc, int) or ipc <= 0:
+        raise ValueError(f"ipc must be a positive int, got {ipc!r}")
+    if isinstance(n_candidates, bool) or not isinstance(n_candidates, int) or n_candidates <= 0:
+        raise ValueError(f"n_candidates must be a positive int, got {n_candidates!r}")
+    if ipc > stats.count:
+        raise ValueError(f"ipc={ipc} is larger than the class ({stats.count} images)")
+    if not (torch.isfinite(stats.mean).all() and torch.isfinite(stats.variance).all()):
+        raise ValueError("stats: mean or variance contains NaN or Inf")
+    if (stats.variance < 0).any():
+        raise ValueError("stats: variance has negative entries")
+    group, score = ops.group_sampling(
+        stats.mean.flatten(), stats.variance.flatten().sqrt(), ipc, n_candidates,
+        generator=generator, weights=weights, backend=backend,
+    )  # fmt: skip
+    return group.view(ipc, *stats.mean.shape), score
+
+
+def _model_device(sampler: GuidedSampler) -> torch.device:
+    parameter = next(iter(sampler.model.parameters()), None) if isinstance(sampler.model, nn.Module) else None
+    return parameter.device if parameter is not None else torch.device("cpu")
+
+
+def generate_from_group(
+    sampler: GuidedSampler,
+    group: Tensor,
+    class_index: int,
+    start_index: int = D3HR_TARGET_INDEX,
+    *,
+    progress: bool = True,
+) -> Tensor:
+    """DDIM (η = 0) of every group latent [ipc, C, H, W] from start_index to the end with label class_index
+    -> final latents [ipc, C, H, W]. Build the sampler with compat=False and cfg_channels=None (D3HR's
+    diffusers pipeline guides all 4 eps channels); its guidances, if any, run too."""
+    labels = [class_index] * group.shape[0]
+    return sampler.ddim_sample(labels, start_index=start_index, x_start=group, progress=progress)
+
+
+def distill_class(
+    sampler: GuidedSampler,
+    latents: Tensor | None,
+    class_index: int,
+    ipc: int,
+    *,
+    target_index: int = D3HR_TARGET_INDEX,
+    start_index: int | None = None,
+    n_candidates: int = D3HR_CANDIDATES,
+    seed: int = 0,
+    stats_dir: str | Path | None = None,
+    batch_size: int = 64,
+    weights: tuple[float, float, float] = D3HR_WEIGHTS,
+    backend: str = "auto",
+    progress: bool = True,
+) -> Tensor:
+    """D3HR for one class: statistics (reused from stats_dir if present) -> group -> DDIM -> latents [ipc, C, H, W].
+
+    latents: the class's clean VAE latents [N, C, H, W] (encoder samples, see `fastdd.guidance.mode.encode_latents`
+    with sample=True); start_index defaults to target_index. Candidates come from a generator on the
+    statistics' device seeded with group_seed(seed, class_index).
+    """
+    if isinstance(ipc, bool) or not isinstance(ipc, int) or ipc <= 0:
+        raise ValueError(f"ipc must be a positive int, got {ipc!r}")
+    if latents is not None and latents.dim() == 4 and latents.shape[0] == 0:
+        raise ValueError(f"latents: class {class_index} is empty")
+    stats = inverted_class_statistics(
+        sampler, latents, class_index, target_index, stats_dir=stats_dir, batch_size=batch_size, progress=progress
+    )
+    device = latents.device if latents is not None else _model_device(sampler)
+    stats = ClassStatistics(stats.mean.to(device), stats.variance.to(device), stats.count, stats.config)
+    generator = torch.Generator(device=device).manual_seed(group_seed(seed, class_index))
+    group, _ = select_group(stats, ipc, n_candidates, generator=generator, weights=weights, backend=backend)
+    start = target_index if start_index is None else start_index
+    return generate_from_group(sampler, group, class_index, start, progress=progress)

@@ -1,0 +1,240 @@
+"""D3HR (fastdd.guidance.d3hr) against the pipeline written out here from SPEC "D3HR", image by image:
+DDIM inversion and DDIM sampling on diffusers' "leading" 50-step schedule (timesteps 20k, tables computed
+here), CFG 4 on all eps channels, the class Gaussian with torch.mean / torch.var, the group score of SPEC."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from fastdd.guidance.d3hr import (
+    ClassStatistics,
+    class_statistics,
+    distill_class,
+    generate_from_group,
+    group_seed,
+    inverted_class_statistics,
+    invert_class_latents,
+    load_class_statistics,
+    select_group,
+    statistics_path,
+)
+from fastdd.ops import reference
+from fastdd.sampling import GaussianDiffusion, GuidedSampler
+from tiny_dit import tiny_denoising_dit
+
+NUM_CLASSES, NULL_CLASS = 3, 3
+LATENT_SHAPE = (4, 8, 8)
+NUM_STEPS, STRIDE, CFG_SCALE = 50, 20, 4.0
+TARGET = 31  # step 18 of 50 (timestep 620)
+RTOL = 1e-4
+ALPHAS_CUMPROD = np.cumprod(1.0 - np.linspace(1e-4, 0.02, 1000, dtype=np.float64))
+
+
+@pytest.fixture(autouse=True, scope="module")
+def single_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_denoising_dit(NUM_CLASSES)
+
+
+@pytest.fixture(scope="module")
+def class_latents():
+    generator = torch.Generator().manual_seed(4)
+    return 0.8 * torch.randn(7, *LATENT_SHAPE, generator=generator)
+
+
+def make_sampler(model):
+    return GuidedSampler(model, GaussianDiffusion(NUM_STEPS, timestep_spacing="leading"), cfg_scale=CFG_SCALE,
+                         null_class=NULL_CLASS, num_classes=NUM_CLASSES)  # fmt: skip
+
+
+def relative_error(actual, expected) -> float:
+    return float((actual - expected).norm() / expected.norm())
+
+
+# ------------------------------------------------------------------------------------ reference (SPEC)
+def reference_eps(model, x, timestep, label):
+    """CFG on all 4 eps channels from one [cond; uncond] forward. x: [1, C, H, W]."""
+    out = model(torch.cat([x, x]), torch.tensor([timestep] * 2), torch.tensor([label, NULL_CLASS]))
+    cond, uncond = out[:1, :4], out[1:, :4]
+    return uncond + CFG_SCALE * (cond - uncond)
+
+
+def reference_invert(model, x0, label, target=TARGET):
+    """DDIM inversion: x_{k+1} = √ᾱ_{k+1}·(x_k − √(1−ᾱ_k)·eps)/√ᾱ_k + √(1−ᾱ_{k+1})·eps, eps at timestep 20(k+1)."""
+    x = x0[None]
+    with torch.no_grad():
+        for k in range(target):
+            eps = reference_eps(model, x, STRIDE * (k + 1), label)
+            a, a_next = ALPHAS_CUMPROD[STRIDE * k], ALPHAS_CUMPROD[STRIDE * (k + 1)]
+            x = math.sqrt(a_next) * (x - math.sqrt(1 - a) * eps) / math.sqrt(a) + math.sqrt(1 - a_next) * eps
+    return x[0]
+
+
+def reference_generate(model, x_start, label, start=TARGET):
+    """DDIM (η = 0) from index `start` down to 0; the last step goes to ᾱ = 1."""
+    x = x_start[None]
+    with torch.no_grad():
+        for k in range(start, -1, -1):
+            eps = reference_eps(model, x, STRIDE * k, label)
+            a = ALPHAS_CUMPROD[STRIDE * k]
+            a_prev = ALPHAS_CUMPROD[STRIDE * (k - 1)] if k > 0 else 1.0
+            x0 = (x - math.sqrt(1 - a) * eps) / math.sqrt(a)
+            x = math.sqrt(a_prev) * x0 + math.sqrt(1 - a_prev) * eps
+    return x[0]
+
+
+def reference_skewness(member):
+    """Adjusted Fisher–Pearson skewness over the features of one group member [D]."""
+    n = member.numel()
+    z = (member - member.mean()) / member.std()
+    return (z**3).sum() * n / ((n - 1) * (n - 2))
+
+
+def reference_score(group, mean, std):
+    """‖mean over members − mean‖ + ‖std over members − std‖ + 0.1·‖(skew of each member)‖. group: [ipc, D]."""
+    skews = torch.stack([reference_skewness(member) for member in group])
+    return (group.mean(0) - mean).norm() + (group.std(0) - std).norm() + 0.1 * skews.norm()
+
+
+# ------------------------------------------------------------------------------------ inversion, statistics
+def test_batched_inversion_matches_reference(model, class_latents):
+    inverted = invert_class_latents(model, make_sampler(model).diffusion, class_latents, 1, TARGET,
+                                    null_class=NULL_CLASS, batch_size=3, progress=False)  # fmt: skip
+    for n, latent in enumerate(class_latents):
+        expected = reference_invert(model, latent, 1)
+        assert relative_error(inverted[n], expected) <= RTOL, n
+    assert relative_error(inverted, class_latents) > 0.1  # it did move
+
+
+def test_statistics_are_mean_and_unbiased_variance(model, class_latents):
+    sampler = make_sampler(model)
+    stats = inverted_class_statistics(sampler, class_latents, 2, TARGET, batch_size=4, progress=False)
+    inverted = torch.stack([reference_invert(model, latent, 2) for latent in class_latents])
+    assert stats.count == len(class_latents)
+    assert relative_error(stats.mean, inverted.mean(0)) <= RTOL
+    assert relative_error(stats.variance, inverted.var(0, unbiased=True)) <= RTOL
+    mean, variance = class_statistics(inverted)
+    torch.testing.assert_close(mean, inverted.mean(0))
+    torch.testing.assert_close(variance, inverted.var(0, unbiased=True))
+
+
+class CountingModel(torch.nn.Module):
+    def __init__(self, model):
+        super().__init__()
+        self.model, self.calls = model, 0
+
+    def forward(self, x, t, y):
+        self.calls += 1
+        return self.model(x, t, y)
+
+
+def test_statistics_are_saved_and_reused(model, class_latents, tmp_path):
+    counting = CountingModel(model)
+    sampler = make_sampler(counting)
+    first = inverted_class_statistics(sampler, class_latents, 0, TARGET, stats_dir=tmp_path, progress=False)
+    assert counting.calls > 0 and statistics_path(tmp_path, 0).is_file()
+    assert [p.name for p in tmp_path.iterdir()] == [statistics_path(tmp_path, 0).name]  # no temp file left
+    counting.calls = 0
+    again = inverted_class_statistics(sampler, None, 0, TARGET, stats_dir=tmp_path, progress=False)
+    assert counting.calls == 0
+    assert torch.equal(again.mean, first.mean) and torch.equal(again.variance, first.variance)
+    assert again.count == first.count and again.config == first.config
+    loaded = load_class_statistics(statistics_path(tmp_path, 0))
+    assert torch.equal(loaded.mean, first.mean)
+    # a file made with another config is refused, not reused or overwritten
+    with pytest.raises(ValueError, match="class_00000.safetensors was computed with"):
+        inverted_class_statistics(sampler, class_latents, 0, TARGET - 1, stats_dir=tmp_path, progress=False)
+    # missing entries / files name the file
+    broken = tmp_path / "broken.safetensors"
+    save_file({"mean": torch.zeros(3)}, str(broken))
+    with pytest.raises(ValueError, match="broken.safetensors lacks the entries"):
+        load_class_statistics(broken)
+    with pytest.raises(ValueError, match="does not exist"):
+        load_class_statistics(tmp_path / "nothing.safetensors")
+    with pytest.raises(ValueError, match="latents are needed"):
+        inverted_class_statistics(sampler, None, 1, TARGET, stats_dir=tmp_path, progress=False)
+
+
+# ------------------------------------------------------------------------------------ group, generation
+def gaussian(dim_shape=LATENT_SHAPE, count=50, seed=5):
+    generator = torch.Generator().manual_seed(seed)
+    mean = torch.randn(dim_shape, generator=generator)
+    variance = torch.rand(dim_shape, generator=generator) + 0.5
+    return ClassStatistics(mean, variance, count, {})
+
+
+def test_select_group_picks_the_min_score_candidate():
+    stats, ipc, n = gaussian(), 4, 300
+    mean, std = stats.mean.flatten(), stats.variance.flatten().sqrt()
+    group, score = select_group(stats, ipc, n, generator=torch.Generator().manual_seed(9), backend="reference")
+    # the candidates, drawn as the reference op draws them (one chunk of n groups), scored by SPEC's formula
+    candidates = torch.randn(n, ipc, mean.numel(), generator=torch.Generator().manual_seed(9)) * std + mean
+    scores = torch.stack([reference_score(candidate, mean, std) for candidate in candidates])
+    best = int(scores.argmin())
+    assert group.shape == (ipc, *LATENT_SHAPE)
+    torch.testing.assert_close(group.flatten(1), candidates[best])
+    assert float(score) == pytest.approx(float(scores[best]), rel=1e-5)
+    # the default backend keeps a group whose SPEC score is the returned one and beats typical candidates
+    group, score = select_group(stats, ipc, n, generator=torch.Generator().manual_seed(9))
+    assert float(score) == pytest.approx(float(reference_score(group.flatten(1), mean, std)), rel=1e-4)
+    assert float(score) < float(scores.median())
+
+
+@pytest.mark.parametrize("start", [TARGET, 30])
+def test_generation_matches_reference_ddim(model, class_latents, start):
+    group = class_latents[:3]
+    finals = generate_from_group(make_sampler(model), group, 1, start, progress=False)
+    for latent, final in zip(group, finals):
+        assert relative_error(final, reference_generate(model, latent, 1, start)) <= RTOL
+
+
+def test_distill_class_matches_reference_pipeline(model, class_latents, tmp_path):
+    label, ipc, n, seed = 2, 3, 200, 1
+    inverted = torch.stack([reference_invert(model, latent, label) for latent in class_latents])
+    mean, std = inverted.mean(0).flatten(), inverted.var(0).sqrt().flatten()
+    generator = torch.Generator().manual_seed(group_seed(seed, label))
+    group, _ = reference.group_sampling(mean, std, ipc, n, generator=generator)
+    expected = torch.stack([reference_generate(model, latent.view(LATENT_SHAPE), label) for latent in group])
+    finals = distill_class(make_sampler(model), class_latents, label, ipc, n_candidates=n, seed=seed,
+                           stats_dir=tmp_path, backend="reference", progress=False)  # fmt: skip
+    assert finals.shape == (ipc, *LATENT_SHAPE) and torch.isfinite(finals).all()
+    assert relative_error(finals, expected) <= RTOL
+    # a second run reuses the saved statistics and gives the same images without the real latents
+    again = distill_class(make_sampler(model), None, label, ipc, n_candidates=n, seed=seed, stats_dir=tmp_path,
+                          backend="reference", progress=False)  # fmt: skip
+    assert torch.equal(again, finals)
+
+
+def test_bad_settings_raise(model, class_latents):
+    sampler, stats = make_sampler(model), gaussian(count=5)
+    with pytest.raises(ValueError, match="ipc must be"):
+        select_group(stats, 0)
+    with pytest.raises(ValueError, match="ipc=6 is larger than the class"):
+        select_group(stats, 6)
+    with pytest.raises(ValueError, match="n_candidates"):
+        select_group(stats, 2, 0)
+    with pytest.raises(ValueError, match="negative"):
+        select_group(ClassStatistics(stats.mean, -stats.variance, 5, {}), 2, 10)
+    with pytest.raises(ValueError, match="NaN"):
+        select_group(ClassStatistics(stats.mean * float("nan"), stats.variance, 5, {}), 2, 10)
+    with pytest.raises(ValueError, match="empty"):
+        distill_class(sampler, class_latents[:0], 0, 1, progress=False)
+    with pytest.raises(ValueError, match="at least 2 images"):
+        inverted_class_statistics(sampler, class_latents[:1], 0, progress=False)
+    with pytest.raises(ValueError, match="ipc must be"):
+        distill_class(sampler, class_latents, 0, -1, progress=False)
+    with pytest.raises(ValueError, match="target_index"):
+        inverted_class_statistics(sampler, class_latents, 0, -1, progress=False)
+    with pytest.raises(ValueError, match="batch_size"):
+        invert_class_latents(model, sampler.diffusion, class_latents, 0, batch_size=0, progress=False)

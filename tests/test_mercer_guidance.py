@@ -1,0 +1,272 @@
+"""DAP (fastdd.guidance.mercer) against a plain restatement of the paper's Algorithm 1: batch 1, loops over
+the real samples, D_K written from its kernel, the DiT blocks run by hand, over full sampling runs."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from fastdd.guidance.mercer import JLProjection, MercerGuidance, RealFeatures, jl_min_dim, real_features
+from fastdd.sampling import GaussianDiffusion, GuidedSampler, StepContext, trajectory_noise
+from tiny_dit import DenoisingDiT  # random DiT + the exact N(0, I) denoiser: trajectories stay O(1)
+
+NUM_CLASSES, NULL = 3, 3
+C, H = 4, 8
+STEPS = 8
+CFG = 2.0
+SEED = 7
+BLOCK = 1
+
+
+@pytest.fixture(autouse=True, scope="module")
+def single_thread():
+    """Tiny shapes: intra-op threads only add contention on a shared CPU (restored afterwards)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    dit = DenoisingDiT(input_size=H, patch_size=2, in_channels=C, hidden_size=32, depth=3, num_heads=2,
+                       num_classes=NUM_CLASSES, learn_sigma=True)  # fmt: skip
+    with torch.no_grad():  # the official zero init would make every block the identity
+        for block in dit.blocks:
+            block.adaLN_modulation[1].weight.normal_(0, 0.1)
+            block.adaLN_modulation[1].bias.normal_(0, 0.1)
+        dit.final_layer.adaLN_modulation[1].weight.normal_(0, 0.1)
+        dit.final_layer.linear.weight.normal_(0, 0.1)
+    return dit.eval().requires_grad_(False)
+
+
+@pytest.fixture(scope="module")
+def reals():
+    """Real latents of classes 0 and 1 (class 2 has none): [10, C, H, W], labels [10]."""
+    generator = torch.Generator().manual_seed(1)
+    latents = torch.randn(10, C, H, H, generator=generator) * 0.8
+    labels = torch.tensor([0, 1, 0, 1, 1, 0, 0, 1, 0, 1])
+    return latents, labels
+
+
+# ------------------------------------------------------------------------------------------- reference
+def phi(model, x, timestep, label):
+    """Output of block BLOCK for one latent x [C, H, W], running the blocks by hand -> [T·hidden]."""
+    t = torch.tensor([timestep])
+    y = torch.tensor([label])
+    c = model.t_embedder(t) + model.y_embedder(y)
+    tokens = model.x_embedder(x[None]) + model.pos_embed
+    for block in list(model.blocks)[: BLOCK + 1]:
+        tokens = block(tokens, c)
+    return tokens.flatten()
+
+
+def kernel_value(a, b, kernel, dim):
+    if kernel == "linear":
+        return torch.dot(a, b)
+    if kernel == "rbf":
+        return torch.exp(-((a - b) ** 2).sum() / (2 * dim))  # σ = √D
+    return (torch.dot(a, b) / dim + 1.0) ** 2  # poly, degree 2, coef0 1
+
+
+def reference_energy(feature, real_list, kernel):
+    """(1/N) Σ_n D_K(feature, real_n), D_K = √(K(x,x) + K(y,y) − 2K(x,y))."""
+    dim = feature.shape[0]
+    total = 0.0
+    for real in real_list:
+        squared = kernel_value(feature, feature, kernel, dim) + kernel_value(real, real, kernel, dim)
+        squared = squared - 2 * kernel_value(feature, real, kernel, dim)
+        total = total + torch.sqrt(squared)
+    return total / len(real_list)
+
+
+def reference_real_features(model, latents, labels, label, t_mode, diffusion=None, index=None, storage=torch.float32):
+    class_latents = latents[labels == label]
+    if t_mode == "noised":
+        generator = torch.Generator().manual_seed(SEED + label)
+        noise = torch.randn(class_latents.shape, generator=generator)
+        alpha_bar = diffusion.alpha_bar(index)
+        class_latents = math.sqrt(alpha_bar) * class_latents + math.sqrt(1 - alpha_bar) * noise
+        timestep = diffusion.timestep_list[index]
+    else:
+        timestep = 0
+    return [phi(model, z, timestep, label).to(storage).float() for z in class_latents]
+
+
+def reference_sample(model, diffusion, label, image_index, latents, labels, kernel, gamma, t_mode):
+    """One image, the paper's loop: x̃ = ancestral DDPM step with CFG; x ← x̃ − γ ∇_{x_t} energy."""
+    noise = trajectory_noise(SEED, label, image_index, (C, H, H), STEPS)
+    x = noise.initial
+    zero_reals = reference_real_features(model, latents, labels, label, "zero") if t_mode == "zero" else None
+    for i in range(STEPS - 1, -1, -1):
+        timestep = diffusion.timestep_list[i]
+        t = torch.tensor([timestep])
+        with torch.no_grad():
+            cond = model(x[None], t, torch.tensor([label]))
+            uncond = model(x[None], t, torch.tensor([NULL]))
+            eps = uncond[:, :C] + CFG * (cond[:, :C] - uncond[:, :C])
+            out = diffusion.p_mean_variance(torch.cat([eps, cond[:, C:]], dim=1), x[None], i)
+            sample = out["mean"][0]
+            if i > 0:
+                sample = sample + torch.exp(0.5 * out["log_variance"][0]) * noise.steps[i, 0]
+        if t_mode == "zero":
+            reals = zero_reals
+        else:
+            reals = reference_real_features(model, latents, labels, label, t_mode, diffusion, i)
+        x_t = x.clone().requires_grad_(True)
+        energy = reference_energy(phi(model, x_t, timestep, label), reals, kernel)
+        (grad,) = torch.autograd.grad(energy, x_t)
+        x = sample - gamma * grad
+    return x
+
+
+def fastdd_sample(model, diffusion, guidances, labels, image_ids):
+    sampler = GuidedSampler(model, diffusion, guidances, cfg_scale=CFG, num_classes=NUM_CLASSES)
+    return sampler.sample(labels, image_ids, (C, H, H), "cpu", progress=False)
+
+
+def relative_error(a, b):
+    return float((a - b).norm() / b.norm())
+
+
+# ------------------------------------------------------------------------------------------------ tests
+@pytest.mark.parametrize("kernel, t_mode, gamma", [("linear", "zero", 0.5), ("rbf", "zero", 40.0), ("poly", "zero", 2.0),
+                                                   ("linear", "noised", 0.5)])  # fmt: skip
+def test_full_run_matches_reference(model, reals, kernel, t_mode, gamma):
+    latents, labels = reals
+    diffusion = GaussianDiffusion(STEPS)
+    bank = RealFeatures(model, latents, labels, BLOCK, t_mode, diffusion=diffusion, seed=SEED, dtype=torch.float32)
+    guidance = MercerGuidance(model, bank, BLOCK, kernel, gamma)
+    batch_labels = [0, 1, 0]
+    image_ids = [(0, 0, SEED), (1, 0, SEED), (0, 1, SEED)]
+    guided = fastdd_sample(model, diffusion, [guidance], batch_labels, image_ids)
+    unguided = fastdd_sample(model, diffusion, [], batch_labels, image_ids)
+    for b, (label, image_index, _) in enumerate(image_ids):
+        expected = reference_sample(model, diffusion, label, image_index, latents, labels, kernel, gamma, t_mode)
+        assert relative_error(guided[b], expected) < 1e-4
+        assert relative_error(unguided[b], expected) > 1e-2  # the guidance does change the image
+
+
+def test_precomputed_bfloat16_features_and_step_window(model, reals):
+    """Precomputed bf16 features (a dict) guiding only indices 2..5 equal the reference on bf16-rounded reals."""
+    latents, labels = reals
+    diffusion = GaussianDiffusion(STEPS)
+    features = {c: real_features(model, latents[labels == c], labels[labels == c], BLOCK) for c in (0, 1)}
+    assert features[0].dtype == torch.bfloat16 and features[0].shape == (5, 16 * 32)
+    guidance = MercerGuidance(model, features, BLOCK, "linear", 0.5, low=2, high=5)
+    x = torch.randn(2, C, H, H, generator=torch.Generator().manual_seed(4))
+    t = torch.full((2,), diffusion.timestep_list[3])
+    y = torch.tensor([1, 0])
+    x_fast = x.clone().requires_grad_(True)
+    (grad_fast,) = torch.autograd.grad(guidance.energy(x_fast, t, y, [1, 0], 3), x_fast)
+    for b in range(2):
+        reals_b = reference_real_features(model, latents, labels, int(y[b]), "zero", storage=torch.bfloat16)
+        x_ref = x[b].clone().requires_grad_(True)
+        energy = reference_energy(phi(model, x_ref, int(t[b]), int(y[b])), reals_b, "linear")
+        (grad_ref,) = torch.autograd.grad(energy, x_ref)
+        assert relative_error(grad_fast[b], grad_ref) < 1e-4
+    image_ids = [(0, 0, SEED)]
+    guided = fastdd_sample(model, diffusion, [guidance], [0], image_ids)
+    unguided = fastdd_sample(model, diffusion, [], [0], image_ids)
+    assert relative_error(guided, unguided) > 1e-3
+    assert guidance.active(2) and guidance.active(5) and not guidance.active(1) and not guidance.active(6)
+
+
+def test_jl_projection_distortion_within_bound():
+    """For N = 20 pairs, ε = 0.5, δ = 0.1: over 40 seeded projections at most δ·40 have any squared distance
+    outside (1 ± ε), and the linear DAP energy stays within [√(1−ε), √(1+ε)] of the unprojected one."""
+    epsilon, delta, pairs = 0.5, 0.1, 20
+    m = jl_min_dim(pairs, epsilon, delta)
+    assert m == math.ceil(2 * math.log(2 * pairs / delta) / (epsilon**2 / 2 - epsilon**3 / 3))
+    generator = torch.Generator().manual_seed(0)
+    query = torch.randn(1, 512, generator=generator)
+    real = torch.randn(pairs, 512, generator=generator) * 0.5 + 0.3
+    exact = (query - real).norm(dim=1)
+    failures = 0
+    for seed in range(40):
+        projection = JLProjection(512, m, seed=seed)
+        projected = (projection(query) - projection(real)).norm(dim=1)
+        ratio = (projected / exact) ** 2
+        if bool(((ratio < 1 - epsilon) | (ratio > 1 + epsilon)).any()):
+            failures += 1
+            continue
+        energy_ratio = float(projected.mean() / exact.mean())
+        assert math.sqrt(1 - epsilon) <= energy_ratio <= math.sqrt(1 + epsilon)
+    assert failures <= delta * 40
+    # a projection off by a scale would break the bound
+    projection = JLProjection(512, m, seed=0)
+    assert float((projection(query) * 2 - projection(real) * 2).norm(dim=1).pow(2).div(exact**2).min()) > 1 + epsilon
+
+
+def test_projected_guidance_matches_reference(model, reals):
+    latents, labels = reals
+    dim = 16 * 32
+    projection = JLProjection(dim, 64, seed=3)
+    bank = RealFeatures(model, latents, labels, BLOCK, projection=projection, dtype=torch.float32)
+    guidance = MercerGuidance(model, bank, BLOCK, "linear", 1.0)
+    x = torch.randn(1, C, H, H, generator=torch.Generator().manual_seed(5))
+    x_fast = x.clone().requires_grad_(True)
+    (grad_fast,) = torch.autograd.grad(guidance.energy(x_fast, torch.tensor([500]), torch.tensor([1]), [1], 0), x_fast)
+    reals_1 = [r @ projection.matrix for r in reference_real_features(model, latents, labels, 1, "zero")]
+    x_ref = x[0].clone().requires_grad_(True)
+    energy = reference_energy(phi(model, x_ref, 500, 1) @ projection.matrix, reals_1, "linear")
+    (grad_ref,) = torch.autograd.grad(energy, x_ref)
+    assert relative_error(grad_fast[0], grad_ref) < 1e-4
+    assert bank.get(1, 0)[0].shape == (5, 64)
+
+
+def test_compat_rows_and_class_cache(model, reals):
+    """Compat layout [cond; shadow]: the cond rows get the clean delta, shadow rows zero. A one-class cache
+    recomputes evicted classes to the same values."""
+    latents, labels = reals
+    diffusion = GaussianDiffusion(STEPS)
+    bank = RealFeatures(model, latents, labels, BLOCK, dtype=torch.float32, max_cached_classes=1)
+    guidance = MercerGuidance(model, bank, BLOCK, "linear", 0.5)
+    x = torch.randn(4, C, H, H, generator=torch.Generator().manual_seed(6))
+    y = torch.tensor([0, 1, NULL, NULL])
+    index = 4
+
+    zeros = torch.zeros_like(x)
+    fields = dict(x_t=x, index=index, timestep=diffusion.timestep_list[index], alpha_bar=diffusion.alpha_bar(index), y=y,
+                  model_output=zeros, eps=zeros, pred_xstart=zeros, mean=zeros, log_variance=zeros, sample=zeros, rows=2,
+                  image_ids=[(0, 0, SEED), (1, 0, SEED)])  # fmt: skip
+    compat = guidance.step(StepContext(**fields))
+    first = bank.get(0, index)[0].clone()
+    assert list(bank._cache) == [0]  # class 1 was evicted when class 0 came back
+    clean = guidance.step(StepContext(**{**fields, "x_t": x[:2], "y": y[:2], "sample": zeros[:2], "image_ids": []}))
+    assert torch.equal(compat[2:], torch.zeros_like(compat[2:]))
+    assert torch.allclose(compat[:2], clean, rtol=1e-6, atol=1e-7) and clean.abs().max() > 0
+    assert torch.equal(bank.get(0, index)[0], first)
+
+
+def test_bad_hyper_parameters(model, reals):
+    latents, labels = reals
+    bank = RealFeatures(model, latents, labels, BLOCK)
+    with pytest.raises(ValueError, match="gamma"):
+        MercerGuidance(model, bank, BLOCK, gamma=-1.0)
+    for block_index in (-1, 3, 1.0):
+        with pytest.raises(ValueError, match="block_index"):
+            MercerGuidance(model, bank, block_index)
+        with pytest.raises(ValueError, match="block_index"):
+            RealFeatures(model, latents, labels, block_index)
+    with pytest.raises(ValueError, match="kernel"):
+        MercerGuidance(model, bank, BLOCK, kernel="cosine")
+    with pytest.raises(ValueError, match="t_mode"):
+        RealFeatures(model, latents, labels, BLOCK, t_mode="half")
+    with pytest.raises(ValueError, match="diffusion"):
+        RealFeatures(model, latents, labels, BLOCK, t_mode="noised")
+    with pytest.raises(ValueError, match="projection"):
+        MercerGuidance(model, {0: torch.zeros(2, 8)}, BLOCK, "poly", projection=JLProjection(16 * 32, 8))
+    for args in [(0, 0.5), (10, 1.5), (10, 0.5, 0.0)]:
+        with pytest.raises(ValueError):
+            jl_min_dim(*args)
+    diffusion = GaussianDiffusion(STEPS)
+    # class 2 has no real latents: refused before the first step
+    with pytest.raises(ValueError, match="class 2"):
+        fastdd_sample(model, diffusion, [MercerGuidance(model, bank, BLOCK)], [2], [(2, 0, SEED)])
+    with pytest.raises(ValueError, match="class 1"):
+        fastdd_sample(model, diffusion, [MercerGuidance(model, {0: torch.zeros(2, 512)}, BLOCK)], [1], [(1, 0, SEED)])
+    with pytest.raises(ValueError, match="class 0"):
+        fastdd_sample(model, diffusion, [MercerGuidance(model, {0: torch.zeros(0, 512)}, BLOCK)], [0], [(0, 0, SEED)])

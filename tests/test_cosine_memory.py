@@ -18,27 +18,10 @@ import torch  # noqa: E402
 
 from fastdd import ops  # noqa: E402
 from fastdd.ops import CosineMemory, reference  # noqa: E402
-from fastdd.ops._backend import backend_usable, compiled_kernel  # noqa: E402
+from backends import cpu_backend_params  # noqa: E402
+from fastdd.ops._backend import compiled_kernel  # noqa: E402
 
-CPU = torch.device("cpu")
-
-
-def _backends():
-    params = [pytest.param("reference")]
-    if compiled_kernel("max_cosine", "CPU") and compiled_kernel("most_similar_index", "CPU"):
-        params.append(pytest.param("cpp"))
-    else:
-        skip = pytest.mark.skip(reason="fastdd._C lacks the cosine-memory ops; run setup.py build_ext")
-        params.append(pytest.param("cpp", marks=skip))
-    if backend_usable("triton", CPU, "max_cosine"):
-        params.append(pytest.param("triton"))
-    else:
-        skip = pytest.mark.skip(reason="triton is not importable or TRITON_INTERPRET!=1")
-        params.append(pytest.param("triton", marks=skip))
-    return params
-
-
-BACKENDS = _backends()
+BACKENDS = cpu_backend_params(("max_cosine", "most_similar_index"), "max_cosine", "the cosine-memory ops")
 # (B, M, D, count): ragged against the Triton tiles (16 queries, 16/32 rows, 32/64 features), count = 0 and None
 SHAPES = [(3, 7, 33, 5), (20, 40, 70, 37), (2, 5, 16, 0), (17, 33, 129, None), (1, 1, 8, 1)]
 

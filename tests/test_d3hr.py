@@ -24,7 +24,7 @@ from fastdd.guidance.d3hr import (
 )
 from fastdd.ops import reference
 from fastdd.sampling import GaussianDiffusion, GuidedSampler
-from tiny_dit import tiny_denoising_dit
+from tiny_dit import relative_error, tiny_denoising_dit
 
 NUM_CLASSES, NULL_CLASS = 3, 3
 LATENT_SHAPE = (4, 8, 8)
@@ -34,12 +34,7 @@ RTOL = 1e-4
 ALPHAS_CUMPROD = np.cumprod(1.0 - np.linspace(1e-4, 0.02, 1000, dtype=np.float64))
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 @pytest.fixture(scope="module")
@@ -56,10 +51,6 @@ def class_latents():
 def make_sampler(model):
     return GuidedSampler(model, GaussianDiffusion(NUM_STEPS, timestep_spacing="leading"), cfg_scale=CFG_SCALE,
                          null_class=NULL_CLASS, num_classes=NUM_CLASSES)  # fmt: skip
-
-
-def relative_error(actual, expected) -> float:
-    return float((actual - expected).norm() / expected.norm())
 
 
 # ------------------------------------------------------------------------------------ reference (SPEC)

@@ -15,8 +15,9 @@ from torch.nn.utils import parameters_to_vector
 from authors_igd import RespacedDiffusion, authors_igd_sample, linear_betas, space_timesteps
 from fastdd.guidance.deviation import DeviationGuidance
 from fastdd.guidance.influence import InfluenceGuidance
-from fastdd.models import ConvNet, DiT, LatentCodec
+from fastdd.models import ConvNet, LatentCodec
 from fastdd.sampling import GaussianDiffusion, GuidedSampler, trajectory_noise
+from tiny_dit import relative_error, tiny_denoising_dit, tiny_vae
 
 NUM_CLASSES, NULL_CLASS = 5, 5
 LATENT_SHAPE = (4, 8, 8)
@@ -28,45 +29,11 @@ SEED = 7
 CLASSES, IPC = [0, 1, 3], 3  # ipc 3: the last image's deviation picks the most similar of two memory rows
 RTOL = 1e-4
 
-_TRAIN_ALPHAS_CUMPROD = torch.from_numpy(np.cumprod(1.0 - linear_betas(1000))).float()
-
-
-class DenoisingDiT(DiT):
-    """A random DiT whose eps channels get the exact denoiser of N(0, I) data, √(1−ᾱ_t)·x_t, added.
-
-    A random DiT alone predicts eps unrelated to x_t, so ancestral sampling inflates x by 1/√ᾱ (≈ 150×);
-    with the analytic term the trajectory stays O(1) while the DiT part (class- and t-dependent, scaled by
-    0.3) keeps the CFG, the variance channels and every gradient through the model non-trivial.
-    """
-
-    def forward(self, x, t, y):
-        out = super().forward(x, t, y)
-        channels = self.in_channels
-        alpha_bar = _TRAIN_ALPHAS_CUMPROD.to(x.device)[t.long()].view(-1, 1, 1, 1)
-        eps = (1 - alpha_bar).sqrt() * x + 0.3 * out[:, :channels]
-        return torch.cat([eps, out[:, channels:]], dim=1)
-
 
 def build_models():
-    torch.manual_seed(0)
-    dit = DenoisingDiT(input_size=8, patch_size=2, in_channels=4, hidden_size=32, depth=2, num_heads=2,
-                       num_classes=NUM_CLASSES, learn_sigma=True)  # fmt: skip
-    zero_initialised = [block.adaLN_modulation[1] for block in dit.blocks]
-    zero_initialised += [dit.final_layer.adaLN_modulation[1], dit.final_layer.linear]
-    with torch.no_grad():
-        for layer in zero_initialised:
-            layer.weight.normal_(0, 0.1)
-            layer.bias.normal_(0, 0.1)
-    dit.eval().requires_grad_(False)
-
-    from diffusers import AutoencoderKL
-
-    vae = AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 8), layers_per_block=1,
-        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-        norm_num_groups=4, sample_size=16,
-    ).eval().requires_grad_(False)  # fmt: skip
-    codec = LatentCodec(vae)
+    """Random denoising DiT, VAE and surrogate, each drawn from the global generator where the last left it."""
+    dit = tiny_denoising_dit(NUM_CLASSES, restore_rng=False)
+    codec = LatentCodec(tiny_vae())
 
     surrogate = ConvNet(3, NUM_CLASSES, width=8, depth=2, im_size=16).eval()
     checkpoints = []
@@ -79,13 +46,7 @@ def build_models():
     return dit, codec, surrogate, flat_params, real_grads
 
 
-@pytest.fixture(scope="module", autouse=True)
-def single_thread():
-    """Tiny ops: intra-op threads only add contention on a shared CPU (restored afterwards)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 @pytest.fixture(scope="module")
@@ -139,10 +100,6 @@ def run_fastdd_batched(sampler, classes, ipc):
         for c, final in zip(classes, finals):
             out[(c, i)] = final
     return out
-
-
-def relative_error(actual, expected) -> float:
-    return float((actual - expected).norm() / expected.norm())
 
 
 def assert_same_latents(actual: dict, expected: dict, rtol: float = RTOL):

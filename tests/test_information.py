@@ -12,7 +12,6 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from fastdd.data.digits import load_digits_split
 from fastdd.guidance.information import (
@@ -25,8 +24,9 @@ from fastdd.guidance.information import (
     information_loss,
     train_information_estimator,
 )
-from fastdd.models import DiT, LatentCodec
+from fastdd.models import LatentCodec
 from fastdd.sampling import GaussianDiffusion, GuidedSampler, trajectory_noise
+from tiny_dit import relative_error, tiny_denoising_dit, tiny_vae
 
 NUM_CLASSES, NULL_CLASS = 4, 4
 LATENT_SHAPE = (4, 8, 8)
@@ -36,26 +36,7 @@ RTOL = 1e-4
 IMAGE_IDS = [(0, 0, SEED), (2, 1, SEED), (3, 0, SEED)]  # (class, image index, seed): three classes in one batch
 
 
-@pytest.fixture(scope="module", autouse=True)
-def single_thread():
-    """Tiny ops: intra-op threads only add contention on a shared CPU (restored afterwards)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-TRAIN_ALPHAS_CUMPROD = GaussianDiffusion(NUM_STEPS).train_alphas_cumprod.float()
-
-
-class DenoisingDiT(DiT):
-    """A random DiT plus the exact eps of N(0, I) data, √(1−ᾱ_t)·x_t, so that trajectories stay O(1)."""
-
-    def forward(self, x, t, y):
-        out = super().forward(x, t, y)
-        alpha_bar = TRAIN_ALPHAS_CUMPROD.to(x)[t.long()].view(-1, 1, 1, 1)
-        eps = (1 - alpha_bar).sqrt() * x + 0.3 * out[:, : self.in_channels]
-        return torch.cat([eps, out[:, self.in_channels :]], dim=1)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def random_estimator(channel=3, im_size=16, dtype=torch.float32, seed=5) -> InformationEstimator:
@@ -71,24 +52,9 @@ def random_estimator(channel=3, im_size=16, dtype=torch.float32, seed=5) -> Info
 
 @pytest.fixture(scope="module")
 def models():
-    torch.manual_seed(0)
-    dit = DenoisingDiT(input_size=8, patch_size=2, in_channels=4, hidden_size=32, depth=2, num_heads=2,
-                       num_classes=NUM_CLASSES, learn_sigma=True)  # fmt: skip
-    with torch.no_grad():
-        zero_initialised = [block.adaLN_modulation[1] for block in dit.blocks]
-        for layer in zero_initialised + [dit.final_layer.adaLN_modulation[1], dit.final_layer.linear]:
-            layer.weight.normal_(0, 0.1)
-            layer.bias.normal_(0, 0.1)
-    dit.eval().requires_grad_(False)
-
-    from diffusers import AutoencoderKL
-
-    vae = AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 8), layers_per_block=1,
-        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-        norm_num_groups=4, sample_size=16,
-    ).eval().requires_grad_(False)  # fmt: skip
-    return dit, LatentCodec(vae), random_estimator()
+    """Random denoising DiT, then a VAE from the generator where the DiT left it, then the estimator."""
+    dit = tiny_denoising_dit(NUM_CLASSES, restore_rng=False)
+    return dit, LatentCodec(tiny_vae()), random_estimator()
 
 
 # --------------------------------------------------------------------------- reference, from the paper
@@ -147,10 +113,6 @@ def fastdd_igds_sample(dit, decode, estimator, image_ids, eta, beta, source="xst
     sampler = GuidedSampler(dit, GaussianDiffusion(num_steps), [guidance], cfg_scale=CFG_SCALE,
                             null_class=NULL_CLASS, num_classes=NUM_CLASSES)  # fmt: skip
     return sampler.sample([c for c, _, _ in image_ids], image_ids, LATENT_SHAPE, "cpu", progress=False)
-
-
-def relative_error(actual, expected) -> float:
-    return float((actual - expected).norm() / expected.norm())
 
 
 # --------------------------------------------------------------------------- the loss

@@ -18,28 +18,13 @@ import torch  # noqa: E402
 
 from fastdd import ops  # noqa: E402
 from fastdd.ops import mercer, reference  # noqa: E402
-from fastdd.ops._backend import backend_usable, compiled_kernel  # noqa: E402
+from backends import cpu_backend_params  # noqa: E402
+from fastdd.ops._backend import compiled_kernel  # noqa: E402
 
-CPU = torch.device("cpu")
 KERNELS = ("linear", "rbf", "poly")
 
 
-def _backends():
-    params = [pytest.param("reference")]
-    if compiled_kernel("mercer_distance", "CPU") and compiled_kernel("mercer_distance_backward", "CPU"):
-        params.append(pytest.param("cpp"))
-    else:
-        skip = pytest.mark.skip(reason="fastdd._C lacks mercer_distance; run setup.py build_ext")
-        params.append(pytest.param("cpp", marks=skip))
-    if backend_usable("triton", CPU, "mercer_distance"):
-        params.append(pytest.param("triton"))
-    else:
-        skip = pytest.mark.skip(reason="triton is not importable or TRITON_INTERPRET!=1")
-        params.append(pytest.param("triton", marks=skip))
-    return params
-
-
-BACKENDS = _backends()
+BACKENDS = cpu_backend_params(("mercer_distance", "mercer_distance_backward"), "mercer_distance", "mercer_distance")
 FAST_BACKENDS = [p for p in BACKENDS if p.values[0] != "reference"]
 # (B, N, D): ragged against the C++ groups (4 rows) and feature blocks (16 here) and the Triton tiles
 # (16-64 x rows, 32 y rows, 32 features, split over D into several partial sums)

@@ -9,7 +9,7 @@ import torch
 
 from fastdd.guidance.mercer import JLProjection, MercerGuidance, RealFeatures, jl_min_dim, real_features
 from fastdd.sampling import GaussianDiffusion, GuidedSampler, StepContext, trajectory_noise
-from tiny_dit import DenoisingDiT  # random DiT + the exact N(0, I) denoiser: trajectories stay O(1)
+from tiny_dit import relative_error, tiny_denoising_dit  # random DiT + the exact N(0, I) denoiser
 
 NUM_CLASSES, NULL = 3, 3
 C, H = 4, 8
@@ -19,27 +19,13 @@ SEED = 7
 BLOCK = 1
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """Tiny shapes: intra-op threads only add contention on a shared CPU (restored afterwards)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 @pytest.fixture(scope="module")
 def model():
-    torch.manual_seed(0)
-    dit = DenoisingDiT(input_size=H, patch_size=2, in_channels=C, hidden_size=32, depth=3, num_heads=2,
-                       num_classes=NUM_CLASSES, learn_sigma=True)  # fmt: skip
-    with torch.no_grad():  # the official zero init would make every block the identity
-        for block in dit.blocks:
-            block.adaLN_modulation[1].weight.normal_(0, 0.1)
-            block.adaLN_modulation[1].bias.normal_(0, 0.1)
-        dit.final_layer.adaLN_modulation[1].weight.normal_(0, 0.1)
-        dit.final_layer.linear.weight.normal_(0, 0.1)
-    return dit.eval().requires_grad_(False)
+    return tiny_denoising_dit(NUM_CLASSES, input_size=H, depth=3, restore_rng=False, final_adaln_bias=False,
+                              final_linear_bias=False)  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -125,10 +111,6 @@ def reference_sample(model, diffusion, label, image_index, latents, labels, kern
 def fastdd_sample(model, diffusion, guidances, labels, image_ids):
     sampler = GuidedSampler(model, diffusion, guidances, cfg_scale=CFG, num_classes=NUM_CLASSES)
     return sampler.sample(labels, image_ids, (C, H, H), "cpu", progress=False)
-
-
-def relative_error(a, b):
-    return float((a - b).norm() / b.norm())
 
 
 # ------------------------------------------------------------------------------------------------ tests

@@ -17,7 +17,7 @@ from fastdd.guidance.mode import (
 )
 from fastdd.models import PixelCodec
 from fastdd.sampling import GaussianDiffusion, GuidedSampler, trajectory_noise
-from tiny_dit import tiny_denoising_dit
+from tiny_dit import relative_error, tiny_denoising_dit
 
 NUM_CLASSES, NULL_CLASS = 4, 4
 LATENT_SHAPE = (4, 8, 8)
@@ -26,17 +26,7 @@ SEED, IPC = 3, 3
 RTOL = 1e-4
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """Tiny shapes: intra-op threads only add contention on a shared CPU (restored afterwards)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def relative_error(actual, expected) -> float:
-    return float((actual - expected).norm() / expected.norm())
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 # ------------------------------------------------------------------------------------------- k-means

@@ -28,13 +28,7 @@ NUM_CLASSES = 5
 NULL = NUM_CLASSES
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """The shapes here are tiny: intra-op threads only add synchronisation (very slow on a loaded machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 # ------------------------------------------------------------------------------------------- toy models

@@ -1,4 +1,4 @@
-"""A tiny random DiT that behaves like a denoiser, for full-run sampler tests of the guidance methods.
+"""Tiny random models and small helpers shared by the guidance and sampler tests.
 
 A random DiT predicts eps unrelated to x_t, so a 50-step trajectory inflates x by ~1/√ᾱ; adding the exact
 denoiser of N(0, I) data, √(1 − ᾱ_t)·x_t, to its eps channels keeps the trajectory O(1), while the DiT part
@@ -23,17 +23,61 @@ class DenoisingDiT(DiT):
         return torch.cat([eps, out[:, channels:]], dim=1)
 
 
-def tiny_denoising_dit(num_classes: int, input_size: int = 8, seed: int = 0) -> DenoisingDiT:
-    """DiT (patch 2, hidden 32, depth 2, learned sigma) with its zero-initialised layers randomised, eval, frozen."""
+def randomised_dit(
+    num_classes: int,
+    *,
+    model_class: type[DiT] = DenoisingDiT,
+    input_size: int = 8,
+    hidden_size: int = 32,
+    depth: int = 2,
+    seed: int = 0,
+    restore_rng: bool = True,
+    final_adaln_bias: bool = True,
+    final_linear_bias: bool = True,
+    **dit_kwargs,
+) -> DiT:
+    """A `model_class` DiT (patch 2, 4 channels, 2 heads, learned sigma) built after torch.manual_seed(seed),
+    with its zero-initialised layers drawn from N(0, 0.1²) in order: each block's adaLN weight and bias, the
+    final adaLN weight (and bias when `final_adaln_bias`), the final linear weight (and bias when
+    `final_linear_bias`).
+
+    The official zero init would make every block the identity and leave most parameters without gradient.
+    restore_rng=False leaves the global generator where the build left it (callers that build more models
+    from it afterwards depend on that). Returned in training mode with gradients on.
+    """
     state = torch.random.get_rng_state()
     torch.manual_seed(seed)
-    dit = DenoisingDiT(input_size=input_size, patch_size=2, in_channels=4, hidden_size=32, depth=2, num_heads=2,
-                       num_classes=num_classes, learn_sigma=True)  # fmt: skip
-    zero_initialised = [block.adaLN_modulation[1] for block in dit.blocks]
-    zero_initialised += [dit.final_layer.adaLN_modulation[1], dit.final_layer.linear]
+    dit = model_class(input_size=input_size, patch_size=2, in_channels=4, hidden_size=hidden_size, depth=depth,
+                      num_heads=2, num_classes=num_classes, learn_sigma=True, **dit_kwargs)  # fmt: skip
+    layers = [(block.adaLN_modulation[1], True) for block in dit.blocks]
+    layers += [(dit.final_layer.adaLN_modulation[1], final_adaln_bias), (dit.final_layer.linear, final_linear_bias)]
     with torch.no_grad():
-        for layer in zero_initialised:
+        for layer, with_bias in layers:
             layer.weight.normal_(0, 0.1)
-            layer.bias.normal_(0, 0.1)
-    torch.random.set_rng_state(state)
-    return dit.eval().requires_grad_(False)
+            if with_bias:
+                layer.bias.normal_(0, 0.1)
+    if restore_rng:
+        torch.random.set_rng_state(state)
+    return dit
+
+
+def tiny_denoising_dit(num_classes: int, input_size: int = 8, seed: int = 0, **kwargs) -> DenoisingDiT:
+    """randomised_dit (hidden 32, depth 2 unless overridden) in eval mode, frozen."""
+    return randomised_dit(num_classes, input_size=input_size, seed=seed, **kwargs).eval().requires_grad_(False)
+
+
+def tiny_vae():
+    """A frozen 2-level diffusers AutoencoderKL (8 channels, 4 latent channels, 16×16 images), drawn from the
+    global generator as it stands."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 8), layers_per_block=1,
+        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+        norm_num_groups=4, sample_size=16,
+    ).eval().requires_grad_(False)  # fmt: skip
+
+
+def relative_error(actual: torch.Tensor, expected: torch.Tensor, floor: float = 0.0) -> float:
+    """‖actual − expected‖ / max(‖expected‖, floor) (floor 0: a zero `expected` gives inf or nan)."""
+    return float((actual - expected).detach().norm() / expected.detach().norm().clamp_min(floor))

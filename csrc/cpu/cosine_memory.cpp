@@ -13,67 +13,29 @@
 #include <tuple>
 #include <vector>
 
-// Hot loops are compiled for AVX-512 and AVX2+FMA too and picked at load time (GCC function
-// multiversioning); elsewhere they are plain loops the compiler vectorises for the baseline ISA.
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
-#define FASTDD_SIMD_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define FASTDD_SIMD_CLONES
-#endif
-#define FASTDD_INLINE inline __attribute__((always_inline))
+#include "common.h"
 
 namespace {
 
 constexpr double kCosEps = 1e-6;
-constexpr int64_t kQueryBlock = 4;  // queries sharing one pass over a memory row
-
-template <typename acc_t>
-FASTDD_INLINE acc_t dot(const acc_t* a, const acc_t* b, int64_t dim) {
-  acc_t sum = 0;
-#pragma omp simd reduction(+ : sum)
-  for (int64_t d = 0; d < dim; ++d) sum += a[d] * b[d];
-  return sum;
-}
 
 template <typename acc_t>
 FASTDD_INLINE acc_t inverse_norm(acc_t squared_norm) {
   return acc_t(1) / std::max(std::sqrt(squared_norm), acc_t(kCosEps));
 }
 
-// dots[k] = queries[k]·row for the kQueryBlock queries starting at `queries` (row-major, stride dim).
-template <typename acc_t>
-FASTDD_INLINE void block_dots(const acc_t* queries, const acc_t* row, int64_t dim, acc_t* dots) {
-  const acc_t* q0 = queries;
-  const acc_t* q1 = queries + dim;
-  const acc_t* q2 = queries + 2 * dim;
-  const acc_t* q3 = queries + 3 * dim;
-  acc_t s0 = 0, s1 = 0, s2 = 0, s3 = 0;
-#pragma omp simd reduction(+ : s0, s1, s2, s3)
-  for (int64_t d = 0; d < dim; ++d) {
-    const acc_t m = row[d];
-    s0 += q0[d] * m;
-    s1 += q1[d] * m;
-    s2 += q2[d] * m;
-    s3 += q3[d] * m;
-  }
-  dots[0] = s0;
-  dots[1] = s1;
-  dots[2] = s2;
-  dots[3] = s3;
-}
-
-// cos_row[b] = cos(query_b, row) for all B queries; query_inv_norm: [B].
+// cos_row[b] = cos(query_b, row) for all B queries, kRowGroup queries per pass over the row; query_inv_norm: [B].
 template <typename acc_t>
 FASTDD_INLINE void row_cosines_impl(const acc_t* query, const acc_t* query_inv_norm, int64_t batch, const acc_t* row,
                                     int64_t dim, acc_t* cos_row) {
-  const acc_t row_inv_norm = inverse_norm(dot(row, row, dim));
+  const acc_t row_inv_norm = inverse_norm(dot_impl(row, row, dim));
   int64_t b = 0;
-  for (; b + kQueryBlock <= batch; b += kQueryBlock) {
-    acc_t dots[kQueryBlock];
-    block_dots(query + b * dim, row, dim, dots);
-    for (int64_t k = 0; k < kQueryBlock; ++k) cos_row[b + k] = dots[k] * query_inv_norm[b + k] * row_inv_norm;
+  for (; b + kRowGroup <= batch; b += kRowGroup) {
+    acc_t dots[kRowGroup];
+    group_dots_impl(query + b * dim, dim, row, dim, dots);
+    for (int64_t k = 0; k < kRowGroup; ++k) cos_row[b + k] = dots[k] * query_inv_norm[b + k] * row_inv_norm;
   }
-  for (; b < batch; ++b) cos_row[b] = dot(query + b * dim, row, dim) * query_inv_norm[b] * row_inv_norm;
+  for (; b < batch; ++b) cos_row[b] = dot_impl(query + b * dim, row, dim) * query_inv_norm[b] * row_inv_norm;
 }
 
 FASTDD_SIMD_CLONES void row_cosines(const float* q, const float* qn, int64_t B, const float* row, int64_t D, float* out) {
@@ -84,9 +46,6 @@ FASTDD_SIMD_CLONES void row_cosines(const double* q, const double* qn, int64_t B
   row_cosines_impl(q, qn, B, row, D, out);
 }
 
-FASTDD_SIMD_CLONES float squared_norm(const float* x, int64_t D) { return dot(x, x, D); }
-FASTDD_SIMD_CLONES double squared_norm(const double* x, int64_t D) { return dot(x, x, D); }
-
 // column_sum[d] += weight * row[d]
 template <typename acc_t>
 FASTDD_INLINE void add_scaled_impl(acc_t* column_sum, const acc_t* row, acc_t weight, int64_t dim) {
@@ -96,13 +55,6 @@ FASTDD_INLINE void add_scaled_impl(acc_t* column_sum, const acc_t* row, acc_t we
 FASTDD_SIMD_CLONES void add_scaled(float* sum, const float* row, float w, int64_t D) { add_scaled_impl(sum, row, w, D); }
 FASTDD_SIMD_CLONES void add_scaled(double* sum, const double* row, double w, int64_t D) {
   add_scaled_impl(sum, row, w, D);
-}
-
-FASTDD_SIMD_CLONES float dot_product(const float* a, const float* b, int64_t D) { return dot(a, b, D); }
-FASTDD_SIMD_CLONES double dot_product(const double* a, const double* b, int64_t D) { return dot(a, b, D); }
-
-at::ScalarType accumulation_type(at::ScalarType a, at::ScalarType b) {
-  return (a == at::kDouble || b == at::kDouble) ? at::kDouble : at::kFloat;
 }
 
 int64_t valid_rows(const at::Tensor& count, int64_t rows) {
@@ -116,7 +68,7 @@ void max_cosine_kernel(const acc_t* query, const acc_t* memory, int64_t batch, i
                        int64_t* indices) {
   std::vector<acc_t> query_inv_norm(batch);
   at::parallel_for(0, batch, 8, [&](int64_t begin, int64_t end) {
-    for (int64_t b = begin; b < end; ++b) query_inv_norm[b] = inverse_norm(squared_norm(query + b * dim, dim));
+    for (int64_t b = begin; b < end; ++b) query_inv_norm[b] = inverse_norm(dot(query + b * dim, query + b * dim, dim));
   });
   // cosines[j * batch + b]: each task owns memory rows, so a row is read once and stays in cache
   // while every query meets it.
@@ -145,7 +97,7 @@ std::tuple<at::Tensor, at::Tensor> max_cosine(const at::Tensor& query, const at:
   TORCH_CHECK(query.dim() == 2 && memory.dim() == 2, "query must be [B, D] and memory [M, D]");
   TORCH_CHECK(query.size(1) == memory.size(1), "query and memory must have the same number of features");
   TORCH_CHECK(query.is_floating_point() && memory.is_floating_point(), "query and memory must be floating point");
-  const auto acc = accumulation_type(query.scalar_type(), memory.scalar_type());
+  const auto acc = accumulation_type(query, memory);
   const int64_t batch = query.size(0), dim = query.size(1);
   const int64_t rows = valid_rows(count, memory.size(0));
   const at::Tensor q = query.to(acc).contiguous();
@@ -164,7 +116,7 @@ int64_t most_similar_kernel(const acc_t* memory, int64_t rows, int64_t dim) {
   if (rows == 0) return 0;
   std::vector<acc_t> inv_norm(rows);
   at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t j = begin; j < end; ++j) inv_norm[j] = inverse_norm(squared_norm(memory + j * dim, dim));
+    for (int64_t j = begin; j < end; ++j) inv_norm[j] = inverse_norm(dot(memory + j * dim, memory + j * dim, dim));
   });
   // unit_sum = Σ_j memory_j / ‖memory_j‖, split over feature chunks.
   std::vector<acc_t> unit_sum(dim, acc_t(0));
@@ -176,14 +128,14 @@ int64_t most_similar_kernel(const acc_t* memory, int64_t rows, int64_t dim) {
   // score_i = unit_i · unit_sum = Σ_j cos(memory_i, memory_j)
   std::vector<acc_t> scores(rows);
   at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) scores[i] = dot_product(memory + i * dim, unit_sum.data(), dim) * inv_norm[i];
+    for (int64_t i = begin; i < end; ++i) scores[i] = dot(memory + i * dim, unit_sum.data(), dim) * inv_norm[i];
   });
   return std::max_element(scores.begin(), scores.end()) - scores.begin();  // first of equal maxima
 }
 
 at::Tensor most_similar_index(const at::Tensor& memory, const at::Tensor& count) {
   TORCH_CHECK(memory.dim() == 2 && memory.is_floating_point(), "memory must be a floating-point [M, D] tensor");
-  const auto acc = accumulation_type(memory.scalar_type(), memory.scalar_type());
+  const auto acc = accumulation_type(memory);
   const int64_t rows = valid_rows(count, memory.size(0));
   const at::Tensor m = memory.narrow(0, 0, rows).to(acc).contiguous();
   int64_t index = 0;

@@ -17,14 +17,7 @@
 #include <optional>
 #include <tuple>
 
-// Hot loops are compiled for AVX-512 and AVX2+FMA too and picked at load time (GCC function
-// multiversioning); elsewhere they are plain loops the compiler vectorises for the baseline ISA.
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
-#define FASTDD_SIMD_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define FASTDD_SIMD_CLONES
-#endif
-#define FASTDD_INLINE inline __attribute__((always_inline))
+#include "common.h"
 
 namespace {
 
@@ -133,7 +126,7 @@ at::Tensor group_score(const at::Tensor& groups, const at::Tensor& mean, const a
               "mean and std must be [D] with the D of groups");
   TORCH_CHECK(groups.is_floating_point() && mean.is_floating_point() && std.is_floating_point(),
               "groups, mean and std must be floating point");
-  const auto acc = groups.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const auto acc = accumulation_type(groups);
   const at::Tensor g = groups.to(acc).contiguous();
   const at::Tensor m = mean.to(acc).contiguous();
   const at::Tensor s = std.to(acc).contiguous();

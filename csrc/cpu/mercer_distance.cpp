@@ -22,18 +22,9 @@
 #include <type_traits>
 #include <vector>
 
-// Hot loops are compiled for AVX-512 and AVX2+FMA too and picked at load time (GCC function
-// multiversioning); elsewhere they are plain loops the compiler vectorises for the baseline ISA.
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
-#define FASTDD_SIMD_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define FASTDD_SIMD_CLONES
-#endif
-#define FASTDD_INLINE inline __attribute__((always_inline))
+#include "common.h"
 
 namespace {
-
-constexpr int64_t kRowGroup = 4;  // rows of x (forward) / of y (backward) sharing one pass over a block
 
 enum Kernel : int64_t { kLinear = 0, kRbf = 1, kPoly = 2 };
 
@@ -106,43 +97,12 @@ void row_squared_norms(const acc_t* rows, int64_t count, int64_t dim, acc_t* out
 }
 
 // ---------------------------------------------------------------------------------------------- hot loops
-// out[k] = Σ_d x_k[d] · y[d] for the kRowGroup rows x_k = x + k · x_stride.
-template <typename acc_t>
-FASTDD_INLINE void group_dots_impl(const acc_t* x, int64_t x_stride, const acc_t* y, int64_t len, acc_t* out) {
-  const acc_t* x0 = x;
-  const acc_t* x1 = x + x_stride;
-  const acc_t* x2 = x + 2 * x_stride;
-  const acc_t* x3 = x + 3 * x_stride;
-  acc_t s0 = 0, s1 = 0, s2 = 0, s3 = 0;
-#pragma omp simd reduction(+ : s0, s1, s2, s3)
-  for (int64_t d = 0; d < len; ++d) {
-    const acc_t v = y[d];
-    s0 += x0[d] * v;
-    s1 += x1[d] * v;
-    s2 += x2[d] * v;
-    s3 += x3[d] * v;
-  }
-  out[0] = s0;
-  out[1] = s1;
-  out[2] = s2;
-  out[3] = s3;
-}
 FASTDD_SIMD_CLONES void group_dots(const float* x, int64_t stride, const float* y, int64_t len, float* out) {
   group_dots_impl(x, stride, y, len, out);
 }
 FASTDD_SIMD_CLONES void group_dots(const double* x, int64_t stride, const double* y, int64_t len, double* out) {
   group_dots_impl(x, stride, y, len, out);
 }
-
-template <typename acc_t>
-FASTDD_INLINE acc_t dot_impl(const acc_t* a, const acc_t* b, int64_t len) {
-  acc_t sum = 0;
-#pragma omp simd reduction(+ : sum)
-  for (int64_t d = 0; d < len; ++d) sum += a[d] * b[d];
-  return sum;
-}
-FASTDD_SIMD_CLONES float dot(const float* a, const float* b, int64_t len) { return dot_impl(a, b, len); }
-FASTDD_SIMD_CLONES double dot(const double* a, const double* b, int64_t len) { return dot_impl(a, b, len); }
 
 // acc[d] += Σ_r c[r] · rows[r · len + d] for the kRowGroup rows of a widened group.
 template <typename acc_t>
@@ -260,8 +220,6 @@ void epilogue(const acc_t* dots, const acc_t* x_sq, const acc_t* y_sq, int64_t b
     alpha[b] = alpha_sum * p.inv_rows;
   }
 }
-
-at::ScalarType accumulation_type(const at::Tensor& x) { return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat; }
 
 void check_inputs(const at::Tensor& x, const at::Tensor& y, int64_t block) {
   TORCH_CHECK(x.dim() == 2 && y.dim() == 2 && x.size(1) == y.size(1), "x must be [B, D] and y [N, D]");

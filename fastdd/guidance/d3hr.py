@@ -39,6 +39,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from .. import ops
+from ..ops._checks import check_positive_int
 from ..sampling.diffusion import GaussianDiffusion
 from ..sampling.sampler import GuidedSampler, ddim_invert
 from ..sampling.seeds import image_seed
@@ -222,10 +223,8 @@ def select_group(
     ValueError when ipc <= 0, n_candidates <= 0 or ipc exceeds the number of class images (a distilled class
     larger than the real one).
     """
-    if isinstance(ipc, bool) or not isinstance(ipc, int) or ipc <= 0:
-        raise ValueError(f"ipc must be a positive int, got {ipc!r}")
-    if isinstance(n_candidates, bool) or not isinstance(n_candidates, int) or n_candidates <= 0:
-        raise ValueError(f"n_candidates must be a positive int, got {n_candidates!r}")
+    check_positive_int("ipc", ipc)
+    check_positive_int("n_candidates", n_candidates)
     if ipc > stats.count:
         raise ValueError(f"ipc={ipc} is larger than the class ({stats.count} images)")
     if not (torch.isfinite(stats.mean).all() and torch.isfinite(stats.variance).all()):
@@ -281,8 +280,7 @@ def distill_class(
     with sample=True); start_index defaults to target_index. Candidates come from a generator on the
     statistics' device seeded with group_seed(seed, class_index).
     """
-    if isinstance(ipc, bool) or not isinstance(ipc, int) or ipc <= 0:
-        raise ValueError(f"ipc must be a positive int, got {ipc!r}")
+    check_positive_int("ipc", ipc)
     if latents is not None and latents.dim() == 4 and latents.shape[0] == 0:
         raise ValueError(f"latents: class {class_index} is empty")
     stats = inverted_class_statistics(

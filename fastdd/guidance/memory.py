@@ -39,6 +39,7 @@ from tqdm.auto import tqdm
 
 from .. import ops
 from ..models.dit import DiT
+from ..ops._checks import check_positive_int
 from ..sampling.diffusion import GaussianDiffusion
 
 LAMBDA_REAL = 0.002
@@ -56,10 +57,8 @@ class LatentMemory:
     def __init__(
         self, capacity: int, dim: int, policy: str = "most_similar", device=None, dtype: torch.dtype = torch.float32
     ):
-        if isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 1:
-            raise ValueError(f"capacity must be a positive int, got {capacity!r}")
-        if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
-            raise ValueError(f"dim must be a positive int, got {dim!r}")
+        check_positive_int("capacity", capacity)
+        check_positive_int("dim", dim)
         if policy not in POLICIES:
             raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
         self.capacity, self.dim, self.policy = capacity, dim, policy
@@ -119,8 +118,7 @@ class SamMemory:
         device=None,
         dtype: torch.dtype = torch.float32,
     ):
-        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
-            raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
+        check_positive_int("num_classes", num_classes)
         if not lambda_real >= 0:
             raise ValueError(f"lambda_real must be >= 0, got {lambda_real}")
         if not lambda_gen >= 0:
@@ -310,8 +308,7 @@ def finetune_sam(
     if int(labels.min()) < 0 or int(labels.max()) >= model.num_classes:
         raise ValueError(f"labels must be in 0..{model.num_classes - 1}")
     for name, value in dict(epochs=epochs, batch_size=batch_size).items():
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be a positive int, got {value!r}")
+        check_positive_int(name, value)
     if batch_size > latents.shape[0]:
         raise ValueError(f"batch_size {batch_size} is larger than the {latents.shape[0]} latents (no full batch)")
     if not lr > 0:

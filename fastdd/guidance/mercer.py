@@ -32,6 +32,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from .. import ops
+from ..ops._checks import check_positive_int
 from ..sampling.diffusion import GaussianDiffusion
 from ..sampling.sampler import Guidance, ImageId, StepContext
 
@@ -190,8 +191,7 @@ class RealFeatures:
         _check_block(model, block_index)
         if t_mode not in T_MODES:
             raise ValueError(f"t_mode must be one of {T_MODES}, got {t_mode!r}")
-        if isinstance(max_cached_classes, bool) or not isinstance(max_cached_classes, int) or max_cached_classes < 1:
-            raise ValueError(f"max_cached_classes must be a positive int, got {max_cached_classes!r}")
+        check_positive_int("max_cached_classes", max_cached_classes)
         if t_mode == "noised" and diffusion is None:
             raise ValueError("diffusion is required for t_mode='noised' (the sampler's diffusion)")
         if latents.dim() != 4:

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from ..ops._checks import check_positive_int
 from ..sampling.sampler import Guidance, ImageId, StepContext
 
 MGD3_LAMBDA = 0.1
@@ -70,8 +71,7 @@ def kmeans_plus_plus(points: Tensor, k: int, generator: torch.Generator | None =
 def _check_points(points: Tensor, k: int) -> None:
     if points.dim() != 2:
         raise ValueError(f"points: expected [N, D], got shape {list(points.shape)}")
-    if isinstance(k, bool) or not isinstance(k, int) or k <= 0:
-        raise ValueError(f"k must be a positive int, got {k!r}")
+    check_positive_int("k", k)
     if points.shape[0] == 0:
         raise ValueError("points: empty (a class with no images has no modes)")
     if k > points.shape[0]:

@@ -51,6 +51,13 @@ def check_same_device(**tensors: Tensor) -> None:
             raise ValueError(f"{name} is on {t.device} but {first_name} is on {first.device}")
 
 
+def check_positive_int(name: str, value) -> int:
+    """value must be an int >= 1 (bool refused)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return value
+
+
 def check_nonempty(name: str, t: Tensor, dim: int = 0) -> None:
     if t.shape[dim] == 0:
         raise ValueError(f"{name} is empty (shape {tuple(t.shape)})")

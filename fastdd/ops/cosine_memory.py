@@ -10,7 +10,7 @@ from torch import Tensor
 
 from . import reference
 from ._backend import extension, register_op, resolve_backend
-from ._checks import check_count, check_nonempty, check_same_device, check_tensor
+from ._checks import check_count, check_nonempty, check_positive_int, check_same_device, check_tensor
 
 register_op("max_cosine", cpu=("cpp", "reference"), cuda=("triton", "cuda", "reference"))
 register_op("most_similar_index", cpu=("cpp", "reference"), cuda=("triton", "cuda", "reference"))
@@ -125,10 +125,8 @@ class CosineMemory:
     """
 
     def __init__(self, capacity: int, dim: int, policy: str = "fifo", device=None, dtype: torch.dtype = torch.float32):
-        if isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 1:
-            raise ValueError(f"capacity must be a positive int, got {capacity!r}")
-        if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
-            raise ValueError(f"dim must be a positive int, got {dim!r}")
+        check_positive_int("capacity", capacity)
+        check_positive_int("dim", dim)
         if policy not in POLICIES:
             raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
         if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:

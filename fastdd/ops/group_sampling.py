@@ -24,7 +24,7 @@ from torch import Tensor
 
 from . import _checks, reference
 from ._backend import extension, register_op, resolve_backend
-from ._checks import check_same_device, check_tensor
+from ._checks import check_positive_int, check_same_device, check_tensor
 
 register_op("group_score", cpu=("cpp", "reference"), cuda=("reference",))
 register_op("group_sampling", cpu=("cpp", "reference"), cuda=("triton", "reference"))
@@ -119,8 +119,7 @@ def group_sampling(
     """
     _check_sizes(mean, std, ipc, n_candidates)
     weights = _check_weights(weights)
-    if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
-        raise ValueError(f"chunk must be a positive int, got {chunk!r}")
+    check_positive_int("chunk", chunk)
     if generator is not None and seed is not None:
         raise ValueError("pass either generator or seed, not both")
     if generator is not None and (
@@ -174,8 +173,7 @@ def _check_distribution(mean: Tensor, std: Tensor, device: torch.device | None =
 def _check_sizes(mean: Tensor, std: Tensor, ipc, n_candidates) -> None:
     _check_distribution(mean, std)
     for name, value in (("ipc", ipc), ("n_candidates", n_candidates)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be a positive int, got {value!r}")
+        check_positive_int(name, value)
 
 
 def _check_weights(weights) -> tuple[float, float, float]:

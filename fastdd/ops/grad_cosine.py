@@ -3,14 +3,22 @@
 grad_cosine(model, flat_params, x, y, ref_grads)[i, k] = cos(∇_θ CE(f_θk(x_i), y_i), ref_grads[k]).
 
 The fast path walks the model's leaf modules in forward order and runs all K parameter sets in one batched
-forward ([B, K·C, H, W] activations, convolutions grouped by checkpoint). One autograd.grad of the summed loss
-w.r.t. every parametrised layer's output gives δ_l (the per-sample, per-checkpoint output gradients: samples
-and checkpoints never mix). Per layer, with a_l its input:
+forward ([B, K·C, H, W] activations, convolutions grouped by checkpoint). The forward is cut at every
+parametrised layer's output and each piece runs under torch.func.vjp; chaining the pullbacks from the loss
+gives δ_l, the per-sample, per-checkpoint gradient w.r.t. each layer's output (samples and checkpoints never
+mix). Per layer, with a_l its input:
   ⟨g_ik, G_k⟩  = Σ_l ⟨δ_l, conv(a_l, G_k,l)⟩ (+ bias and norm-affine terms),
-  ‖g_ik‖²      = Σ_l ‖Σ_s δ_s a_sᵀ‖², either materialised per layer (δ Aᵀ) or by the Gram ("ghost") identity
-                 ⟨A Aᵀ, Δ Δᵀ⟩ on the [HW, HW] Grams, whichever moves fewer bytes and flops.
+  ‖g_ik‖²      = Σ_l ‖Σ_s δ_s a_sᵀ‖², either materialised per layer (one grouped weight-gradient convolution
+                 with the rows folded into the channels, which also gives the dot) or by the Gram ("ghost")
+                 identity ⟨A Aᵀ, Δ Δᵀ⟩ on the [HW, HW] Grams (small maps), whichever costs less.
 Everything is made of differentiable torch ops, so the result is differentiable w.r.t. x (and ref_grads)
 to any order: IGD backpropagates the cosines to the image.
+
+torch.compile: grad_cosine is not a torch custom op (it takes an nn.Module and differentiates through it),
+but a composition of differentiable aten ops with no host sync: torch.compile(fullgraph=True) traces it
+as one graph, forward and double backward, with or without groups (value checks are skipped while
+compiling; pass num_groups when groups come with [K, P] ref_grads). Groups are handled with [G, B] /
+[B, B] membership matrices, never by host-side index lists.
 
 Models the fast path does not understand fall back to torch.func (vmap of grad), with a warning naming why.
 """
@@ -25,7 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
-from . import reference
+from . import _checks, reference
 from ._checks import check_nonempty, check_same_device, check_tensor
 
 BACKENDS = ("auto", "reference")
@@ -162,13 +170,23 @@ def _plan(model: nn.Module) -> list[_Step]:
 # --------------------------------------------------------------------------- batched-over-K forward
 @dataclass
 class _Record:
-    """What a parametrised layer's gradient needs: its input (x̂ for norms), its output, and whether the
-    input is the same for every checkpoint ([B, ...] instead of [B, K·C, ...] / [B, K, F])."""
+    """What a parametrised layer's gradient needs: its input (x̂ for norms), the gradient δ of the summed
+    loss w.r.t. its output (filled in by the backward chain), and whether the input is the same for every
+    checkpoint ([B, ...] instead of [B, K·C, ...] / [B, K, F])."""
 
     step: _Step
     inputs: Tensor
-    output: Tensor
     shared: bool
+    delta: Tensor | None = None
+
+
+@dataclass
+class _Layout:
+    """How the activations are laid out between steps: shared ([B, C, ...], the same for every checkpoint)
+    or per checkpoint ([B, K·C, ...] / [B, K, F]); spatial ([B, (K·)C, H, W]) or flattened."""
+
+    shared: bool = True
+    spatial: bool = True
 
 
 def _conv_forward(step: _Step, flat: Tensor, h: Tensor, shared: bool) -> tuple[Tensor, Tensor]:
@@ -205,100 +223,136 @@ def _norm_forward(step: _Step, flat: Tensor, h: Tensor) -> tuple[Tensor, Tensor]
     return xhat, out + step.bias.take(flat).reshape(broadcast) if step.bias is not None else out
 
 
-def _forward(steps: list[_Step], flat: Tensor, x: Tensor) -> tuple[Tensor, list[_Record]]:
-    """All K parameter sets in one pass. flat: [K, P], x: [B, ...] -> (logits [B, K, O], records)."""
+def _apply(step: _Step, flat: Tensor, h: Tensor, layout: _Layout) -> tuple[Tensor, _Record | None]:
+    """One step of the batched forward: -> (output, the record of a parametrised layer or None)."""
+    K, B, name = flat.shape[0], h.shape[0], type(step.module).__name__
+    if step.kind == "conv":
+        if not layout.spatial:
+            raise _Unsupported(f"{name} after the activations were flattened")
+        a, h = _conv_forward(step, flat, h, layout.shared)
+        record = _Record(step, a, layout.shared and step.module.groups == 1)
+        layout.shared = False
+        return h, record
+    if step.kind == "linear":
+        if layout.spatial:
+            raise _Unsupported(f"{name} on unflattened activations of shape {tuple(h.shape)}")
+        record = _Record(step, h, layout.shared)
+        layout.shared = False
+        return _linear_forward(step, flat, h, record.shared), record
+    if step.kind == "norm":
+        if layout.shared:
+            h = h.unsqueeze(1).expand(B, K, *h.shape[1:]).flatten(1, 2)
+            layout.shared = False
+        xhat, out = _norm_forward(step, flat, h if layout.spatial else h.flatten(1))
+        h = out if layout.spatial else out.unflatten(1, (K, -1))
+        return h, _Record(step, xhat, False) if step.weight is not None else None
+    if step.kind == "flatten":
+        if layout.spatial:
+            h = h.flatten(1) if layout.shared else h.reshape(B, K, -1)
+            layout.spatial = False
+        return h, None
+    if step.kind == "spatial" and not layout.spatial:
+        raise _Unsupported(f"{name} after the activations were flattened")
+    return step.fn(h), None
+
+
+def _is_recorded(step: _Step) -> bool:
+    """Whether the step has parameters (conv, linear, affine norm): its per-row gradient terms are needed."""
+    return step.kind in ("conv", "linear") or (step.kind == "norm" and step.weight is not None)
+
+
+def _forward_backward(steps: list[_Step], flat: Tensor, x: Tensor, y: Tensor, row_weight: Tensor | None) -> list[_Record]:
+    """All K parameter sets in one pass, then δ of Σ_ik w_i·CE(f_θk(x_i), y_i) w.r.t. every parametrised
+    layer's output. flat: [K, P], x: [B, ...], y: [B], row_weight: [B] or None -> records with δ filled in.
+
+    The forward is cut into segments that each end at a parametrised layer's output; each segment runs under
+    torch.func.vjp and the pullbacks are chained from the loss back to the first layer. Unlike
+    torch.autograd.grad this traces under torch.compile, and every δ stays differentiable w.r.t. x."""
     K, B = flat.shape[0], x.shape[0]
-    h, shared, spatial = x, True, x.dim() > 2  # spatial: [B, (K·)C, ...] layout, else [B, (K,) F]
-    records = []
-    for step in steps:
-        name = type(step.module).__name__
-        if step.kind == "conv":
-            if not spatial:
-                raise _Unsupported(f"{name} after the activations were flattened")
-            a, h = _conv_forward(step, flat, h, shared)
-            shared = shared and step.module.groups == 1
-            records.append(_Record(step, a, h, shared))
-            shared = False
-        elif step.kind == "linear":
-            if spatial:
-                raise _Unsupported(f"{name} on unflattened activations of shape {tuple(h.shape)}")
-            a, h = h, _linear_forward(step, flat, h, shared)
-            records.append(_Record(step, a, h, shared))
-            shared = False
-        elif step.kind == "norm":
-            if shared:
-                h = h.unsqueeze(1).expand(B, K, *h.shape[1:]).flatten(1, 2)
-                shared = False
-            per_checkpoint = h if spatial else h.flatten(1)
-            xhat, out = _norm_forward(step, flat, per_checkpoint)
-            h = out if spatial else out.unflatten(1, (K, -1))
-            if step.weight is not None:
-                records.append(_Record(step, xhat, out, False))
-        elif step.kind == "flatten":
-            if spatial:
-                h = h.flatten(1) if shared else h.reshape(B, K, -1)
-                spatial = False
-        elif step.kind == "spatial":
-            if not spatial:
-                raise _Unsupported(f"{name} after the activations were flattened")
-            h = step.fn(h)
-        else:
-            h = step.fn(h)
-    if spatial or shared:
-        raise _Unsupported("the layers do not end in logits [B, classes] from an nn.Linear")
-    return h, records
+    layout, records, pullbacks = _Layout(), [], []
+    h, pending = x, list(steps)
+    while True:
+        cut = next((i for i, step in enumerate(pending) if _is_recorded(step)), None)
+        if cut is None:
+            break
+        segment, pending = pending[: cut + 1], pending[cut + 1 :]
+
+        def run_segment(h: Tensor, segment=segment) -> tuple[Tensor, Tensor]:
+            for step in segment:
+                h, record = _apply(step, flat, h, layout)
+            records.append(record)
+            return h, record.inputs
+
+        h, pullback, records[-1].inputs = torch.func.vjp(run_segment, h, has_aux=True)
+        pullbacks.append(pullback)
+
+    def loss(h: Tensor) -> Tensor:
+        for step in pending:
+            h, _ = _apply(step, flat, h, layout)
+        if layout.spatial or layout.shared:
+            raise _Unsupported("the layers do not end in logits [B, classes] from an nn.Linear")
+        losses = F.cross_entropy(h.flatten(0, 1), y.repeat_interleave(K), reduction="none").view(B, K)
+        return (losses if row_weight is None else losses * row_weight[:, None]).sum()
+
+    if not records:
+        raise _Unsupported("the model has no parametrised layers")
+    total, pullback = torch.func.vjp(loss, h)
+    (delta,) = pullback(torch.ones_like(total))
+    for record, pullback in zip(reversed(records), reversed([None] + pullbacks[1:])):
+        record.delta = delta
+        if pullback is not None:
+            (delta,) = pullback(delta)
+    return records
 
 
 # --------------------------------------------------------------------------- per-group accumulation
 @dataclass
 class _Grouping:
     """Rows → gradients. index: [B] group per row (None: each row its own gradient); count: G;
-    row_weight: [B] 1/|group| (CE is averaged within a group); pair_*: all ordered pairs (i, j) of rows in
-    one group (i == j included) and their group, for the cross-row Gram terms of the norms."""
+    row_weight: [B] 1/|group| (CE is averaged within a group); members: [G, B] one-hot group membership;
+    same: [B, B] 1 where rows i, j share a group (the cross-row terms of the norms). Built from device
+    tensors only (no host sync), and sums are matmuls with members (no scatter): traceable."""
 
     index: Tensor | None
     count: int
     row_weight: Tensor | None
-    pair_i: Tensor | None
-    pair_j: Tensor | None
-    pair_group: Tensor | None
+    members: Tensor | None
+    same: Tensor | None
 
     @staticmethod
-    def build(groups: Tensor | None, batch: int) -> _Grouping:
+    def build(groups: Tensor | None, count: int, dtype: torch.dtype) -> _Grouping:
         if groups is None:
-            return _Grouping(None, batch, None, None, None, None)
-        sizes = torch.bincount(groups)
-        index_cpu = groups.cpu()
-        members = [torch.nonzero(index_cpu == g).flatten() for g in range(len(sizes))]
-        pair_i = torch.cat([m.repeat_interleave(len(m)) for m in members])
-        pair_j = torch.cat([m.repeat(len(m)) for m in members])
-        pair_group = torch.cat([torch.full((len(m) ** 2,), g) for g, m in enumerate(members)])
-        device = groups.device
-        return _Grouping(
-            groups, len(sizes), 1.0 / sizes[groups], pair_i.to(device), pair_j.to(device), pair_group.to(device)
-        )
+            return _Grouping(None, count, None, None, None)
+        members = (torch.arange(count, device=groups.device)[:, None] == groups[None, :]).to(dtype)
+        same = (groups[:, None] == groups[None, :]).to(dtype)
+        return _Grouping(groups, count, 1.0 / same.sum(1), members, same)
+
+    @property
+    def pairs(self) -> int:
+        """How many (i, j) row pairs the norms' cross terms visit."""
+        return self.count if self.index is None else len(self.index) ** 2
 
     def sum_rows(self, rows: Tensor) -> Tensor:
         """[B, ...] -> [G, ...]: the sum over the rows of each group."""
         if self.index is None:
             return rows
-        return rows.new_zeros(self.count, *rows.shape[1:]).index_add(0, self.index, rows)
+        return (self.members.to(rows.dtype) @ rows.flatten(1)).view(self.count, *rows.shape[1:])
 
     def per_row(self, ref: Tensor) -> Tensor:
         """A per-gradient reference [G, ...] -> per row [B, ...]."""
         return ref if self.index is None else ref.index_select(0, self.index)
 
-    def pair_rows(self, rows: Tensor) -> tuple[Tensor, Tensor]:
-        """rows: [B, ...] -> (rows[i], rows[j]) over the pairs (just (rows, rows) when every row is a group)."""
+    def sum_gram_products(self, left: Tensor, right: Tensor) -> Tensor:
+        """‖Σ_{i∈g} R_i L_iᵀ‖² per group by the Gram identity Σ_{i,j∈g} ⟨L_iᵀ L_j, R_iᵀ R_j⟩.
+        left: [B, K|1, M, L], right: [B, K, N, L] -> [G, K]."""
+        left = left.expand(-1, right.shape[1], -1, -1)
         if self.index is None:
-            return rows, rows
-        return rows.index_select(0, self.pair_i), rows.index_select(0, self.pair_j)
-
-    def sum_pairs(self, values: Tensor) -> Tensor:
-        """[pairs, ...] -> [G, ...]: the sum over the pairs of each group."""
-        if self.index is None:
-            return values
-        return values.new_zeros(self.count, *values.shape[1:]).index_add(0, self.pair_group, values)
+            grams = (left.transpose(-1, -2) @ left) * (right.transpose(-1, -2) @ right)  # [B, K, L, L]
+            return grams.sum((-1, -2))
+        left_grams = torch.einsum("ikml,jkmn->ijkln", left, left)  # [B, B, K, L, L]
+        right_grams = torch.einsum("ikml,jkmn->ijkln", right, right)
+        cross = (left_grams * right_grams).sum((-1, -2)) * self.same[..., None]  # [B, B, K]
+        return self.sum_rows(cross.sum(1))
 
 
 # --------------------------------------------------------------------------- per-layer dot and norm terms
@@ -312,62 +366,67 @@ class _Totals:
     def add_materialised(self, grouping: _Grouping, rows: Tensor, ref: Tensor) -> None:
         """rows: [B, K, D] per-row gradients of some parameters; ref: their references [K, D] or [G, K, D]."""
         summed = grouping.sum_rows(rows)
-        self.sq_norms = self.sq_norms + summed.square().sum(-1)
-        self.dots = self.dots + (summed * ref).sum(-1)
+        self.sq_norms = self.sq_norms + torch.linalg.vecdot(summed, summed)
+        self.dots = self.dots + torch.linalg.vecdot(summed, ref)
 
 
 def _ghost_is_cheaper(rows: int, pairs: int, K: int, positions: int, in_features: int, out_channels: int) -> bool:
-    """Per-layer choice for a conv weight's ‖Σ_s δ_s a_sᵀ‖²: materialise δ Aᵀ ([B, K, Cout, D]: wgrad flops
-    plus several passes over that tensor, forward and backward) or contract the [L, L] Grams (plus the dot
-    ⟨δ, G a⟩, which the materialised gradient gives for free). Rough cost in multiply-adds, backward included."""
+    """Per-layer choice for a conv weight's ‖Σ_s δ_s a_sᵀ‖²: materialise δ Aᵀ ([B, K, Cout, D]: the weight-gradient
+    convolution plus several passes over that tensor, forward and backward; it gives the dot for free) or
+    contract the [L, L] Grams (plus the dot ⟨δ, conv(a, G)⟩, a forward-sized convolution). Rough cost in
+    multiply-adds, backward included: the Grams win on small maps (L up to ≈ Cout·D / (3(D + Cout)))."""
     materialise = 3 * rows * K * out_channels * in_features * (positions + 8)
     ghost = 3 * pairs * K * positions**2 * (in_features + out_channels) + 2 * rows * K * positions * out_channels * in_features
     return ghost < materialise
 
 
-def _conv_terms(record: _Record, delta: Tensor, ref: Tensor, grouping: _Grouping, totals: _Totals, K: int) -> None:
-    """Conv2d: a: [B, (K·)Cin, H, W], δ: [B, K·Cout, H', W']."""
-    conv, step = record.step.module, record.step
+def _conv_terms(record: _Record, ref: Tensor, grouping: _Grouping, totals: _Totals, K: int) -> None:
+    """Conv2d: a: [B, Cin, H, W] (shared) or [B, K·Cin, H, W], δ: [B, K·Cout, H', W']."""
+    conv, step, delta, a = record.step.module, record.step, record.delta, record.inputs
     B, L = delta.shape[0], delta.shape[2] * delta.shape[3]
     out_channels, groups = conv.out_channels, conv.groups
-    cols = F.unfold(record.inputs, conv.kernel_size, conv.dilation, conv.padding, conv.stride)  # [B, (K·)Cin·kk, L]
-    in_features = cols.shape[1] // (1 if record.shared else K) // groups  # D = Cin/g·kh·kw
+    in_features = conv.in_channels // groups * conv.kernel_size[0] * conv.kernel_size[1]  # D = Cin/g·kh·kw
     if step.bias is not None:
         totals.add_materialised(grouping, delta.flatten(2).sum(-1).unflatten(1, (K, -1)), step.bias.take(ref))
-    ref_weight = step.weight.take(ref).flatten(-4)  # [(G,) K, Cout·D]
-    pairs = B if grouping.index is None else len(grouping.pair_i)
-    if groups == 1 and _ghost_is_cheaper(B, pairs, K, L, in_features, out_channels):
+    if groups == 1 and _ghost_is_cheaper(B, grouping.pairs, K, L, in_features, out_channels):
+        cols = F.unfold(a, conv.kernel_size, conv.dilation, conv.padding, conv.stride)  # [B, (K·)D, L]
         cols = cols.unflatten(1, (1 if record.shared else K, in_features))  # [B, K|1, D, L]
         d = delta.flatten(2).unflatten(1, (K, out_channels))  # [B, K, Cout, L]
-        cols_i, cols_j = grouping.pair_rows(cols)
-        d_i, d_j = grouping.pair_rows(d)
-        grams = (cols_i.transpose(-1, -2) @ cols_j) * (d_i.transpose(-1, -2) @ d_j)  # [pairs, K, L, L]
-        totals.sq_norms = totals.sq_norms + grouping.sum_pairs(grams.sum((-1, -2)))
-        ref_rows = ref_weight.unflatten(-1, (out_channels, in_features))
-        if ref_rows.dim() == 4:
-            ref_rows = grouping.per_row(ref_rows)
-        projected = ref_rows @ cols  # [B, K, Cout, L]: conv(a, G) per position
-        totals.dots = totals.dots + grouping.sum_rows((projected * d).sum((-1, -2)))
+        totals.sq_norms = totals.sq_norms + grouping.sum_gram_products(cols, d)
+        per_position = _conv_with_refs(record, ref, grouping, K) * delta  # [B, K·Cout, H', W']
+        totals.dots = totals.dots + grouping.sum_rows(per_position.flatten(1).unflatten(1, (K, -1)).sum(-1))
         return
-    if record.shared:  # groups == 1: one [K·Cout, L] @ [L, D] product per sample
-        rows = delta.flatten(2) @ cols.transpose(1, 2)  # [B, K·Cout, D]
-    else:
-        cols = cols.unflatten(1, (K * groups, in_features))  # [B, K·g, D, L]
-        d = delta.flatten(2).unflatten(1, (K * groups, out_channels // groups))  # [B, K·g, Cout/g, L]
-        rows = d @ cols.transpose(-1, -2)  # [B, K·g, Cout/g, D]
-    totals.add_materialised(grouping, rows.reshape(B, K, -1), ref_weight)
+    # per-(row, checkpoint) weight gradients as ONE grouped weight-gradient convolution: the batch is folded
+    # into the channels ([1, B·(K·)Cin, H, W]) and every (row, checkpoint, conv group) is a group
+    conv_groups = B if record.shared else B * K * groups
+    rows = torch.nn.grad.conv2d_weight(
+        a.reshape(1, -1, *a.shape[2:]), (B * K * out_channels, conv.in_channels // groups, *conv.kernel_size),
+        delta.reshape(1, -1, *delta.shape[2:]), conv.stride, conv.padding, conv.dilation, conv_groups,
+    )  # [B·K·Cout, Cin/g, kh, kw]  # fmt: skip
+    totals.add_materialised(grouping, rows.view(B, K, -1), step.weight.take(ref).flatten(-4))  # ref: [(G,) K, Cout·D]
 
 
-def _linear_terms(record: _Record, delta: Tensor, ref: Tensor, grouping: _Grouping, totals: _Totals) -> None:
+def _conv_with_refs(record: _Record, ref: Tensor, grouping: _Grouping, K: int) -> Tensor:
+    """conv(a, G_k) for a groups == 1 conv, so that ⟨δ aᵀ, G⟩ = ⟨δ, conv(a, G)⟩: -> [B, K·Cout, H', W']."""
+    conv, a = record.step.module, record.inputs
+    weight = record.step.weight.take(ref)  # [(G,) K, Cout, Cin, kh, kw]
+    if weight.dim() == 5:
+        return F.conv2d(a, weight.flatten(0, 1), None, conv.stride, conv.padding, conv.dilation, 1 if record.shared else K)
+    weight = grouping.per_row(weight)  # [B, K, Cout, Cin, kh, kw]: a weight per row, rows folded into channels
+    B = a.shape[0]
+    folded = a.reshape(1, -1, *a.shape[2:])
+    out = F.conv2d(folded, weight.flatten(0, 2), None, conv.stride, conv.padding, conv.dilation, B if record.shared else B * K)
+    return out.view(B, -1, *out.shape[2:])
+
+
+def _linear_terms(record: _Record, ref: Tensor, grouping: _Grouping, totals: _Totals) -> None:
     """Linear: a: [B, F] (shared) or [B, K, F], δ: [B, K, O]. The per-sample weight gradient δ aᵀ has rank 1:
     ‖Σ_i δ_i a_iᵀ‖² = Σ_ij (a_i·a_j)(δ_i·δ_j) over the rows of a group, ⟨δ aᵀ, G⟩ = δ·(G a)."""
-    step = record.step
+    step, delta = record.step, record.delta
     a = record.inputs.unsqueeze(1) if record.shared else record.inputs
     if step.bias is not None:
         totals.add_materialised(grouping, delta, step.bias.take(ref))
-    a_i, a_j = grouping.pair_rows(a)
-    d_i, d_j = grouping.pair_rows(delta)
-    totals.sq_norms = totals.sq_norms + grouping.sum_pairs((a_i * a_j).sum(-1) * (d_i * d_j).sum(-1))
+    totals.sq_norms = totals.sq_norms + grouping.sum_gram_products(a.unsqueeze(-1), delta.unsqueeze(-1))
     ref_weight = step.weight.take(ref)  # [(G,) K, O, F]
     a = a.expand(-1, delta.shape[1], -1)
     if ref_weight.dim() == 3:
@@ -377,38 +436,29 @@ def _linear_terms(record: _Record, delta: Tensor, ref: Tensor, grouping: _Groupi
     totals.dots = totals.dots + grouping.sum_rows((projected * delta).sum(-1))
 
 
-def _norm_terms(record: _Record, delta: Tensor, ref: Tensor, grouping: _Grouping, totals: _Totals, K: int) -> None:
+def _norm_terms(record: _Record, ref: Tensor, grouping: _Grouping, totals: _Totals, K: int) -> None:
     """GroupNorm / InstanceNorm affine: per-row gradients Σ_s δ x̂ and Σ_s δ, [B, K, C] each."""
-    step, B = record.step, delta.shape[0]
+    step, delta = record.step, record.delta
+    B = delta.shape[0]
     per_channel = delta.reshape(B, K, step.weight.numel, -1)
-    totals.add_materialised(grouping, (per_channel * record.inputs.reshape(per_channel.shape)).sum(-1), step.weight.take(ref))
+    totals.add_materialised(grouping, torch.linalg.vecdot(per_channel, record.inputs.reshape(per_channel.shape)), step.weight.take(ref))
     if step.bias is not None:
         totals.add_materialised(grouping, per_channel.sum(-1), step.bias.take(ref))
 
 
 def _fast_dot_and_norm(steps, flat, x, y, ref, grouping: _Grouping) -> tuple[Tensor, Tensor]:
-    """(⟨g, G⟩, ‖g‖²), both [G, K], by the batched forward, one backward to the layer outputs, and the
-    per-layer identities."""
-    K, B = flat.shape[0], x.shape[0]
-    keep_graph = torch.is_grad_enabled() and x.requires_grad
-    with torch.enable_grad():
-        inputs = x if keep_graph else x.detach().requires_grad_(True)
-        logits, records = _forward(steps, flat, inputs)
-        losses = F.cross_entropy(logits.flatten(0, 1), y.repeat_interleave(K), reduction="none").view(B, K)
-        if grouping.row_weight is not None:
-            losses = losses * grouping.row_weight[:, None]
-        deltas = torch.autograd.grad(losses.sum(), [r.output for r in records], create_graph=keep_graph)
+    """(⟨g, G⟩, ‖g‖²), both [G, K], by the batched forward, the chained backward to the layer outputs, and
+    the per-layer identities."""
+    K = flat.shape[0]
     totals = _Totals(x.new_zeros(grouping.count, K), x.new_zeros(grouping.count, K))
-    for record, delta in zip(records, deltas):
-        if not keep_graph:
-            record.inputs = record.inputs.detach()
+    for record in _forward_backward(steps, flat, x, y, grouping.row_weight):
         kind = record.step.kind
         if kind == "conv":
-            _conv_terms(record, delta, ref, grouping, totals, K)
+            _conv_terms(record, ref, grouping, totals, K)
         elif kind == "linear":
-            _linear_terms(record, delta, ref, grouping, totals)
+            _linear_terms(record, ref, grouping, totals)
         else:
-            _norm_terms(record, delta, ref, grouping, totals, K)
+            _norm_terms(record, ref, grouping, totals, K)
     return totals.dots, totals.sq_norms
 
 
@@ -429,18 +479,25 @@ def _func_dot_and_norm(model, flat, x, y, ref, grouping: _Grouping) -> tuple[Ten
     return (summed * ref).sum(-1), summed.square().sum(-1)
 
 
-def _checked(model, flat_params, x, y, ref_grads, groups, backend):
+def _checked(model, flat_params, x, y, ref_grads, groups, num_groups, backend):
     if not isinstance(model, nn.Module):
         raise ValueError(f"model must be an nn.Module, got {type(model).__name__}")
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    check_tensor("flat_params", flat_params, ndim=2)
-    check_tensor("x", x)
+    check_tensor("flat_params", flat_params, ndim=2, finite=False)
+    check_tensor("x", x, finite=False)
     check_tensor("y", y, ndim=1, floating=False)
-    check_tensor("ref_grads", ref_grads)
+    check_tensor("ref_grads", ref_grads, finite=False)
+    if groups is not None:
+        check_tensor("groups", groups, ndim=1, floating=False)
     check_nonempty("flat_params", flat_params)
     check_nonempty("x", x)
     check_same_device(x=x, flat_params=flat_params, y=y, ref_grads=ref_grads, groups=groups)
+    for name, t in (("flat_params", flat_params), ("x", x), ("ref_grads", ref_grads)):
+        check_tensor(name, t)  # NaN / Inf (skipped while compiling or capturing)
+    first = next((m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))), None)
+    if isinstance(first, nn.Conv2d) and (x.dim() != 4 or x.shape[1] != first.in_channels):
+        raise ValueError(f"x must be [B, {first.in_channels}, H, W] for this model, got shape {tuple(x.shape)}")
     num_params = sum(p.numel() for p in model.parameters())
     if flat_params.shape[1] != num_params:
         raise ValueError(f"flat_params must be [K, {num_params}] for this model, got {tuple(flat_params.shape)}")
@@ -448,21 +505,39 @@ def _checked(model, flat_params, x, y, ref_grads, groups, backend):
         raise ValueError(f"flat_params has dtype {flat_params.dtype} but x has {x.dtype}")
     if y.shape[0] != x.shape[0] or y.dtype == torch.bool or y.is_floating_point() or y.is_complex():
         raise ValueError(f"y must be [B] = [{x.shape[0]}] integer labels, got {y.dtype} of shape {tuple(y.shape)}")
-    if groups is not None:
-        check_tensor("groups", groups, ndim=1, floating=False)
-        if groups.shape[0] != x.shape[0] or groups.dtype == torch.bool or groups.is_floating_point():
+    K = flat_params.shape[0]
+    if groups is None:
+        if num_groups is not None:
+            raise ValueError(f"num_groups is only meaningful with groups, got num_groups={num_groups!r}")
+        count = x.shape[0]
+    else:
+        if groups.shape[0] != x.shape[0] or groups.dtype == torch.bool or groups.is_floating_point() or groups.is_complex():
             raise ValueError(f"groups must be [B] = [{x.shape[0]}] integer group ids, got {groups.dtype} of shape {tuple(groups.shape)}")
         groups = groups.to(torch.int64)
-        if bool((groups < 0).any()) or len(torch.unique(groups)) != int(groups.max()) + 1:
-            raise ValueError("groups must number its groups 0..G-1, each used by at least one row")
-    count = x.shape[0] if groups is None else int(groups.max()) + 1
-    K = flat_params.shape[0]
+        count = _group_count(groups, ref_grads, num_groups)
+        if _checks._value_checks and not _checks._capturing():
+            sizes = torch.bincount(groups.clamp(0, count), minlength=count + 1)
+            if bool((groups < 0).any()) or bool(sizes[count] > 0) or bool((sizes[:count] == 0).any()):
+                raise ValueError(f"groups must number its groups 0..G-1 = 0..{count - 1}, each used by at least one row")
     if ref_grads.shape not in ((K, num_params), (count, K, num_params)):
         raise ValueError(
             f"ref_grads must be [K, P] = [{K}, {num_params}] or [G, K, P] = [{count}, {K}, {num_params}], "
             f"got {tuple(ref_grads.shape)}"
         )
-    return y.to(torch.int64), ref_grads.to(x.dtype), groups
+    return y.to(torch.int64), ref_grads.to(x.dtype), groups, count
+
+
+def _group_count(groups: Tensor, ref_grads: Tensor, num_groups: int | None) -> int:
+    """G: num_groups if given, else the leading dim of [G, K, P] ref_grads, else (eager only) groups.max() + 1."""
+    if num_groups is not None:
+        if isinstance(num_groups, bool) or not isinstance(num_groups, int) or num_groups < 1:
+            raise ValueError(f"num_groups must be a positive int, got {num_groups!r}")
+        return num_groups
+    if ref_grads.dim() == 3:
+        return ref_grads.shape[0]
+    if _checks._capturing():
+        raise ValueError("num_groups must be given with groups and [K, P] ref_grads under torch.compile or CUDA-graph capture")
+    return int(groups.max()) + 1
 
 
 def grad_dot_and_norm(
@@ -473,6 +548,7 @@ def grad_dot_and_norm(
     ref_grads: Tensor,
     groups: Tensor | None = None,
     *,
+    num_groups: int | None = None,
     backend: str = "auto",
 ) -> tuple[Tensor, Tensor]:
     """(⟨g_ik, ref_grads[k]⟩, ‖g_ik‖), both [B, K] (or [G, K] with groups), g_ik = ∇_θ CE(f_θk(x_i), y_i).
@@ -480,15 +556,16 @@ def grad_dot_and_norm(
     model: the architecture (its own parameter values are not used); flat_params: [K, P] parameter sets in
     `parameters_to_vector(model.parameters())` order; x: [B, ...]; y: [B] labels; ref_grads: [K, P], or
     [G, K, P] with one reference per gradient (G = B without groups); groups: None or [B] group ids 0..G-1:
-    the rows of a group give ONE gradient, that of their averaged CE. Differentiable w.r.t. x and ref_grads
+    the rows of a group give ONE gradient, that of their averaged CE; num_groups: G, needed only with groups
+    and [K, P] ref_grads under torch.compile (eager reads groups.max() + 1). Differentiable w.r.t. x and ref_grads
     (to any order); flat_params is treated as a constant. backend: "auto" (the fast path; models it cannot
     run fall back to torch.func with a warning) or "reference" (one autograd.grad per sample and set).
     """
-    y, ref_grads, groups = _checked(model, flat_params, x, y, ref_grads, groups, backend)
+    y, ref_grads, groups, count = _checked(model, flat_params, x, y, ref_grads, groups, num_groups, backend)
     if backend == "reference":
         return reference.grad_dot_and_norm(model, flat_params, x, y, ref_grads, groups)
     flat = flat_params.detach()
-    grouping = _Grouping.build(groups, x.shape[0])
+    grouping = _Grouping.build(groups, count, x.dtype)
     try:
         dots, sq_norms = _fast_dot_and_norm(_plan(model), flat, x, y, ref_grads, grouping)
     except _Unsupported as reason:
@@ -506,11 +583,12 @@ def grad_cosine(
     groups: Tensor | None = None,
     eps: float = COS_EPS,
     *,
+    num_groups: int | None = None,
     backend: str = "auto",
 ) -> Tensor:
     """cos(∇_θ CE(f_θk(x_i), y_i), ref_grads[k]) -> [B, K] (or [G, K] with groups); both norms clamped at
     eps like F.cosine_similarity. Arguments as grad_dot_and_norm; differentiable w.r.t. x (IGD's double
     backward) and ref_grads."""
-    dots, norms = grad_dot_and_norm(model, flat_params, x, y, ref_grads, groups, backend=backend)
+    dots, norms = grad_dot_and_norm(model, flat_params, x, y, ref_grads, groups, num_groups=num_groups, backend=backend)
     ref = ref_grads.to(dots.dtype).norm(dim=-1).clamp_min(eps)  # [K] or [G, K]
     return dots / (norms.clamp_min(eps) * ref)

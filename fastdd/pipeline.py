@@ -10,11 +10,14 @@ On disk:
   DIR/.fastdd/batches/<j>.json       one record per finished batch (the resume state)
   DIR/.fastdd/latents/<j>.safetensors  final latents of batch j (to restore memories on resume)
   DIR/manifest.json                  method, parameters, seeds, versions, per-image records (atomic)
+  DIR/preview.png                    grid of the images, one row per class (written at the end)
 A batch counts as done only when its record exists; an interrupted batch is generated again whole,
-so a resumed run ends byte-identical to an uninterrupted one.
+so a resumed run ends byte-identical to an uninterrupted one. Left-over temp files of a killed run are
+removed when the run starts again. The manifest holds no timestamps, so it is byte-identical too.
 """
 from __future__ import annotations
 
+import io
 import json
 import os
 import tempfile
@@ -26,7 +29,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from .data.imagefolder import save_png_atomic
+from .data.imagefolder import save_png_atomic, write_bytes_atomic
 
 STATE_DIR = ".fastdd"
 
@@ -64,25 +67,20 @@ def batches_for_rank(plan: list[Batch], rank: int, world: int) -> list[Batch]:
 
 
 def write_json_atomic(path: Path, data) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=2, sort_keys=True)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    """JSON (sorted keys, indented) written to a temp file in the same folder, then renamed."""
+    write_bytes_atomic((json.dumps(data, indent=2, sort_keys=True) + "\n").encode(), path)
 
 
 class RunDirectory:
     """The output folder of one distillation run: its manifest, batch records and saved latents."""
 
-    def __init__(self, root: str | Path, run_config: dict, class_names: list[str]):
+    def __init__(self, root: str | Path, run_config: dict, class_names: list[str], info: dict | None = None):
+        """run_config: everything that determines the images (compared on resume); info: other manifest content
+        (versions, resolved method parameters), not compared."""
         self.root = Path(root)
-        self.run_config = run_config
+        self.run_config = json.loads(json.dumps(run_config))  # as it reads back from JSON (tuples -> lists)
         self.class_names = class_names
+        self.info = info or {}
         self.state = self.root / STATE_DIR
 
     @property
@@ -90,7 +88,14 @@ class RunDirectory:
         return self.root / "manifest.json"
 
     def check_compatible(self) -> None:
-        """Refuse a folder holding another run's manifest (different method or parameters)."""
+        """Refuse a file, a folder holding another run's manifest (different method or parameters), or a non-empty
+        folder without a manifest (only a killed run's state folder is allowed there)."""
+        if self.root.exists() and not self.root.is_dir():
+            raise ValueError(f"--out {self.root} exists and is not a folder")
+        if self.root.is_dir() and not self.manifest_path.exists():
+            foreign = sorted(p.name for p in self.root.iterdir() if p.name != STATE_DIR)
+            if foreign:
+                raise ValueError(f"--out {self.root} is not empty and holds no fastdd manifest (found {', '.join(foreign[:3])})")
         if self.manifest_path.exists():
             try:
                 existing = json.loads(self.manifest_path.read_text())["config"]
@@ -104,8 +109,14 @@ class RunDirectory:
                 )
 
     def start(self) -> None:
+        """Check the folder, create it, remove temp files left by a killed run, write the manifest if new."""
         self.check_compatible()
         self.state.mkdir(parents=True, exist_ok=True)
+        for folder in [self.root, self.state, *(self.state / d for d in ("batches", "latents")),
+                       *(self.root / n for n in self.class_names)]:  # fmt: skip
+            if folder.is_dir():
+                for tmp in folder.glob(".*.tmp"):
+                    tmp.unlink()
         if not self.manifest_path.exists():
             self.write_manifest()
 
@@ -119,15 +130,20 @@ class RunDirectory:
         return load_file(str(self.state / "latents" / f"{batch.index}.safetensors"))["latents"]
 
     def finish_batch(self, batch: Batch, images: torch.Tensor, latents: torch.Tensor, records: list[dict]) -> None:
-        """Write the batch's PNGs and latents, then its record (which marks it done)."""
-        for class_index, image in zip(batch.classes, images):
-            save_png_atomic(image, self.image_path(class_index, batch.image))
+        """Write the batch's PNGs and latents, then its record (which marks it done). Adds each PNG's sha256."""
+        for class_index, image, record in zip(batch.classes, images, records):
+            record["sha256"] = save_png_atomic(image, self.image_path(class_index, batch.image))
         latent_dir = self.state / "latents"
         latent_dir.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=latent_dir, suffix=".tmp")
+        fd, tmp = tempfile.mkstemp(dir=latent_dir, prefix=f".{batch.index}.", suffix=".tmp")
         os.close(fd)
-        save_file({"latents": latents.detach().float().cpu().contiguous()}, tmp)
-        os.replace(tmp, latent_dir / f"{batch.index}.safetensors")
+        try:
+            save_file({"latents": latents.detach().float().cpu().contiguous()}, tmp)
+            os.replace(tmp, latent_dir / f"{batch.index}.safetensors")
+        except BaseException:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+            raise
         write_json_atomic(self.state / "batches" / f"{batch.index}.json", records)
 
     def records(self) -> list[dict]:
@@ -139,8 +155,35 @@ class RunDirectory:
             out += json.loads(path.read_text())
         return sorted(out, key=lambda r: (r["class_index"], r["index"]))
 
-    def write_manifest(self) -> None:
-        write_json_atomic(self.manifest_path, {"config": self.run_config, "images": self.records()})
+    def write_manifest(self, complete: bool = False) -> None:
+        write_json_atomic(
+            self.manifest_path, {"config": self.run_config, **self.info, "complete": complete, "images": self.records()}
+        )
+
+    def write_preview(self, ipc: int, max_columns: int = 16, min_tile: int = 32) -> Path:
+        """preview.png: one row per class, its first min(ipc, max_columns) images, upscaled (nearest) to at least
+        min_tile pixels, 2-pixel gaps. Reads the PNGs written so far (missing ones stay black)."""
+        from PIL import Image
+
+        columns = min(ipc, max_columns)
+        tiles = [[self.image_path(c, i) for i in range(columns)] for c in range(len(self.class_names))]
+        first = next((p for row in tiles for p in row if p.exists()), None)
+        if first is None:
+            raise ValueError(f"{self.root} holds no images to preview")
+        with Image.open(first) as img:
+            width, height, mode = img.width, img.height, img.mode
+        scale = max(1, -(-min_tile // max(width, height)))
+        tile_w, tile_h, gap = width * scale, height * scale, 2
+        grid = Image.new(mode, (columns * (tile_w + gap) - gap, len(tiles) * (tile_h + gap) - gap))
+        for row, paths in enumerate(tiles):
+            for col, path in enumerate(paths):
+                if path.exists():
+                    with Image.open(path) as img:
+                        grid.paste(img.resize((tile_w, tile_h), Image.NEAREST), (col * (tile_w + gap), row * (tile_h + gap)))
+        buffer = io.BytesIO()
+        grid.save(buffer, format="PNG")
+        write_bytes_atomic(buffer.getvalue(), self.root / "preview.png")
+        return self.root / "preview.png"
 
 
 def generate(
@@ -162,7 +205,7 @@ def generate(
     mine = batches_for_rank(plan, rank, world)
     todo = [b for b in mine if not run.batch_done(b)]
     done_images = sum(len(b.classes) for b in mine) - sum(len(b.classes) for b in todo)
-    bar = tqdm(total=sum(len(b.classes) for b in mine), initial=done_images, unit="img", disable=not progress, desc=f"rank {rank}")
+    bar = tqdm(total=sum(len(b.classes) for b in mine), initial=done_images, unit="img", disable=not progress, desc="distill" if world == 1 else f"rank {rank}")
     made = 0
     for batch in mine:
         if run.batch_done(batch):

@@ -8,6 +8,8 @@ and, unless disabled (digits), horizontal flips.
 from __future__ import annotations
 
 import json
+import os
+import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -22,6 +24,9 @@ from .guidance.influence import class_mean_gradient, real_gradients, select_chec
 from .models.convnet import ConvNet
 
 
+DIGITS_SURROGATE_PATH = Path(__file__).parent / "assets" / "digits_surrogate.safetensors"
+
+
 @dataclass
 class SurrogateConfig:
     channel: int
@@ -32,6 +37,25 @@ class SurrogateConfig:
 
     def build(self) -> ConvNet:
         return ConvNet(self.channel, self.num_classes, width=self.width, depth=self.depth, im_size=self.im_size)
+
+
+# the digits default (16×16 grayscale): a small ConvNet-3; the bundle shipped at DIGITS_SURROGATE_PATH is made by
+#   fastdd surrogate --out fastdd/assets/digits_surrogate.safetensors
+DIGITS_SURROGATE = SurrogateConfig(channel=1, num_classes=10, width=32, depth=3, im_size=16)
+
+
+def surrogate_config_for(image_shape: tuple[int, int, int], num_classes: int) -> SurrogateConfig:
+    """ConvNet for images of image_shape (C, S, S): ConvNet-6 width 128 when S is a multiple of 64 (SPEC), else
+    the deepest ConvNet (≤ 3 pools, width 32 below 64 px) that S allows."""
+    channels, size, _ = image_shape
+    if size % 64 == 0:
+        return SurrogateConfig(channels, num_classes, width=128, depth=6, im_size=size)
+    depth = 0
+    while depth < 3 and size % (2 ** (depth + 1)) == 0 and size // 2 ** (depth + 1) >= 2:
+        depth += 1
+    if depth == 0:
+        raise ValueError(f"image size {size} is too small or odd for a ConvNet surrogate")
+    return SurrogateConfig(channels, num_classes, width=128 if size >= 64 else 32, depth=depth, im_size=size)
 
 
 def random_resized_crop(images: Tensor, generator: torch.Generator, scale=(0.5, 1.0), flip: bool = True) -> Tensor:
@@ -86,13 +110,15 @@ def train_trajectory(
     return torch.stack(snapshots)
 
 
-def epoch_class_gradients(config: SurrogateConfig, snapshots: Tensor, images: Tensor, labels: Tensor, **kwargs) -> Tensor:
+def epoch_class_gradients(
+    config: SurrogateConfig, snapshots: Tensor, images: Tensor, labels: Tensor, progress: bool = False, **kwargs
+) -> Tensor:
     """Per-class mean gradients at every snapshot: [E + 1, num_classes, P] (input of Algorithm 2)."""
     model = config.build().eval()
     return torch.stack(
         [
             torch.stack([class_mean_gradient(model, snap, images[labels == c], c, **kwargs) for c in range(config.num_classes)])
-            for snap in snapshots
+            for snap in tqdm(snapshots, desc="algorithm 2 gradients", disable=not progress)
         ]
     )
 
@@ -105,6 +131,20 @@ class SurrogateBundle:
     flat_params: Tensor
     real_grads: Tensor
     epochs: list[int]
+
+    def save_atomic(self, path: str | Path) -> None:
+        """save() to a temp file in the same folder, then rename."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        os.close(fd)
+        try:
+            self.save(tmp)
+            os.replace(tmp, path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+            raise
 
     def save(self, path: str | Path) -> None:
         metadata = {"config": json.dumps(asdict(self.config)), "epochs": json.dumps(self.epochs)}
@@ -124,11 +164,19 @@ class SurrogateBundle:
         if "config" not in metadata:
             raise ValueError(f"{path} is not a fastdd surrogate file (no config metadata)")
         tensors = load_file(str(path))
-        config = SurrogateConfig(**json.loads(metadata["config"]))
-        bundle = cls(config, tensors["flat_params"], tensors["real_grads"], json.loads(metadata["epochs"]))
-        expected = sum(p.numel() for p in config.build().parameters())
-        if bundle.flat_params.shape[1] != expected:
-            raise ValueError(f"{path}: flat_params have {bundle.flat_params.shape[1]} parameters, the config needs {expected}")
+        try:
+            config = SurrogateConfig(**json.loads(metadata["config"]))
+            bundle = cls(config, tensors["flat_params"], tensors["real_grads"], json.loads(metadata["epochs"]))
+            expected = sum(p.numel() for p in config.build().parameters())
+        except (KeyError, TypeError, ValueError) as err:
+            raise ValueError(f"surrogate file {path} is malformed ({err})") from None
+        flat, real = bundle.flat_params, bundle.real_grads
+        if flat.dim() != 2 or flat.shape[1] != expected:
+            raise ValueError(f"surrogate file {path}: flat_params {list(flat.shape)}, the config needs [K, {expected}]")
+        if real.dim() != 3 or real.shape != (config.num_classes, *flat.shape):
+            raise ValueError(
+                f"surrogate file {path}: real_grads {list(real.shape)}, expected [{config.num_classes}, {flat.shape[0]}, {expected}]"
+            )
         return bundle
 
 
@@ -142,12 +190,31 @@ def build_surrogate_bundle(
     threshold: float = 0.7,
     max_images: int = 200,
     chunk: int = 50,
+    progress: bool = False,
 ) -> SurrogateBundle:
     """Pick checkpoints (given `epochs`, or Algorithm 2 over all snapshots) and compute real gradients."""
     model = config.build().eval()
     if epochs is None:
-        grads = epoch_class_gradients(config, snapshots, images, labels, max_images=max_images, chunk=chunk)
+        grads = epoch_class_gradients(config, snapshots, images, labels, progress, max_images=max_images, chunk=chunk)
         epochs = select_checkpoints(grads, threshold)
     flat = snapshots[epochs]
     real = real_gradients(model, flat, images, labels, config.num_classes, max_images=max_images, chunk=chunk)
     return SurrogateBundle(config, flat, real, list(epochs))
+
+
+def compute_surrogate_bundle(
+    config: SurrogateConfig,
+    images: Tensor,
+    labels: Tensor,
+    *,
+    epochs: int = 50,
+    epoch_list: list[int] | None = None,
+    threshold: float = 0.7,
+    flip: bool = True,
+    seed: int = 0,
+    device: torch.device | str = "cpu",
+    progress: bool = True,
+) -> SurrogateBundle:
+    """Train the trajectory on (images [N, C, S, S] in [-1, 1], labels [N]) and build the bundle from it."""
+    snapshots = train_trajectory(config, images, labels, epochs=epochs, flip=flip, seed=seed, device=device, progress=progress)
+    return build_surrogate_bundle(config, snapshots, images, labels, epochs=epoch_list, threshold=threshold, progress=progress)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from ..data.digits import load_digits_split
+from ..data.digits import DIGITS_CLASSES, load_digits_split
 from ..data.imagefolder import load_image_folder
 from ..evaluate import epochs_for_ipc, summarize, train_and_evaluate
 from ..models import ConvNet, ResNet, ResNetAP
@@ -49,11 +49,11 @@ def run(args) -> int:
     if image_size is None:
         raise UsageError(f"{folder} has no manifest.json: pass --image-size")
     try:
-        train_x, train_y, classes = load_image_folder(folder, image_size, channels)
+        train_x, train_y, classes = load_image_folder(folder, image_size, channels, classes=config.get("classes"))
     except ValueError as err:
         raise UsageError(str(err)) from None
     if args.real_val is None:
-        if config.get("dataset") != "digits":
+        if config.get("dataset") != "digits" or classes != DIGITS_CLASSES:
             raise UsageError("--real-val is required unless the set was distilled from the digits default")
         val_x, val_y = load_digits_split("test", image_size)
     else:

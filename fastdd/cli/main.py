@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import evaluate, info, prior, surrogate
+from . import distill, evaluate, info, prior, surrogate
 from .errors import UsageError
 
 
@@ -12,6 +12,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fastdd", description=__doc__)
     subparsers = parser.add_subparsers(dest="command", required=True)
     info.add_parser(subparsers)
+    distill.add_parser(subparsers)
     evaluate.add_parser(subparsers)
     prior.add_parser(subparsers)
     surrogate.add_parser(subparsers)

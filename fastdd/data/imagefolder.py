@@ -4,6 +4,8 @@ Layout: ROOT/<class>/<image files>, classes sorted by folder name, files sorted 
 """
 from __future__ import annotations
 
+import hashlib
+import io
 import os
 import tempfile
 from pathlib import Path
@@ -12,6 +14,8 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
+_UMASK = os.umask(0)
+os.umask(_UMASK)
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff", ".JPEG")
 
 
@@ -21,7 +25,7 @@ def scan_image_folder(root: str | Path, classes: list[str] | None = None) -> tup
     if not root.is_dir():
         raise ValueError(f"image folder {root} does not exist")
     if classes is None:
-        classes = sorted(p.name for p in root.iterdir() if p.is_dir())
+        classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
         if not classes:
             raise ValueError(f"image folder {root} has no class sub-folders")
     samples = []
@@ -69,16 +73,33 @@ def to_uint8(image: torch.Tensor) -> np.ndarray:
     return array[0].numpy() if array.shape[0] == 1 else array.permute(1, 2, 0).numpy()
 
 
-def save_png_atomic(image: torch.Tensor, path: str | Path) -> None:
-    """Write image [C, H, W] in [-1, 1] to path as PNG: temp file in the same folder, then rename."""
+def png_bytes(image: torch.Tensor) -> bytes:
+    """image [C, H, W] in [-1, 1] -> PNG file contents (deterministic for equal pixels)."""
+    buffer = io.BytesIO()
+    Image.fromarray(to_uint8(image)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def write_bytes_atomic(data: bytes, path: str | Path) -> None:
+    """Write data to path: temp file in the same folder (fsynced), then rename."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".png.tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
-            Image.fromarray(to_uint8(image)).save(f, format="PNG")
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the permissions open() would
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+
+
+def save_png_atomic(image: torch.Tensor, path: str | Path) -> str:
+    """Write image [C, H, W] in [-1, 1] to path as PNG (temp file, then rename); returns its sha256 hex digest."""
+    data = png_bytes(image)
+    write_bytes_atomic(data, path)
+    return hashlib.sha256(data).hexdigest()

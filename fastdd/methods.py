@@ -299,3 +299,4 @@ def build_igd(ctx: MethodContext) -> MethodSetup:
 register_method("dit", build_dit, help="unguided class-conditional sampling from the prior (baseline)")
 register_method("igd", build_igd, add_arguments=add_igd_arguments, needs_data=False,
                 help="influence-guided diffusion (Chen et al., ICLR 2025): deviation + influence guidance")  # fmt: skip
+from . import distill_methods  # noqa: E402,F401  (registers dap, mgd3, d3hr, sam, igds)

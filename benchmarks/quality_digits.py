@@ -1,0 +1,177 @@
+"""Evidence of quality on the offline digits default (issue 5): ConvNet top-1 of sets distilled by every method.
+
+For IPC 1 and 10 and seeds 0, 1, 2: `fastdd distill --method M --ipc K --seed s` (the real CLI, the shipped
+16×16 pixel prior, default method options) then training a fresh ConvNet (`fastdd eval`'s convnet6: depth 3
+at 16 px, width 128) with the hard-label protocol of `fastdd.evaluate` (epochs by IPC, CutMix) using training
+seed s, best top-1 on the digits test split. Rows: random real images (IPC random train images per class, drawn
+with seed s), the unguided prior (dit), each method, and the full training set (1,437 images; 300 epochs
+instead of the protocol's 1,000 to keep the CPU time sane). Mean ± population std over the seeds.
+
+    python benchmarks/quality_digits.py                 # full: 3 seeds, protocol epochs, 50 sampling steps
+    python benchmarks/quality_digits.py --quick         # 1 seed, epochs / 10, 20 steps, lighter method settings
+    python benchmarks/quality_digits.py --methods dit,mgd3 --ipcs 10
+
+Writes benchmarks/results/quality_digits{_quick}.json / .md and one preview grid per method
+(quality_digits{_quick}_<method>_ipc10.png, the seed-0 set). Distilled sets and per-set scores are kept under
+--work, so an interrupted run resumes where it stopped.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.common import device_name  # noqa: E402
+from fastdd.cli.evaluate import make_model_factory  # noqa: E402
+from fastdd.cli.main import main as fastdd_main  # noqa: E402
+from fastdd.data.digits import DIGITS_CLASSES, load_digits_split  # noqa: E402
+from fastdd.data.imagefolder import load_image_folder  # noqa: E402
+from fastdd.evaluate import epochs_for_ipc, train_and_evaluate  # noqa: E402
+
+METHODS = ("igd", "dap", "mgd3", "d3hr", "sam", "igds")
+FULL_SET_EPOCHS = 300
+# --quick: the methods' expensive preparation made lighter (recorded in the JSON)
+QUICK_METHOD_ARGS = {
+    "d3hr": ["--d3hr-candidates", "1000"],
+    "sam": ["--sam-epochs", "2"],
+    "igds": ["--igds-epochs", "10", "--igds-classifier-epochs", "30"],
+}
+IMAGE_SIZE, CHANNELS = 16, 1
+
+
+def write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def random_real(ipc: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """IPC random digits train images per class (seeded): ([10·ipc, 1, 16, 16], [10·ipc])."""
+    images, labels = load_digits_split("train", IMAGE_SIZE)
+    generator = torch.Generator().manual_seed(seed)
+    keep = []
+    for c in range(len(DIGITS_CLASSES)):
+        rows = (labels == c).nonzero().flatten()
+        keep.append(rows[torch.randperm(len(rows), generator=generator)[:ipc]])
+    keep = torch.cat(keep)
+    return images[keep], labels[keep]
+
+
+def distilled(method: str, ipc: int, seed: int, folder: Path, steps: int, extra: list[str], device: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run `fastdd distill` (resumes an interrupted folder) and load the set."""
+    args = ["distill", "--method", method, "--ipc", str(ipc), "--seed", str(seed), "--out", str(folder),
+            "--steps", str(steps), "--device", device, "--quiet", *extra]  # fmt: skip
+    code = fastdd_main(args)
+    if code != 0:
+        raise RuntimeError(f"fastdd {' '.join(args)} exited with {code}")
+    images, labels, _ = load_image_folder(folder, IMAGE_SIZE, CHANNELS, classes=DIGITS_CLASSES)
+    return images, labels
+
+
+def score(images, labels, val, seed: int, epochs: int, device: str) -> float:
+    factory = make_model_factory("convnet6", CHANNELS, len(DIGITS_CLASSES), IMAGE_SIZE)
+    result = train_and_evaluate(factory, images, labels, *val, seed=seed, epochs=epochs, device=device, progress=False)
+    return 100.0 * result.best_top1
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="1 seed, epochs / 10, 20 sampling steps, lighter method settings")
+    parser.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated subset of {','.join(METHODS)}")
+    parser.add_argument("--ipcs", default="1,10")
+    parser.add_argument("--seeds", default=None, help="default 0,1,2 (quick: 0)")
+    parser.add_argument("--work", default=None, help="distilled sets and per-set scores (default /tmp/fastdd_quality_digits[_quick])")
+    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args(argv)
+
+    methods = [m for m in args.methods.split(",") if m]
+    unknown = sorted(set(methods) - set(METHODS))
+    if unknown:
+        parser.error(f"--methods: unknown {unknown}; choose from {METHODS}")
+    ipcs = [int(v) for v in args.ipcs.split(",")]
+    seeds = [int(v) for v in (args.seeds or ("0" if args.quick else "0,1,2")).split(",")]
+    suffix = "_quick" if args.quick else ""
+    work = Path(args.work or f"/tmp/fastdd_quality_digits{suffix}")
+    work.mkdir(parents=True, exist_ok=True)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    steps = 20 if args.quick else 50
+    epoch_scale = 0.1 if args.quick else 1.0
+    val = load_digits_split("test", IMAGE_SIZE)
+
+    rows = ["random real", "dit", *methods, "full train set"]
+    records = []
+    for ipc in ipcs:
+        for row in rows:
+            if row == "full train set" and ipc != ipcs[0]:
+                continue  # does not depend on the IPC
+            per_seed, seconds = [], []
+            for seed in seeds:
+                name = f"{row.replace(' ', '_')}_ipc{ipc}_seed{seed}"
+                cached = work / f"{name}.score.json"
+                if cached.is_file():
+                    saved = json.loads(cached.read_text())
+                    per_seed.append(saved["top1"])
+                    seconds.append(saved["seconds"])
+                    continue
+                start = time.perf_counter()
+                epochs = max(1, round(epoch_scale * epochs_for_ipc(ipc)))
+                if row == "random real":
+                    images, labels = random_real(ipc, seed)
+                elif row == "full train set":
+                    images, labels = load_digits_split("train", IMAGE_SIZE)
+                    epochs = max(1, round(epoch_scale * FULL_SET_EPOCHS))
+                else:
+                    extra = QUICK_METHOD_ARGS.get(row, []) if args.quick else []
+                    images, labels = distilled(row, ipc, seed, work / name, steps, extra, args.device)
+                top1 = score(images, labels, val, seed, epochs, args.device)
+                elapsed = time.perf_counter() - start
+                write_atomic(cached, json.dumps({"top1": top1, "seconds": elapsed, "epochs": epochs}))
+                per_seed.append(top1)
+                seconds.append(elapsed)
+                print(f"{row:15s} IPC {ipc:3d} seed {seed}: top-1 {top1:6.2f}%  ({elapsed:.0f} s)", flush=True)
+            record = {
+                "set": row, "ipc": "all" if row == "full train set" else ipc, "top1_mean": statistics.fmean(per_seed),
+                "top1_std": statistics.pstdev(per_seed) if len(per_seed) > 1 else 0.0, "per_seed": per_seed,
+                "seeds": seeds, "seconds_per_seed": statistics.fmean(seconds),
+            }  # fmt: skip
+            records.append(record)
+            if row in ("dit", *methods) and ipc == max(ipcs):
+                preview = work / f"{row}_ipc{ipc}_seed{seeds[0]}" / "preview.png"
+                shutil.copyfile(preview, out / f"quality_digits{suffix}_{row}_ipc{ipc}.png")
+
+    settings = {
+        "device": device_name(args.device), "quick": args.quick, "sampling_steps": steps, "seeds": seeds,
+        "eval": "convnet6 (depth 3 at 16 px, width 128), fastdd.evaluate hard-label protocol, best top-1 on the digits test split",
+        "epochs": {str(ipc): max(1, round(epoch_scale * epochs_for_ipc(ipc))) for ipc in ipcs}
+        | {"full train set": max(1, round(epoch_scale * FULL_SET_EPOCHS))},
+        "method_args": {m: QUICK_METHOD_ARGS.get(m, []) if args.quick else [] for m in methods},
+    }  # fmt: skip
+    write_atomic(out / f"quality_digits{suffix}.json", json.dumps({"settings": settings, "records": records}, indent=2))
+    lines = [f"Digits default, {settings['device']}, {len(seeds)} seed(s), {steps} sampling steps"
+             f"{' (--quick: eval epochs / 10, lighter method settings)' if args.quick else ''}.", "",
+             "| set | " + " | ".join(f"IPC {ipc}" for ipc in ipcs) + " |", "|---|" + "---|" * len(ipcs)]  # fmt: skip
+    for row in rows:
+        cells = []
+        for ipc in ipcs:
+            match = [r for r in records if r["set"] == row and r["ipc"] in (ipc, "all")]
+            cells.append(f"{match[0]['top1_mean']:.1f} ± {match[0]['top1_std']:.1f}" if match else "")
+        lines.append(f"| {row} | " + " | ".join(cells) + " |")
+    write_atomic(out / f"quality_digits{suffix}.md", "\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

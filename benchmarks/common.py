@@ -62,3 +62,14 @@ def write_report(records: list[dict], name: str, out_dir: str | Path = "benchmar
     (out_dir / f"{name}.md").write_text(table + "\n")
     print(table)
     return json_path
+
+
+def run_op_benchmark(run, name: str, description: str, repeats: int) -> None:
+    """Command line of one benchmarks/ops/bench_<name>.py: --device, --repeats; writes <name>_<device>.json/.md."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--repeats", type=int, default=repeats)
+    args = parser.parse_args()
+    write_report(run(args.device, args.repeats), f"{name}_{torch.device(args.device).type}")

@@ -11,12 +11,11 @@ Run: PYTHONPATH=. python -m benchmarks.ops.bench_cosine_memory [--device cuda] [
 """
 from __future__ import annotations
 
-import argparse
 
 import torch
 import torch.nn.functional as F
 
-from benchmarks.common import device_name, timeit, write_report
+from benchmarks.common import device_name, run_op_benchmark, timeit
 from fastdd.ops import CosineMemory, max_cosine, most_similar_index, value_checks
 from fastdd.ops._backend import OP_BACKENDS, backend_usable
 from fastdd.ops.reference import COS_EPS
@@ -103,11 +102,7 @@ def run(device: torch.device | str = "cpu", repeats: int = 20) -> list[dict]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--repeats", type=int, default=20)
-    args = parser.parse_args()
-    write_report(run(args.device, args.repeats), f"cosine_memory_{torch.device(args.device).type}")
+    run_op_benchmark(run, "cosine_memory", __doc__.splitlines()[0], repeats=20)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,6 @@ Run: PYTHONPATH=. python -m benchmarks.ops.bench_grad_cosine [--device cuda] [--
 """
 from __future__ import annotations
 
-import argparse
 import statistics
 import time
 
@@ -23,7 +22,7 @@ import torch.nn.functional as F
 from torch.func import functional_call, grad, vmap
 from torch.nn.utils import parameters_to_vector
 
-from benchmarks.common import device_name, timeit, write_report
+from benchmarks.common import device_name, run_op_benchmark, timeit
 from fastdd.models import ConvNet
 from fastdd.ops import grad_cosine, value_checks
 from fastdd.ops.reference import unflatten_params
@@ -120,11 +119,7 @@ def run(device: torch.device | str = "cpu", repeats: int = 3) -> list[dict]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--repeats", type=int, default=3)
-    args = parser.parse_args()
-    write_report(run(args.device, args.repeats), f"grad_cosine_{torch.device(args.device).type}")
+    run_op_benchmark(run, "grad_cosine", __doc__.splitlines()[0], repeats=3)
 
 
 if __name__ == "__main__":

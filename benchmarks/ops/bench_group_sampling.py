@@ -11,11 +11,10 @@ Run: PYTHONPATH=. python -m benchmarks.ops.bench_group_sampling [--device cuda] 
 """
 from __future__ import annotations
 
-import argparse
 
 import torch
 
-from benchmarks.common import device_name, timeit, write_report
+from benchmarks.common import device_name, run_op_benchmark, timeit
 from fastdd.ops import group_sampling, value_checks
 from fastdd.ops._backend import OP_BACKENDS, backend_usable
 from fastdd.ops.group_sampling import group_score
@@ -86,11 +85,7 @@ def run(device: torch.device | str = "cpu", repeats: int = 5) -> list[dict]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--repeats", type=int, default=5)
-    args = parser.parse_args()
-    write_report(run(args.device, args.repeats), f"group_sampling_{torch.device(args.device).type}")
+    run_op_benchmark(run, "group_sampling", __doc__.splitlines()[0], repeats=5)
 
 
 if __name__ == "__main__":

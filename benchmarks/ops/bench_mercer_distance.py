@@ -13,11 +13,10 @@ Run: PYTHONPATH=. python -m benchmarks.ops.bench_mercer_distance [--device cuda]
 """
 from __future__ import annotations
 
-import argparse
 
 import torch
 
-from benchmarks.common import device_name, timeit, write_report
+from benchmarks.common import device_name, run_op_benchmark, timeit
 from fastdd.ops import mercer_distance, value_checks
 from fastdd.ops._backend import OP_BACKENDS, backend_usable
 
@@ -80,11 +79,7 @@ def run(device: torch.device | str = "cpu", repeats: int = 10) -> list[dict]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--repeats", type=int, default=10)
-    args = parser.parse_args()
-    write_report(run(args.device, args.repeats), f"mercer_distance_{torch.device(args.device).type}")
+    run_op_benchmark(run, "mercer_distance", __doc__.splitlines()[0], repeats=10)
 
 
 if __name__ == "__main__":

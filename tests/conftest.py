@@ -1,8 +1,17 @@
-"""Shared pytest fixtures. Opt in per module with `pytestmark = pytest.mark.usefixtures("single_thread")`."""
+"""Shared pytest set-up. Fixtures: opt in per module with `pytestmark = pytest.mark.usefixtures("single_thread")`.
+
+TRITON_INTERPRET=1 is set here, before any test module imports torch or fastdd: Triton reads it when its
+own @triton.jit helpers (tl.max, tl.argmax, ...) are decorated at import, and importing fastdd.guidance pulls
+Triton in through torch, so setting it later in a test module leaves those helpers uncallable in the interpreter.
+"""
 from __future__ import annotations
 
-import pytest
-import torch
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -37,11 +37,6 @@ from .models.dit import DiT
 from .sampling.diffusion import GaussianDiffusion
 
 
-def normal_kl(mean1: Tensor, logvar1: Tensor, mean2: Tensor, logvar2: Tensor) -> Tensor:
-    """KL(N(mean1, e^logvar1) ‖ N(mean2, e^logvar2)) elementwise."""
-    return 0.5 * (-1.0 + logvar2 - logvar1 + torch.exp(logvar1 - logvar2) + (mean1 - mean2) ** 2 * torch.exp(-logvar2))
-
-
 def hybrid_loss(model: DiT, diffusion: GaussianDiffusion, x0: Tensor, labels: Tensor, generator: torch.Generator) -> Tensor:
     """IDDPM hybrid loss of one batch. x0: [B, C, H, W] (pixels in [-1, 1] or scaled latents); labels: [B]."""
     batch, channels = x0.shape[:2]
@@ -51,13 +46,7 @@ def hybrid_loss(model: DiT, diffusion: GaussianDiffusion, x0: Tensor, labels: Te
     output = model(x_t, t, labels)
     eps, v = output[:, :channels], output[:, channels:]
     mse = ((eps - noise) ** 2).flatten(1).mean(1)
-    frozen = torch.cat([eps.detach(), v], dim=1)
-    p = diffusion.p_mean_variance(frozen, x_t, t)
-    true_mean = (
-        diffusion._coefficient("posterior_mean_coef1", t, x0) * x0 + diffusion._coefficient("posterior_mean_coef2", t, x0) * x_t
-    )
-    true_logvar = diffusion._coefficient("posterior_log_variance_clipped", t, x0)
-    vb = normal_kl(true_mean, true_logvar, p["mean"], p["log_variance"]).flatten(1).mean(1) / math.log(2.0)
+    vb, _ = diffusion.posterior_kl_bits(torch.cat([eps.detach(), v], dim=1), x0, x_t, t)
     return (mse + vb).mean()
 
 

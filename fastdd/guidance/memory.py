@@ -195,26 +195,13 @@ def discretized_gaussian_log_likelihood(x: Tensor, mean: Tensor, log_scale: Tens
     return torch.where(x < -0.999, log_cdf_plus, torch.where(x > 0.999, log_one_minus_cdf_min, log_delta))
 
 
-def _per_row(table: Tensor, t: Tensor) -> Tensor:
-    return table[t].view(-1, 1, 1, 1)
-
-
 def variational_bound_terms(
     diffusion: GaussianDiffusion, model_output: Tensor, x0: Tensor, x_t: Tensor, t: Tensor
 ) -> Tensor:
     """ADM's L_t in bits/dim per row: KL(q(x_{t−1}|x_t, x0) ‖ p(x_{t−1}|x_t)) for t > 0, the decoder NLL at t = 0.
     model_output: [B, 2C, H, W] (ε frozen by the caller); x0, x_t: [B, C, H, W]; t: [B] indices -> [B]."""
-    out = diffusion.p_mean_variance(model_output, x_t, t)
-    tables = diffusion.tables(x_t.device, torch.float64 if x_t.dtype == torch.float64 else torch.float32)
-    true_mean = _per_row(tables["posterior_mean_coef1"], t) * x0 + _per_row(tables["posterior_mean_coef2"], t) * x_t
-    true_log_variance = _per_row(tables["posterior_log_variance_clipped"], t)
-    model_mean, model_log_variance = out["mean"], out["log_variance"]
-    kl = 0.5 * (
-        -1.0 + model_log_variance - true_log_variance + torch.exp(true_log_variance - model_log_variance)
-        + (true_mean - model_mean) ** 2 * torch.exp(-model_log_variance)
-    )  # fmt: skip
-    kl = kl.mean(dim=(1, 2, 3)) / math.log(2.0)
-    log_likelihood = discretized_gaussian_log_likelihood(x0, model_mean, 0.5 * model_log_variance)
+    kl, out = diffusion.posterior_kl_bits(model_output, x0, x_t, t)
+    log_likelihood = discretized_gaussian_log_likelihood(x0, out["mean"], 0.5 * out["log_variance"])
     nll = -log_likelihood.mean(dim=(1, 2, 3)) / math.log(2.0)
     return torch.where(t == 0, nll, kl)
 

@@ -21,6 +21,8 @@ from __future__ import annotations
 
 from typing import Sequence
 
+import math
+
 import numpy as np
 import torch
 from torch import Tensor
@@ -287,6 +289,21 @@ class GaussianDiffusion:
             + self._coefficient("posterior_mean_coef2", i, x_t) * x_t
         )
         return {"mean": mean, "variance": variance, "log_variance": log_variance, "pred_xstart": pred_xstart, "eps": eps}
+
+    def posterior_kl_bits(self, model_output: Tensor, x0: Tensor, x_t: Tensor, i: Index) -> tuple[Tensor, dict[str, Tensor]]:
+        """KL(q(x_{i-1} | x_i, x0) ‖ p(x_{i-1} | x_i)) in bits per dimension, per row (ADM's L_t for i > 0).
+
+        model_output: [B, 2C, H, W] (freeze its eps part to train only the variance, as ADM does); x0, x_t:
+        [B, C, H, W] -> (kl [B], the p_mean_variance dict of model_output)."""
+        out = self.p_mean_variance(model_output, x_t, i)
+        true_mean = self._coefficient("posterior_mean_coef1", i, x0) * x0 + self._coefficient("posterior_mean_coef2", i, x0) * x_t
+        true_log_variance = self._coefficient("posterior_log_variance_clipped", i, x0)
+        model_mean, model_log_variance = out["mean"], out["log_variance"]
+        kl = 0.5 * (
+            -1.0 + model_log_variance - true_log_variance + torch.exp(true_log_variance - model_log_variance)
+            + (true_mean - model_mean) ** 2 * torch.exp(-model_log_variance)
+        )  # fmt: skip
+        return kl.flatten(1).mean(1) / math.log(2.0), out
 
     def ddpm_step(self, out: dict[str, Tensor], noise: Tensor | None, i: Index) -> Tensor:
         """Ancestral sample x_{i-1} = mean + exp(0.5 · log_variance) · noise, with no noise at i == 0.

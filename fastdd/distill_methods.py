@@ -14,14 +14,13 @@ import argparse
 import hashlib
 import json
 import math
-import os
-import tempfile
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import Tensor, nn
 
+from .data.atomic import save_safetensors_atomic
 from .methods import MethodContext, MethodSetup, register_method
 
 
@@ -29,20 +28,6 @@ from .methods import MethodContext, MethodSetup, register_method
 def _digest(params: dict) -> str:
     """A short hash of JSON-able params (names a cache file after what it depends on)."""
     return hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()[:12]
-
-
-def _save_atomic(tensors: dict[str, Tensor], path: Path) -> None:
-    """safetensors file written to a temp file in the same folder, then renamed."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
 def _parse_range(text: str, option: str) -> tuple[int, int]:
@@ -90,7 +75,7 @@ def real_latents(ctx: MethodContext, sample: bool = False) -> tuple[Tensor, Tens
         return load_file(str(cache))["latents"].to(device), labels
     generator = torch.Generator(device=device).manual_seed(ctx.args.seed) if sample else None
     latents = encode_latents(codec, images.to(device), sample=sample, generator=generator, progress=ctx.progress)
-    _save_atomic({"latents": latents}, cache)
+    save_safetensors_atomic({"latents": latents}, cache)
     return latents, labels
 
 
@@ -194,7 +179,7 @@ def build_mgd3(ctx: MethodContext) -> MethodSetup:
         latents, labels = real_latents(ctx)
         fitted = fit_modes(latents, labels, args.ipc, range(ctx.num_classes), seed=args.mgd3_kmeans_seed, progress=ctx.progress)
         modes = torch.stack([fitted[c] for c in range(ctx.num_classes)])
-        _save_atomic({"modes": modes}, cache)
+        save_safetensors_atomic({"modes": modes}, cache)
     guidance = ModeGuidance(modes.to(ctx.models.device), lam=args.mgd3_lambda, stop_index=stop, compat=args.compat)
     return MethodSetup(guidances=[guidance], params=params)
 
@@ -326,7 +311,7 @@ def build_sam(ctx: MethodContext) -> MethodSetup:
                               capacity=args.sam_capacity, policy=args.sam_policy, ema_decay=ema_decay, compat=args.compat,
                               seed=args.seed, progress=ctx.progress)  # fmt: skip
         finetuned = result.ema_model()
-        _save_atomic(finetuned.state_dict(), cache)
+        save_safetensors_atomic(finetuned.state_dict(), cache)
     finetuned = finetuned.to(ctx.models.device).eval().requires_grad_(False)
     params["weights"] = str(cache)
     samplers: dict[int, GuidedSampler] = {}

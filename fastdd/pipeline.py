@@ -19,17 +19,16 @@ from __future__ import annotations
 
 import io
 import json
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
-from .data.imagefolder import save_png_atomic, write_bytes_atomic
+from .data.atomic import save_safetensors_atomic, write_bytes_atomic
+from .data.imagefolder import save_png_atomic
 
 STATE_DIR = ".fastdd"
 
@@ -133,17 +132,7 @@ class RunDirectory:
         """Write the batch's PNGs and latents, then its record (which marks it done). Adds each PNG's sha256."""
         for class_index, image, record in zip(batch.classes, images, records):
             record["sha256"] = save_png_atomic(image, self.image_path(class_index, batch.image))
-        latent_dir = self.state / "latents"
-        latent_dir.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=latent_dir, prefix=f".{batch.index}.", suffix=".tmp")
-        os.close(fd)
-        try:
-            save_file({"latents": latents.detach().float().cpu().contiguous()}, tmp)
-            os.replace(tmp, latent_dir / f"{batch.index}.safetensors")
-        except BaseException:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-            raise
+        save_safetensors_atomic({"latents": latents.float()}, self.state / "latents" / f"{batch.index}.safetensors")
         write_json_atomic(self.state / "batches" / f"{batch.index}.json", records)
 
     def records(self) -> list[dict]:

@@ -29,10 +29,10 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from .data.atomic import save_safetensors_atomic
 from .models.dit import DiT
 from .sampling.diffusion import GaussianDiffusion
 
@@ -99,10 +99,10 @@ def train_prior(
 
 
 def save_prior(model: DiT, path: str | Path, extra: dict | None = None) -> None:
-    """Official-layout state dict + config (and any `extra` facts, e.g. the dataset) as safetensors metadata."""
-    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    """Official-layout state dict + config (and any `extra` facts, e.g. the dataset) as safetensors metadata,
+    written atomically."""
     metadata = {"fastdd_dit_config": json.dumps(model.config()), "fastdd_extra": json.dumps(extra or {})}
-    save_file(state, str(path), metadata)
+    save_safetensors_atomic(model.state_dict(), path, metadata)
 
 
 def load_prior(path: str | Path, device: torch.device | str = "cpu") -> tuple[DiT, dict]:

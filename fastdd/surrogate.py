@@ -8,18 +8,18 @@ and, unless disabled (digits), horizontal flips.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import Tensor
 from torch.nn.utils import parameters_to_vector
 from tqdm.auto import tqdm
 
+from .data.atomic import save_safetensors_atomic
+from .data.augment import random_resized_crop
 from .guidance.influence import class_mean_gradient, real_gradients, select_checkpoints
 from .models.convnet import ConvNet
 
@@ -56,25 +56,6 @@ def surrogate_config_for(image_shape: tuple[int, int, int], num_classes: int) ->
     if depth == 0:
         raise ValueError(f"image size {size} is too small or odd for a ConvNet surrogate")
     return SurrogateConfig(channels, num_classes, width=128 if size >= 64 else 32, depth=depth, im_size=size)
-
-
-def random_resized_crop(images: Tensor, generator: torch.Generator, scale=(0.5, 1.0), flip: bool = True) -> Tensor:
-    """Per-image random crop of area fraction in `scale` (aspect 3/4–4/3), resized back; optional flips."""
-    batch, _, height, width = images.shape
-    out = torch.empty_like(images)
-    for i in range(batch):
-        area = float(torch.empty(1).uniform_(*scale, generator=generator)) * height * width
-        aspect = float(torch.exp(torch.empty(1).uniform_(-0.2877, 0.2877, generator=generator)))
-        h = min(height, max(1, round((area / aspect) ** 0.5)))
-        w = min(width, max(1, round((area * aspect) ** 0.5)))
-        top = int(torch.randint(height - h + 1, (1,), generator=generator))
-        left = int(torch.randint(width - w + 1, (1,), generator=generator))
-        crop = images[i : i + 1, :, top : top + h, left : left + w]
-        crop = F.interpolate(crop, size=(height, width), mode="bilinear", align_corners=False)
-        if flip and bool(torch.rand(1, generator=generator) < 0.5):
-            crop = crop.flip(-1)
-        out[i] = crop[0]
-    return out
 
 
 def train_trajectory(
@@ -132,25 +113,11 @@ class SurrogateBundle:
     real_grads: Tensor
     epochs: list[int]
 
-    def save_atomic(self, path: str | Path) -> None:
-        """save() to a temp file in the same folder, then rename."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        os.close(fd)
-        try:
-            self.save(tmp)
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-            raise
-
     def save(self, path: str | Path) -> None:
+        """Write the bundle to a safetensors file, atomically (config and epochs as JSON metadata)."""
         metadata = {"config": json.dumps(asdict(self.config)), "epochs": json.dumps(self.epochs)}
-        save_file(
-            {"flat_params": self.flat_params.contiguous(), "real_grads": self.real_grads.contiguous()}, str(path), metadata
-        )
+        save_safetensors_atomic({"flat_params": self.flat_params, "real_grads": self.real_grads}, path, metadata)
+
 
     @classmethod
     def load(cls, path: str | Path) -> "SurrogateBundle":

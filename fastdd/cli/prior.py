@@ -62,10 +62,7 @@ def run(args) -> int:
     extra = {"dataset": dataset, "classes": classes, "image_size": opts["image_size"], "channels": channels,
              "latent": "pixel", "training": {**opts, "seed": args.seed}}  # fmt: skip
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    save_prior(ema, tmp, extra)
-    tmp.replace(out)
+    save_prior(ema, out, extra)
     print(f"wrote {out} ({sum(p.numel() for p in ema.parameters())} parameters)")
     return 0
 

@@ -62,7 +62,7 @@ def run(args) -> int:
                                     progress=not args.quiet)  # fmt: skip
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    bundle.save_atomic(out)
+    bundle.save(out)
     print(f"wrote {out}: checkpoints at epochs {bundle.epochs}, real gradients for {config.num_classes} classes")
     return 0
 

@@ -6,16 +6,14 @@ from __future__ import annotations
 
 import hashlib
 import io
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-_UMASK = os.umask(0)
-os.umask(_UMASK)
+from .atomic import write_bytes_atomic
+
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff", ".JPEG")
 
 
@@ -80,26 +78,8 @@ def png_bytes(image: torch.Tensor) -> bytes:
     return buffer.getvalue()
 
 
-def write_bytes_atomic(data: bytes, path: str | Path) -> None:
-    """Write data to path: temp file in the same folder (fsynced), then rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the permissions open() would
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
 def save_png_atomic(image: torch.Tensor, path: str | Path) -> str:
-    """Write image [C, H, W] in [-1, 1] to path as PNG (temp file, then rename); returns its sha256 hex digest."""
+    """Write image [C, H, W] in [-1, 1] to path as PNG, atomically; returns its sha256 hex digest."""
     data = png_bytes(image)
     write_bytes_atomic(data, path)
     return hashlib.sha256(data).hexdigest()

@@ -27,18 +27,16 @@ not share candidate noise and a class's group does not depend on which other cla
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import NamedTuple
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from .. import ops
+from ..data.atomic import save_safetensors_atomic
 from ..ops._checks import check_positive_int
 from ..sampling.diffusion import GaussianDiffusion
 from ..sampling.sampler import GuidedSampler, ddim_invert
@@ -104,23 +102,9 @@ def statistics_path(stats_dir: str | Path, class_index: int) -> Path:
 
 
 def save_class_statistics(path: str | Path, stats: ClassStatistics) -> None:
-    """Write mean, variance and count (tensors) and the config (JSON metadata) atomically (temp file + rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tensors = {
-        "mean": stats.mean.detach().contiguous().cpu(),
-        "variance": stats.variance.detach().contiguous().cpu(),
-        "count": torch.tensor([stats.count], dtype=torch.long),
-    }
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, {"fastdd_d3hr": json.dumps(stats.config, sort_keys=True)})
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    """Write mean, variance and count (tensors) and the config (JSON metadata) atomically."""
+    tensors = {"mean": stats.mean, "variance": stats.variance, "count": torch.tensor([stats.count], dtype=torch.long)}
+    save_safetensors_atomic(tensors, path, {"fastdd_d3hr": json.dumps(stats.config, sort_keys=True)})
 
 
 def load_class_statistics(path: str | Path, device: torch.device | str = "cpu") -> ClassStatistics:

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -38,6 +37,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from .. import ops
+from ..data.atomic import save_safetensors_atomic, write_atomic
 from ..models.dit import DiT
 from ..ops._checks import check_positive_int
 from ..sampling.diffusion import GaussianDiffusion
@@ -364,7 +364,7 @@ def save_finetuned(path: str | os.PathLike, model: DiT, ema: dict[str, Tensor] |
     """Write Minimax/SAM-style weights, loadable by `DiT.from_checkpoint` / `load_dit_checkpoint` (which picks
     "ema" when present, as the authors' sampler does). ".safetensors": one flat state dict (the EMA weights
     if given, else the model's); otherwise torch.save of {"model": state, "ema": state with the EMA DiffFit
-    parameters} (or the plain state dict without ema). Written atomically (temp file + rename)."""
+    parameters} (or the plain state dict without ema). Written atomically (fastdd.data.atomic)."""
     path = os.fspath(path)
     state = {key: value.detach().cpu().contiguous() for key, value in model.state_dict().items()}
     if ema is not None:
@@ -375,16 +375,8 @@ def save_finetuned(path: str | os.PathLike, model: DiT, ema: dict[str, Tensor] |
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder):
         raise ValueError(f"path: folder does not exist: {folder}")
-    handle, temporary = tempfile.mkstemp(dir=folder, suffix=".tmp")
-    os.close(handle)
-    try:
-        if path.endswith(".safetensors"):
-            from safetensors.torch import save_file
-
-            save_file(ema_state if ema is not None else state, temporary)
-        else:
-            torch.save({"model": state, "ema": ema_state} if ema is not None else state, temporary)
-        os.replace(temporary, path)
-    except BaseException:
-        os.unlink(temporary)
-        raise
+    if path.endswith(".safetensors"):
+        save_safetensors_atomic(ema_state if ema is not None else state, path)
+    else:
+        checkpoint = {"model": state, "ema": ema_state} if ema is not None else state
+        write_atomic(path, lambda temporary: torch.save(checkpoint, temporary))

@@ -153,12 +153,18 @@ class LocalLabels(Guidance):
     def __init__(self, inner: Guidance, label_map: Tensor):
         self.inner, self.label_map = inner, label_map
         self.requires_grad, self.low, self.high = inner.requires_grad, inner.low, inner.high
+        self.capturable = inner.capturable
 
     def active(self, index: int) -> bool:
         return self.inner.active(index)
 
+    def capture_key(self, image_ids: Sequence[ImageId]):
+        return self.inner.capture_key(image_ids)
+
     def step(self, ctx: StepContext) -> Tensor:
-        local = dataclasses.replace(ctx, y=self.label_map.to(ctx.y.device)[ctx.y])
+        if self.label_map.device != ctx.y.device:
+            self.label_map = self.label_map.to(ctx.y.device)  # once, not a host-to-device copy per step
+        local = dataclasses.replace(ctx, y=self.label_map[ctx.y])
         return self.inner.step(local)
 
     def begin_batch(self, labels: Tensor, image_ids: Sequence[ImageId]) -> None:
@@ -247,7 +253,7 @@ def igd_bundle(ctx: MethodContext):
     config = surrogate_config_for(ctx.models.image_shape, ctx.num_classes)
     bundle = compute_surrogate_bundle(config, images, labels, epochs=ctx.args.surrogate_epochs, seed=ctx.args.seed,
                                       flip=ctx.dataset != "digits", progress=ctx.progress)  # fmt: skip
-    bundle.save_atomic(cache)
+    bundle.save(cache)
     return bundle, str(cache)
 
 

@@ -35,6 +35,8 @@ class DeviationGuidance(Guidance):
     s ← s − γ·g_D to the whole [cond; uncond] sample).
     """
 
+    capturable = True  # memories are updated in place; the rows' memories are fixed by the batch's classes
+
     def __init__(
         self,
         num_classes: int,

@@ -81,6 +81,7 @@ class InfluenceGuidance(Guidance):
     """
 
     requires_grad = True
+    capturable = True
 
     def __init__(
         self,

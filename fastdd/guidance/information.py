@@ -54,8 +54,6 @@ from __future__ import annotations
 import copy
 import json
 import math
-import os
-import tempfile
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -64,6 +62,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from ..data.atomic import save_safetensors_atomic
+from ..data.augment import crop_sides
 from ..models.convnet import ConvNet
 from ..sampling.sampler import Guidance, StepContext
 
@@ -159,22 +159,8 @@ class InformationEstimator(nn.Module):
         self.class_means.copy_(sums / counts[:, None].to(sums.dtype))
 
     def save(self, path: str | Path) -> None:
-        """Weights and config as safetensors, written atomically (temp file in the same folder, then rename)."""
-        from safetensors.torch import save_file
-
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        os.close(fd)
-        try:
-            save_file(state, tmp, {"fastdd_information_estimator": json.dumps(self.config)})
-            os.chmod(tmp, 0o644)  # mkstemp creates 0600
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-            raise
+        """Weights and config as safetensors, written atomically."""
+        save_safetensors_atomic(self.state_dict(), path, {"fastdd_information_estimator": json.dumps(self.config)})
 
     @classmethod
     def load(cls, path: str | Path, device: torch.device | str = "cpu") -> "InformationEstimator":
@@ -250,6 +236,7 @@ class InformationGuidance(Guidance):
     """
 
     requires_grad = True
+    capturable = True
 
     def __init__(
         self,
@@ -293,8 +280,7 @@ def augment(images: Tensor, generator: torch.Generator, *, crop_scale: Sequence[
 
     area = uniform(*crop_scale)
     log_aspect = uniform(math.log(3 / 4), math.log(4 / 3))
-    width = (area * log_aspect.exp()).sqrt().clamp(max=1.0)  # crop size as a fraction of the image side
-    height = (area / log_aspect.exp()).sqrt().clamp(max=1.0)
+    height, width = (side.clamp(max=1.0) for side in crop_sides(area, log_aspect.exp()))  # fractions of the sides
     centre_x = (1 - width) * uniform(-1.0, 1.0)
     centre_y = (1 - height) * uniform(-1.0, 1.0)
     mirror = torch.where(uniform(0.0, 1.0) < 0.5, -1.0, 1.0) if flip else torch.ones(batch)

@@ -291,6 +291,11 @@ class MercerGuidance(Guidance):
         self.low, self.high = low, high
         self._sqnorms: dict[int, Tensor] = {}
 
+    @property
+    def capturable(self) -> bool:
+        """Precomputed features stay put; a RealFeatures cache may recompute or drop them between batches."""
+        return not isinstance(self.real, RealFeatures)
+
     def class_features(self, class_index: int, index: int) -> tuple[Tensor, Tensor]:
         """(φ(real) [N_c, D], ‖φ(real)‖² [N_c]) of one class at respaced step `index`."""
         if isinstance(self.real, RealFeatures):

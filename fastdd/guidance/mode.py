@@ -221,6 +221,8 @@ class ModeGuidance(Guidance):
     ancestral posterior's); MGD3 itself is ancestral.
     """
 
+    capturable = True
+
     def __init__(
         self,
         modes: Tensor | Mapping[int, Tensor],
@@ -247,7 +249,8 @@ class ModeGuidance(Guidance):
                 raise ValueError(f"modes[{c}]: contains NaN or Inf")
         self.lam, self.stop_index, self.compat = lam, stop_index, compat
         self.low, self.high = stop_index + 1, math.inf
-        self._targets: Tensor | None = None
+        self._targets: Tensor | None = None  # [B, C, H, W] modes of the batch's images
+        self._in_batch = False
 
     def begin_batch(self, labels: Tensor, image_ids: Sequence[ImageId]) -> None:
         targets = []
@@ -263,18 +266,23 @@ class ModeGuidance(Guidance):
             targets.append(class_modes_[image_index])
         if not targets:
             raise ValueError("image_ids: ModeGuidance needs the (class_index, image_index, seed) of every image")
-        self._targets = torch.stack(targets)
+        targets = torch.stack(targets)
+        if self._targets is not None and self._targets.shape == targets.shape:
+            self._targets.copy_(targets)  # in place, so a step recorded as a CUDA graph reads this batch's modes
+        else:
+            self._targets = targets
+        self._in_batch = True
 
     def end_batch(self, final_latents: Tensor, labels: Tensor) -> None:
-        self._targets = None
+        self._in_batch = False
 
     def step(self, ctx: StepContext) -> Tensor:
-        if self._targets is None:
+        if not self._in_batch:
             raise ValueError("ModeGuidance.step called outside a batch (begin_batch was not called)")
         rows = ctx.rows
         x0 = ctx.pred_xstart[:rows].detach()
         if self._targets.device != x0.device or self._targets.dtype != x0.dtype:
-            self._targets = self._targets.to(device=x0.device, dtype=x0.dtype)  # once per batch
+            self._targets = self._targets.to(device=x0.device, dtype=x0.dtype)  # once: later batches copy in place
         targets = self._targets
         log_variance = ctx.log_variance.detach()
         if self.compat:  # every row of pair b uses the conditional x̂0_b, each with its own σ

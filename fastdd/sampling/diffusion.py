@@ -149,6 +149,7 @@ class GaussianDiffusion:
             betas.append(1.0 - train_ac[t] / last)
             last = train_ac[t]
         self._master = {name: torch.from_numpy(value) for name, value in self._compute_tables(np.array(betas)).items()}
+        self._alpha_bar_list: list[float] = self._master["alphas_cumprod"].tolist()
         self._on_device: dict[tuple[torch.device, torch.dtype], dict[str, Tensor]] = {}
         self._timesteps_on_device: dict[torch.device, Tensor] = {}
 
@@ -213,7 +214,7 @@ class GaussianDiffusion:
 
     def alpha_bar(self, index: int) -> float:
         """ᾱ at respaced index `index` as a Python float (from the float64 master table; no device work)."""
-        return float(self._master["alphas_cumprod"][self._check_index(index)])
+        return self._alpha_bar_list[self._check_index(index)]
 
     def _check_index(self, index: int, upper: int | None = None) -> int:
         upper = self.num_steps - 1 if upper is None else upper

@@ -14,12 +14,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Hashable, Sequence
 
 import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from ..ops import value_checks
+from .acceleration import StepGraphs, check_precision, mixed_precision, say_once
 from .cfg import ModelFn, guided_model
 from .diffusion import GaussianDiffusion
 from .seeds import batch_trajectory_noise
@@ -65,9 +67,14 @@ class Guidance:
     with ctx.grad(loss) (or torch.autograd.grad(..., retain_graph=ctx.retain_graph)) so that several gradient
     guidances can share one forward. begin_batch / end_batch are called around each batch (e.g. to update
     memories with the final latents).
+
+    capturable = True promises that step() may be recorded once as a CUDA graph and replayed for later batches
+    with the same `capture_key`: it does not sync with the host, and state that changes between batches
+    (memories, per-image targets) lives in device tensors updated in place.
     """
 
     requires_grad: bool = False
+    capturable: bool = False
     low: int = 0
     high: float = math.inf
 
@@ -76,6 +83,10 @@ class Guidance:
 
     def step(self, ctx: StepContext) -> Tensor:
         raise NotImplementedError(f"{type(self).__name__} must implement step(ctx)")
+
+    def capture_key(self, image_ids: Sequence[ImageId]) -> Hashable:
+        """What of the batch, besides the step index and shapes, the recorded work depends on: the classes."""
+        return tuple(image_id[0] for image_id in image_ids)
 
     def begin_batch(self, labels: Tensor, image_ids: Sequence[ImageId]) -> None:
         """Called before the first step of a batch. labels: [B]."""
@@ -97,13 +108,16 @@ def sample_step(
     image_ids: Sequence[ImageId] = (),
     method: str = "ddpm",
     eta: float = 0.0,
+    model_jacobian: bool = True,
 ) -> Tensor:
     """One guided step at respaced index `index`: x [R, C, H, W] -> next latent [R, C, H, W] (detached).
 
     model_fn(x, t, y) returns the model output after CFG in this row layout (see cfg.guided_model);
     noise: [R, C, H, W] for this step (unused at index 0 and by DDIM with eta = 0); rows: the number of
     real rows B (default R); method: "ddpm" (ancestral) or "ddim" (x_{i-1} = DDIM update with eta; ctx.mean and
-    ctx.log_variance are still the ancestral posterior's).
+    ctx.log_variance are still the ancestral posterior's); model_jacobian=False (fast mode) runs the model
+    without autograd, so guidance gradients reach x_t only through the explicit x_t terms of x̂0 and the
+    posterior mean (∂ε/∂x_t taken as 0: no backward through the model).
     """
     if method not in ("ddpm", "ddim"):
         raise ValueError(f"method must be 'ddpm' or 'ddim', got {method!r}")
@@ -113,7 +127,8 @@ def sample_step(
     with torch.set_grad_enabled(record):
         x_t = x.detach().requires_grad_(record)
         t = diffusion.timesteps_on(x.device)[index].expand(x.shape[0])
-        model_output = model_fn(x_t, t, y)
+        with torch.set_grad_enabled(record and model_jacobian):
+            model_output = model_fn(x_t, t, y)
         out = diffusion.p_mean_variance(model_output, x_t, index)
         if method == "ddpm":
             sample = diffusion.ddpm_step(out, noise, index)
@@ -173,6 +188,13 @@ class GuidedSampler:
     clean mode); null_class: the unconditional label (default num_classes, DiT's convention);
     cfg_channels: guided leading output channels (default: all eps channels in clean mode, 3 in compat mode,
     the official quirk); compat: the official DiT row layout (2B rows [cond; uncond], see the module docstring).
+
+    Speed options (the math is unchanged unless stated): precision="bf16" runs the model under bf16 autocast
+    (its output, and so every guidance reduction, stays fp32; wrap decoders with `mixed_precision` likewise);
+    compile=True wraps the model in torch.compile; cuda_graphs=True records each step once per (step, batch
+    shape, classes) as a CUDA graph and replays it for later batches when every guidance is `capturable`
+    (else, on CPU, or if capture fails: eager, said once). model_jacobian=False is the opt-in fast mode: no
+    backward through the model on guided steps (an approximation; see `sample_step`).
     """
 
     def __init__(
@@ -185,6 +207,11 @@ class GuidedSampler:
         cfg_channels: int | None = None,
         compat: bool = False,
         num_classes: int = 1000,
+        *,
+        precision: str = "fp32",
+        compile: bool = False,
+        cuda_graphs: bool = False,
+        model_jacobian: bool = True,
     ):
         if num_classes <= 0:
             raise ValueError(f"num_classes must be > 0, got {num_classes}")
@@ -192,7 +219,13 @@ class GuidedSampler:
         self.cfg_scale, self.compat, self.num_classes = cfg_scale, compat, num_classes
         self.null_class = num_classes if null_class is None else null_class
         self.cfg_channels = cfg_channels
-        self.model_fn = guided_model(model, cfg_scale, self.null_class, cfg_channels, compat)
+        self.precision, self.model_jacobian = check_precision(precision), model_jacobian
+        network = torch.compile(model) if compile else model
+        self.model_fn = guided_model(mixed_precision(network, precision), cfg_scale, self.null_class, cfg_channels, compat)
+        self.graphs = StepGraphs() if cuda_graphs else None
+        if cuda_graphs and not all(g.capturable for g in self.guidances):
+            eager = sorted({type(g).__name__ for g in self.guidances if not g.capturable})
+            say_once(f"cuda_graphs: {', '.join(eager)} cannot be recorded as CUDA graphs; guided steps run eagerly")
 
     @property
     def rows_per_image(self) -> int:
@@ -218,16 +251,30 @@ class GuidedSampler:
         y = self._state_labels(labels, x.device)
         for guidance in self.guidances:
             guidance.begin_batch(labels, image_ids)
-        for index in tqdm(indices, disable=not progress, desc=method, leave=False):
-            noise = None if noise_steps is None else noise_steps[index]
-            x = sample_step(
-                self.model_fn, self.diffusion, x, index, y, noise, self.guidances,
-                rows=batch, image_ids=image_ids, method=method, eta=eta,
-            )  # fmt: skip
+        with value_checks(False):  # inputs were checked before the loop: no NaN scans (host syncs) per step
+            for index in tqdm(indices, disable=not progress, desc=method, leave=False):
+                noise = None if noise_steps is None else noise_steps[index]
+                x = self._step(x, index, y, noise, batch, image_ids, method, eta)
         final = x[:batch]
         for guidance in self.guidances:
             guidance.end_batch(final, labels)
         return final
+
+    def _step(self, x: Tensor, index: int, y: Tensor, noise: Tensor | None, batch: int,
+              image_ids: Sequence[ImageId], method: str, eta: float) -> Tensor:  # fmt: skip
+        """One step, replayed from a CUDA graph when graphs are on and every active guidance is capturable."""
+
+        def step(x: Tensor, y: Tensor, noise: Tensor | None) -> Tensor:
+            return sample_step(
+                self.model_fn, self.diffusion, x, index, y, noise, self.guidances, rows=batch, image_ids=image_ids,
+                method=method, eta=eta, model_jacobian=self.model_jacobian,
+            )  # fmt: skip
+
+        active = [g for g in self.guidances if g.active(index)]
+        if self.graphs is None or not all(g.capturable for g in active):
+            return step(x, y, noise)
+        key = (method, eta, index, tuple(x.shape), noise is None, tuple(g.capture_key(image_ids) for g in active))
+        return self.graphs.run(key, step, x, y, noise)
 
     def sample(
         self,

@@ -121,6 +121,22 @@ def test_igd_compat_mode_runs_and_differs_from_the_default(tmp_path, assets):
     assert a.shape == b.shape == (10, 1, 16, 16) and not torch.allclose(a, b)
 
 
+def test_speed_flags_run_and_the_approximations_are_recorded(tmp_path, assets):
+    """--compile and --cuda-graphs (eager fallback on CPU) keep the images; --precision bf16 and --fast are
+    approximations: recorded in the manifest (a resume must not mix them) and close to the exact run."""
+    runs = {name: tmp_path / name for name in ("exact", "speed", "approx")}
+    assert main(distill_args(runs["exact"], assets, ipc=1)) == 0
+    with pytest.warns(RuntimeWarning, match="cuda_graphs"):
+        assert main(distill_args(runs["speed"], assets, "--compile", "--cuda-graphs", ipc=1)) == 0
+    assert main(distill_args(runs["approx"], assets, "--precision", "bf16", "--fast", ipc=1)) == 0
+    latents = {n: load_file(str(d / ".fastdd" / "latents" / "0.safetensors"))["latents"] for n, d in runs.items()}
+    torch.testing.assert_close(latents["speed"], latents["exact"], rtol=1e-4, atol=1e-4)
+    assert 0 < (latents["approx"] - latents["exact"]).norm() < 0.1 * latents["exact"].norm()
+    config = json.loads((runs["approx"] / "manifest.json").read_text())["config"]
+    assert config["precision"] == "bf16" and config["model_jacobian"] is False
+    assert main(distill_args(runs["approx"], assets, ipc=1)) == 2  # an exact run may not resume an approximate one
+
+
 def test_igd_computes_and_caches_the_surrogate_from_data(tmp_path, assets):
     out = tmp_path / "run"
     args = ["distill", "--method", "igd", "--ipc", "1", "--out", str(out), "--model", str(assets["abc_prior"]),

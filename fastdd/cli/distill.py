@@ -118,7 +118,8 @@ def load_generator(args, device: torch.device) -> tuple[torch.nn.Module, object,
         except (OSError, RuntimeError, KeyError, TypeError) as err:
             raise ValueError(f"--model {spec}: cannot load a DiT ({type(err).__name__}: {str(err).splitlines()[0]})") from None
         vae = args.vae or "mse"
-        codec = PixelCodec(model.in_channels) if vae == "none" else LatentCodec.from_pretrained(vae, device=device)
+        codec = PixelCodec(model.in_channels) if vae == "none" else LatentCodec.from_pretrained(
+            vae, device=device, channels_last=device.type == "cuda", precision=args.precision)
         description.update(vae=vae)
         extra = {}
     if codec.latent_channels != model.in_channels:
@@ -212,6 +213,8 @@ def run_config(args, class_names, class_labels, models: Models, dataset: str, me
         "eta": args.eta,
         "cfg_scale": args.cfg_scale,
         "compat": args.compat,
+        "precision": args.precision,
+        "model_jacobian": not args.fast,
         "class_batch": args.class_batch,
         "classes": class_names,
         "class_labels": class_labels,
@@ -293,7 +296,8 @@ def run(args) -> int:
     guidances = [LocalLabels(g, table) for g in setup.guidances]
     sampler = GuidedSampler(prior, models.diffusion, guidances, cfg_scale=args.cfg_scale, compat=args.compat,
                             cfg_channels=min(3, prior.in_channels) if args.compat else None,
-                            num_classes=prior.num_classes)  # fmt: skip
+                            num_classes=prior.num_classes, precision=args.precision, compile=args.compile,
+                            cuda_graphs=args.cuda_graphs, model_jacobian=not args.fast)  # fmt: skip
     mine = batches_for_rank(plan, rank, world)
     guided = max((min(g.high, args.steps - 1) - g.low + 1 for g in guidances if g.requires_grad), default=0)
 
@@ -303,7 +307,8 @@ def run(args) -> int:
         print(f"method args {json.dumps(setup.params, sort_keys=True)}")
         print(f"classes     {len(class_names)} ({dataset}): {', '.join(class_names[:10])}{' ...' if len(class_names) > 10 else ''}")
         print(f"generator   {description['model']} ({sum(p.numel() for p in prior.parameters()):,} parameters), latent {list(latent)}, images {list(image)}")
-        print(f"sampling    {args.sampler}, {args.steps} steps, CFG {args.cfg_scale}{' (compat)' if args.compat else ''}, {guided} guided steps, device {device}")
+        print(f"sampling    {args.sampler}, {args.steps} steps, CFG {args.cfg_scale}{' (compat)' if args.compat else ''}, {guided} guided steps, "
+              f"{args.precision}{', fast (no DiT Jacobian)' if args.fast else ''}, device {device}")
         print(f"data        {data.description}")
         print(f"plan        {len(class_names) * args.ipc} images in {len(plan)} batches of ≤{args.class_batch} classes; "
               f"this process (rank {rank} of {world}): {len(mine)} batches")  # fmt: skip
@@ -388,6 +393,14 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--class-batch", type=int, default=10,
                         help="classes per batch (one image each); processes get whole chunks of this many classes")  # fmt: skip
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    speed = parser.add_argument_group("speed")
+    speed.add_argument("--precision", default="fp32", choices=("fp32", "bf16"),
+                       help="bf16: DiT forward and VAE decoder under bf16 autocast (guidance reductions stay fp32)")
+    speed.add_argument("--compile", action="store_true", help="torch.compile the DiT (first batch pays compilation)")
+    speed.add_argument("--cuda-graphs", action="store_true",
+                       help="replay whole sampling steps as CUDA graphs from the second batch on (CUDA only)")
+    speed.add_argument("--fast", action="store_true",
+                       help="opt-in approximation: guidance gradients skip the DiT Jacobian (no backward through the DiT)")
     parser.add_argument("--dry-run", action="store_true", help="print the plan and a time estimate, write nothing")
     parser.add_argument("--quiet", action="store_true")
     for method in METHODS.values():

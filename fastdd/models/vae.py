@@ -12,6 +12,8 @@ import os
 import torch
 from torch import nn
 
+from .precision import check_precision, mixed_precision
+
 __all__ = ["LatentCodec", "PixelCodec", "load_vae", "VAE_ALIASES", "SD_VAE_SCALE"]
 
 SD_VAE_SCALE = 0.18215
@@ -42,12 +44,14 @@ class LatentCodec:
 
     vae: a diffusers ``AutoencoderKL``. scale: latent scale factor (default: the VAE config's
     ``scaling_factor``, 0.18215 for the SD VAEs). channels_last: run the VAE in channels-last memory
-    format (faster convolutions on GPU); outputs are returned contiguous.
+    format (faster convolutions on GPU); outputs are returned contiguous. precision="bf16": decode under bf16
+    autocast (see fastdd.models.precision).
     Outputs have the dtype of the inputs; the VAE runs in its own dtype.
     """
 
-    def __init__(self, vae: nn.Module, scale: float | None = None, channels_last: bool = False):
+    def __init__(self, vae: nn.Module, scale: float | None = None, channels_last: bool = False, precision: str = "fp32"):
         self.vae = vae
+        self.precision = check_precision(precision)
         self.scale = float(scale if scale is not None else getattr(vae.config, "scaling_factor", SD_VAE_SCALE))
         self.channels_last = channels_last
         self.latent_channels = int(vae.config.latent_channels)
@@ -59,8 +63,9 @@ class LatentCodec:
     @classmethod
     def from_pretrained(cls, name_or_path: str = "stabilityai/sd-vae-ft-mse", dtype: torch.dtype | None = None,
                         device: torch.device | str | None = None, scale: float | None = None,
-                        channels_last: bool = False) -> "LatentCodec":
-        return cls(load_vae(name_or_path, dtype=dtype, device=device), scale=scale, channels_last=channels_last)
+                        channels_last: bool = False, precision: str = "fp32") -> "LatentCodec":
+        return cls(load_vae(name_or_path, dtype=dtype, device=device), scale=scale, channels_last=channels_last,
+                   precision=precision)  # fmt: skip
 
     @property
     def dtype(self) -> torch.dtype:
@@ -86,8 +91,8 @@ class LatentCodec:
         """latents: [B, 4, h, w] (scaled) -> images [B, 3, 8h, 8w], nominally in [-1, 1] (not clamped)."""
         if latents.ndim != 4 or latents.shape[1] != self.latent_channels:
             raise ValueError(f"latents: expected [B, {self.latent_channels}, h, w], got {list(latents.shape)}")
-        images = self.vae.decode(self._prepare(latents / self.scale)).sample
-        return images.to(latents.dtype).contiguous()
+        decode = mixed_precision(lambda z: self.vae.decode(self._prepare(z / self.scale)).sample, self.precision)
+        return decode(latents).to(latents.dtype).contiguous()
 
 
 class PixelCodec:

@@ -1,5 +1,6 @@
 """Diffusion tables and step functions, classifier-free guidance, per-image seeds and the guided sampling loop."""
-from .acceleration import CudaGraphRecorder, StepGraphs, mixed_precision
+from ..models.precision import mixed_precision
+from .acceleration import CudaGraphRecorder, StepGraphs
 from .cfg import cfg_model_output, compat_cfg_model_output, guided_model
 from .diffusion import GaussianDiffusion, diffusers_timesteps, linear_betas, space_timesteps
 from .sampler import Guidance, GuidedSampler, StepContext, ddim_invert, sample_step

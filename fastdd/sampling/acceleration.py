@@ -1,21 +1,17 @@
-"""Speed options of the sampler that leave the math alone: bf16 autocast and whole steps replayed as CUDA graphs.
+"""Whole sampler steps replayed as CUDA graphs (bf16 autocast lives in fastdd.models.precision).
 
-- `mixed_precision(fn, "bf16")` runs a network (DiT, VAE decoder) under bf16 autocast and hands back fp32, so
-  every guidance reduction (gradient cosines, Mercer distances, memories) stays fp32.
-- `StepGraphs` records each sampler step once as a CUDA graph (static input buffers, one shared memory pool)
-  and replays it for every later batch with the same key; on CPU, or when capture fails, it runs the step
-  eagerly and says so once.
+`StepGraphs` records each sampler step once as a CUDA graph (static input buffers, one shared memory pool) and
+replays it for every later batch with the same key; on CPU, or when capture fails, it runs the step eagerly
+and says so once.
 """
 from __future__ import annotations
 
-import functools
 import warnings
 from typing import Callable, Hashable
 
 import torch
 from torch import Tensor
 
-PRECISIONS = ("fp32", "bf16")
 _said: set[str] = set()
 
 
@@ -24,27 +20,6 @@ def say_once(message: str) -> None:
     if message not in _said:
         _said.add(message)
         warnings.warn(message, RuntimeWarning, stacklevel=3)
-
-
-def check_precision(precision: str) -> str:
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
-    return precision
-
-
-def mixed_precision(fn: Callable[..., Tensor], precision: str = "fp32") -> Callable[..., Tensor]:
-    """fn(x, *args) under bf16 autocast (precision="bf16") with its result cast back to x's dtype; fn itself
-    for "fp32". Autocast's weight cache is off so the wrapped call can be captured in a CUDA graph."""
-    if check_precision(precision) == "fp32":
-        return fn
-
-    @functools.wraps(fn)
-    def autocast_fn(x: Tensor, *args, **kwargs) -> Tensor:
-        with torch.autocast(x.device.type, dtype=torch.bfloat16, cache_enabled=False):
-            out = fn(x, *args, **kwargs)
-        return out.to(x.dtype)
-
-    return autocast_fn
 
 
 class CudaGraphRecorder:

@@ -21,7 +21,8 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from ..ops import value_checks
-from .acceleration import StepGraphs, check_precision, mixed_precision, say_once
+from ..models.precision import check_precision, mixed_precision
+from .acceleration import StepGraphs, say_once
 from .cfg import ModelFn, guided_model
 from .diffusion import GaussianDiffusion
 from .seeds import batch_trajectory_noise

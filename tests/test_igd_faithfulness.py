@@ -1,4 +1,4 @@
-"""Faithfulness of fastdd's IGD: compat mode reproduces the authors' algorithm (tests/authors_igd.py).
+"""Faithfulness of fastdd's IGD: compat mode reproduces the authors' algorithm (fastdd.bench.authors).
 
 Both sides run the full 50-step ancestral sampler with the official CFG row layout, deviation and influence
 guidance on respaced indices [30, 45], on the same tiny random models and the same noise (fastdd's per-image
@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch.nn.utils import parameters_to_vector
 
-from authors_igd import RespacedDiffusion, authors_igd_sample, linear_betas, space_timesteps
+from fastdd.bench.authors import RespacedDiffusion, authors_igd_sample, linear_betas, space_timesteps
 from fastdd.guidance.deviation import DeviationGuidance
 from fastdd.guidance.influence import InfluenceGuidance
 from fastdd.models import ConvNet, LatentCodec

@@ -1,8 +1,8 @@
 """IGDS information guidance (fastdd.guidance.information) against a restatement written from the paper.
 
-The reference loss is a plain per-sample loop over the formulas (x̂ = f(x)/‖f(x)‖, P(ŷ|x) = softmax(g(x̂)),
-σ = softmax(x̂/τ), KL(σ ‖ Q_y), entropy of the mean prediction); the reference sampler is an ancestral DDPM
-loop written here from the ADM formulas with GaussianDiffusion's float64 tables, two separate CFG forwards
+The reference (fastdd.bench.authors) loss is a plain per-sample loop over the formulas (x̂ = f(x)/‖f(x)‖,
+P(ŷ|x) = softmax(g(x̂)), σ = softmax(x̂/τ), KL(σ ‖ Q_y), entropy of the mean prediction); the reference sampler is
+an ancestral DDPM loop written from the ADM formulas with GaussianDiffusion's float64 tables, two separate CFG forwards
 and x_{t-1} = x'_{t-1} + η·∇_{x_t}(B·L). fastdd's GuidedSampler + InformationGuidance must agree to 1e-4
 relative over a full 50-step run on a tiny random DiT and VAE.
 """
@@ -13,6 +13,7 @@ import math
 import pytest
 import torch
 
+from fastdd.bench.authors import authors_igds_sample, igds_loss
 from fastdd.data.digits import load_digits_split
 from fastdd.guidance.information import (
     InformationEstimator,
@@ -25,7 +26,7 @@ from fastdd.guidance.information import (
     train_information_estimator,
 )
 from fastdd.models import LatentCodec
-from fastdd.sampling import GaussianDiffusion, GuidedSampler, trajectory_noise
+from fastdd.sampling import GaussianDiffusion, GuidedSampler
 from tiny_dit import relative_error, tiny_denoising_dit, tiny_vae
 
 NUM_CLASSES, NULL_CLASS = 4, 4
@@ -34,6 +35,7 @@ NUM_STEPS, CFG_SCALE, SEED = 50, 4.0, 11
 ETA, BETA = 0.05, 0.5
 RTOL = 1e-4
 IMAGE_IDS = [(0, 0, SEED), (2, 1, SEED), (3, 0, SEED)]  # (class, image index, seed): three classes in one batch
+AUTHORS_OPTIONS = dict(cfg_scale=CFG_SCALE, null_class=NULL_CLASS)
 
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -57,57 +59,6 @@ def models():
     return dit, LatentCodec(tiny_vae()), random_estimator()
 
 
-# --------------------------------------------------------------------------- reference, from the paper
-def reference_loss(latents, labels, decode, estimator, beta):
-    """L = E log P(ŷ=y|x) + H(Ŷ) + β E KL(σ(x̂) ‖ Q_y), one image at a time (H over the batch-mean prediction)."""
-    log_likelihoods, predictions, kls = [], [], []
-    for latent, label in zip(latents, labels.tolist()):
-        image = decode(latent[None])
-        features = estimator.encoder(image)[0]
-        x_hat = features / features.pow(2).sum().sqrt()
-        logits = estimator.classifier(x_hat)
-        probabilities = logits.exp() / logits.exp().sum()
-        log_likelihoods.append(probabilities[label].log())
-        predictions.append(probabilities)
-        sigma = (x_hat / estimator.tau).exp() / (x_hat / estimator.tau).exp().sum()
-        q = estimator.class_means[label]
-        kls.append((sigma * (sigma / q).log()).sum())
-    marginal = torch.stack(predictions).mean(0)
-    entropy = -(marginal * marginal.log()).sum()
-    return torch.stack(log_likelihoods).mean() + entropy + beta * torch.stack(kls).mean()
-
-
-def reference_igds_sample(dit, decode, estimator, image_ids, eta, beta, source="xstart", num_steps=NUM_STEPS,
-                          perturbation=0.0):  # fmt: skip
-    """Ancestral DDPM (learned-range variance, CFG on all eps channels) with IGDS at every step.
-    perturbation: x_T is multiplied by (1 + perturbation · z), z ~ N(0, I) (conditioning check)."""
-    diffusion = GaussianDiffusion(num_steps)
-    noises = [trajectory_noise(seed, c, i, LATENT_SHAPE, num_steps) for c, i, seed in image_ids]
-    x = torch.stack([n.initial for n in noises])
-    x = x * (1 + perturbation * torch.randn(x.shape, generator=torch.Generator().manual_seed(100)))
-    y = torch.tensor([c for c, _, _ in image_ids])
-    batch, channels = x.shape[0], x.shape[1]
-    for i in reversed(range(num_steps)):
-        ab, ab_prev = float(diffusion.alphas_cumprod[i]), float(diffusion.alphas_cumprod_prev[i])
-        beta_i = 1 - ab / ab_prev
-        log_posterior = float(diffusion.posterior_log_variance_clipped[i])
-        x_t = x.detach().requires_grad_(True)
-        t = torch.full((batch,), diffusion.timestep_list[i])
-        cond, uncond = dit(x_t, t, y), dit(x_t, t, torch.full_like(y, NULL_CLASS))
-        eps = uncond[:, :channels] + CFG_SCALE * (cond[:, :channels] - uncond[:, :channels])
-        fraction = (cond[:, channels:] + 1) / 2
-        log_variance = fraction * math.log(beta_i) + (1 - fraction) * log_posterior
-        x0 = math.sqrt(1 / ab) * x_t - math.sqrt(1 / ab - 1) * eps
-        mean = beta_i * math.sqrt(ab_prev) / (1 - ab) * x0 + (1 - ab_prev) * math.sqrt(1 - beta_i) / (1 - ab) * x_t
-        noise = torch.stack([n.steps[i, 0] for n in noises]) if i > 0 else torch.zeros_like(x)
-        sample = mean + torch.exp(0.5 * log_variance) * noise
-        guided_latents = x0 if source == "xstart" else sample
-        loss = batch * reference_loss(guided_latents, y, decode, estimator, beta)
-        (gradient,) = torch.autograd.grad(loss, x_t)
-        x = sample.detach() + eta * gradient
-    return x
-
-
 def fastdd_igds_sample(dit, decode, estimator, image_ids, eta, beta, source="xstart", num_steps=NUM_STEPS):
     guidance = InformationGuidance(decode, estimator, eta, beta, source=source)
     sampler = GuidedSampler(dit, GaussianDiffusion(num_steps), [guidance], cfg_scale=CFG_SCALE,
@@ -122,7 +73,7 @@ def test_loss_and_gradient_match_reference(models):
     latents = torch.randn(3, *LATENT_SHAPE, generator=generator, dtype=torch.float32).requires_grad_(True)
     labels = torch.tensor([0, 2, 2])
     loss = information_loss(codec.decode(latents), labels, estimator, BETA)
-    expected = reference_loss(latents, labels, codec.decode, estimator, BETA)
+    expected = igds_loss(latents, labels, codec.decode, estimator, BETA)
     torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
     (grad,) = torch.autograd.grad(loss, latents)
     (expected_grad,) = torch.autograd.grad(expected, latents)
@@ -140,7 +91,7 @@ def test_drop_in_gradient_is_the_gradient_of_batch_times_loss(models):
     x0 = 1.3 * torch.tanh(x_t)  # stands in for a model's x̂0(x_t)
     labels = torch.tensor([1, 3])
     gradient = information_gradient(x_t, x0, codec.decode, estimator, labels, BETA, retain_graph=True)
-    (expected,) = torch.autograd.grad(2 * reference_loss(x0, labels, codec.decode, estimator, BETA), x_t)
+    (expected,) = torch.autograd.grad(2 * igds_loss(x0, labels, codec.decode, estimator, BETA), x_t)
     torch.testing.assert_close(gradient, expected, rtol=1e-4, atol=1e-6)
 
 
@@ -174,7 +125,7 @@ def test_batch_marginal_entropy_is_the_entropy_of_the_mean_prediction():
 @pytest.fixture(scope="module")
 def reference_latents(models):
     dit, codec, estimator = models
-    return reference_igds_sample(dit, codec.decode, estimator, IMAGE_IDS, ETA, BETA)
+    return authors_igds_sample(dit, codec.decode, estimator, IMAGE_IDS, ETA, BETA, LATENT_SHAPE, **AUTHORS_OPTIONS)
 
 
 def test_guided_run_matches_reference(models, reference_latents):
@@ -192,7 +143,8 @@ def test_guidance_is_not_vacuous_and_setup_is_well_conditioned(models, reference
     assert relative_error(unguided, reference_latents) > 100 * RTOL
     no_kl = fastdd_igds_sample(dit, codec.decode, estimator, IMAGE_IDS, ETA, 0.0)
     assert relative_error(no_kl, reference_latents) > 10 * RTOL
-    moved = reference_igds_sample(dit, codec.decode, estimator, IMAGE_IDS, ETA, BETA, perturbation=1e-7)
+    moved = authors_igds_sample(dit, codec.decode, estimator, IMAGE_IDS, ETA, BETA, LATENT_SHAPE, perturbation=1e-7,
+                                **AUTHORS_OPTIONS)  # fmt: skip
     assert relative_error(moved, reference_latents) < RTOL / 20
 
 
@@ -200,7 +152,8 @@ def test_guided_run_matches_reference_with_the_paper_literal_source(models):
     """source="sample": the VE on the decoded ancestral sample x'_{t-1} (through mean and learned std)."""
     dit, codec, estimator = models
     ids = IMAGE_IDS[:2]
-    expected = reference_igds_sample(dit, codec.decode, estimator, ids, ETA, BETA, source="sample", num_steps=20)
+    expected = authors_igds_sample(dit, codec.decode, estimator, ids, ETA, BETA, LATENT_SHAPE, source="sample", num_steps=20,
+                                   **AUTHORS_OPTIONS)  # fmt: skip
     latents = fastdd_igds_sample(dit, codec.decode, estimator, ids, ETA, BETA, source="sample", num_steps=20)
     assert relative_error(latents, expected) <= RTOL
     xstart = fastdd_igds_sample(dit, codec.decode, estimator, ids, ETA, BETA, num_steps=20)

@@ -1,5 +1,6 @@
-"""DAP (fastdd.guidance.mercer) against a plain restatement of the paper's Algorithm 1: batch 1, loops over
-the real samples, D_K written from its kernel, the DiT blocks run by hand, over full sampling runs."""
+"""DAP (fastdd.guidance.mercer) against a plain restatement of the paper's Algorithm 1 (fastdd.bench.authors):
+batch 1, loops over the real samples, D_K written from its kernel, the DiT blocks run by hand, over full
+sampling runs."""
 from __future__ import annotations
 
 import math
@@ -7,8 +8,9 @@ import math
 import pytest
 import torch
 
+from fastdd.bench.authors import authors_dap_sample, dap_block_features, dap_energy, dap_real_features
 from fastdd.guidance.mercer import JLProjection, MercerGuidance, RealFeatures, jl_min_dim, real_features
-from fastdd.sampling import GaussianDiffusion, GuidedSampler, StepContext, trajectory_noise
+from fastdd.sampling import GaussianDiffusion, GuidedSampler, StepContext
 from tiny_dit import relative_error, tiny_denoising_dit  # random DiT + the exact N(0, I) denoiser
 
 NUM_CLASSES, NULL = 3, 3
@@ -37,77 +39,6 @@ def reals():
     return latents, labels
 
 
-# ------------------------------------------------------------------------------------------- reference
-def phi(model, x, timestep, label):
-    """Output of block BLOCK for one latent x [C, H, W], running the blocks by hand -> [T·hidden]."""
-    t = torch.tensor([timestep])
-    y = torch.tensor([label])
-    c = model.t_embedder(t) + model.y_embedder(y)
-    tokens = model.x_embedder(x[None]) + model.pos_embed
-    for block in list(model.blocks)[: BLOCK + 1]:
-        tokens = block(tokens, c)
-    return tokens.flatten()
-
-
-def kernel_value(a, b, kernel, dim):
-    if kernel == "linear":
-        return torch.dot(a, b)
-    if kernel == "rbf":
-        return torch.exp(-((a - b) ** 2).sum() / (2 * dim))  # σ = √D
-    return (torch.dot(a, b) / dim + 1.0) ** 2  # poly, degree 2, coef0 1
-
-
-def reference_energy(feature, real_list, kernel):
-    """(1/N) Σ_n D_K(feature, real_n), D_K = √(K(x,x) + K(y,y) − 2K(x,y))."""
-    dim = feature.shape[0]
-    total = 0.0
-    for real in real_list:
-        squared = kernel_value(feature, feature, kernel, dim) + kernel_value(real, real, kernel, dim)
-        squared = squared - 2 * kernel_value(feature, real, kernel, dim)
-        total = total + torch.sqrt(squared)
-    return total / len(real_list)
-
-
-def reference_real_features(model, latents, labels, label, t_mode, diffusion=None, index=None, storage=torch.float32):
-    class_latents = latents[labels == label]
-    if t_mode == "noised":
-        generator = torch.Generator().manual_seed(SEED + label)
-        noise = torch.randn(class_latents.shape, generator=generator)
-        alpha_bar = diffusion.alpha_bar(index)
-        class_latents = math.sqrt(alpha_bar) * class_latents + math.sqrt(1 - alpha_bar) * noise
-        timestep = diffusion.timestep_list[index]
-    else:
-        timestep = 0
-    return [phi(model, z, timestep, label).to(storage).float() for z in class_latents]
-
-
-def reference_sample(model, diffusion, label, image_index, latents, labels, kernel, gamma, t_mode):
-    """One image, the paper's loop: x̃ = ancestral DDPM step with CFG; x ← x̃ − γ ∇_{x_t} energy."""
-    noise = trajectory_noise(SEED, label, image_index, (C, H, H), STEPS)
-    x = noise.initial
-    zero_reals = reference_real_features(model, latents, labels, label, "zero") if t_mode == "zero" else None
-    for i in range(STEPS - 1, -1, -1):
-        timestep = diffusion.timestep_list[i]
-        t = torch.tensor([timestep])
-        with torch.no_grad():
-            cond = model(x[None], t, torch.tensor([label]))
-            uncond = model(x[None], t, torch.tensor([NULL]))
-            eps = uncond[:, :C] + CFG * (cond[:, :C] - uncond[:, :C])
-            out = diffusion.p_mean_variance(torch.cat([eps, cond[:, C:]], dim=1), x[None], i)
-            sample = out["mean"][0]
-            if i > 0:
-                sample = sample + torch.exp(0.5 * out["log_variance"][0]) * noise.steps[i, 0]
-        if t_mode == "zero":
-            reals = zero_reals
-        else:
-            reals = reference_real_features(model, latents, labels, label, t_mode, diffusion, i)
-        x_t = x.clone().requires_grad_(True)
-        energy = reference_energy(phi(model, x_t, timestep, label), reals, kernel)
-        (grad,) = torch.autograd.grad(energy, x_t)
-        x = sample - gamma * grad
-    return x
-
-
 def fastdd_sample(model, diffusion, guidances, labels, image_ids):
     sampler = GuidedSampler(model, diffusion, guidances, cfg_scale=CFG, num_classes=NUM_CLASSES)
     return sampler.sample(labels, image_ids, (C, H, H), "cpu", progress=False)
@@ -126,7 +57,9 @@ def test_full_run_matches_reference(model, reals, kernel, t_mode, gamma):
     guided = fastdd_sample(model, diffusion, [guidance], batch_labels, image_ids)
     unguided = fastdd_sample(model, diffusion, [], batch_labels, image_ids)
     for b, (label, image_index, _) in enumerate(image_ids):
-        expected = reference_sample(model, diffusion, label, image_index, latents, labels, kernel, gamma, t_mode)
+        expected = authors_dap_sample(model, diffusion, label, image_index, latents, labels, block_index=BLOCK,
+                                      kernel=kernel, gamma=gamma, t_mode=t_mode, seed=SEED, cfg_scale=CFG,
+                                      null_class=NULL)  # fmt: skip
         assert relative_error(guided[b], expected) < 1e-4
         assert relative_error(unguided[b], expected) > 1e-2  # the guidance does change the image
 
@@ -144,9 +77,9 @@ def test_precomputed_bfloat16_features_and_step_window(model, reals):
     x_fast = x.clone().requires_grad_(True)
     (grad_fast,) = torch.autograd.grad(guidance.energy(x_fast, t, y, [1, 0], 3), x_fast)
     for b in range(2):
-        reals_b = reference_real_features(model, latents, labels, int(y[b]), "zero", storage=torch.bfloat16)
+        reals_b = dap_real_features(model, latents, labels, int(y[b]), BLOCK, "zero", storage=torch.bfloat16)
         x_ref = x[b].clone().requires_grad_(True)
-        energy = reference_energy(phi(model, x_ref, int(t[b]), int(y[b])), reals_b, "linear")
+        energy = dap_energy(dap_block_features(model, x_ref, int(t[b]), int(y[b]), BLOCK), reals_b, "linear")
         (grad_ref,) = torch.autograd.grad(energy, x_ref)
         assert relative_error(grad_fast[b], grad_ref) < 1e-4
     image_ids = [(0, 0, SEED)]
@@ -191,9 +124,9 @@ def test_projected_guidance_matches_reference(model, reals):
     x = torch.randn(1, C, H, H, generator=torch.Generator().manual_seed(5))
     x_fast = x.clone().requires_grad_(True)
     (grad_fast,) = torch.autograd.grad(guidance.energy(x_fast, torch.tensor([500]), torch.tensor([1]), [1], 0), x_fast)
-    reals_1 = [r @ projection.matrix for r in reference_real_features(model, latents, labels, 1, "zero")]
+    reals_1 = [r @ projection.matrix for r in dap_real_features(model, latents, labels, 1, BLOCK, "zero")]
     x_ref = x[0].clone().requires_grad_(True)
-    energy = reference_energy(phi(model, x_ref, 500, 1) @ projection.matrix, reals_1, "linear")
+    energy = dap_energy(dap_block_features(model, x_ref, 500, 1, BLOCK) @ projection.matrix, reals_1, "linear")
     (grad_ref,) = torch.autograd.grad(energy, x_ref)
     assert relative_error(grad_fast[0], grad_ref) < 1e-4
     assert bank.get(1, 0)[0].shape == (5, 64)

@@ -1,11 +1,11 @@
 """MGD3 (fastdd.guidance.mode): torch k-means against a plain Lloyd loop, and ModeGuidance on the sampler
-against the MGD3 ancestral loop written out here from SPEC (batch 1, the tables of tests/authors_igd.py)."""
+against the MGD3 ancestral loop restated from SPEC in fastdd.bench.authors (batch 1)."""
 from __future__ import annotations
 
 import pytest
 import torch
 
-from authors_igd import RespacedDiffusion, forward_with_cfg
+from fastdd.bench.authors import authors_dit_sample
 from fastdd.guidance.mode import (
     ModeGuidance,
     class_modes,
@@ -16,7 +16,7 @@ from fastdd.guidance.mode import (
     mode_update,
 )
 from fastdd.models import PixelCodec
-from fastdd.sampling import GaussianDiffusion, GuidedSampler, trajectory_noise
+from fastdd.sampling import GaussianDiffusion, GuidedSampler
 from tiny_dit import relative_error, tiny_denoising_dit
 
 NUM_CLASSES, NULL_CLASS = 4, 4
@@ -168,36 +168,6 @@ def modes():
     return fit_modes(torch.cat(latents), torch.cat(labels), IPC, range(NUM_CLASSES), progress=False)
 
 
-def reference_mgd3_image(model, mode, label, image_index, compat, lam=LAM, stop=STOP_INDEX):
-    """One image by the MGD3 ancestral loop (SPEC "Shared backbone" + "MGD3"), batch 1.
-
-    clean: B = 1 row, CFG on all 4 eps channels in one [cond; uncond] forward.
-    compat: the official 2-row loop (forward_with_cfg, CFG on eps[:, :3]); the mode term uses the conditional
-    row's x̂0 and is added to the mean of both rows, each with its own σ (the authors' broadcast).
-    """
-    tables = RespacedDiffusion(NUM_STEPS)
-    rows = 2 if compat else 1
-    noise = trajectory_noise(SEED, label, image_index, LATENT_SHAPE, NUM_STEPS, rows=rows)
-    x = noise.initial[None].repeat(rows, 1, 1, 1)
-    with torch.no_grad():
-        for i in range(NUM_STEPS - 1, -1, -1):
-            t = torch.tensor([tables.timestep_map[i]] * 2)
-            y = torch.tensor([label, NULL_CLASS])
-            if compat:
-                out = forward_with_cfg(model, x, t, y, CFG_SCALE)
-            else:
-                both = model(torch.cat([x, x]), t, y)
-                cond, uncond = both[:1], both[1:]
-                eps = uncond[:, :4] + CFG_SCALE * (cond[:, :4] - uncond[:, :4])
-                out = torch.cat([eps, cond[:, 4:]], dim=1)
-            p = tables.p_mean_variance(out, x, i)
-            mean = p["mean"]
-            if i > stop:
-                mean = mean - lam * (p["pred_xstart"][:1] - mode) * torch.exp(0.5 * p["log_variance"])
-            x = mean + (torch.exp(0.5 * p["log_variance"]) * noise.steps[i] if i > 0 else 0)
-    return x[0]
-
-
 def fastdd_run(model, modes, compat, lam=LAM, stop=STOP_INDEX, cfg_channels=None):
     guidance = ModeGuidance(modes, lam=lam, stop_index=stop, compat=compat)
     sampler = GuidedSampler(model, GaussianDiffusion(NUM_STEPS), [guidance], cfg_scale=CFG_SCALE,
@@ -212,7 +182,9 @@ def fastdd_run(model, modes, compat, lam=LAM, stop=STOP_INDEX, cfg_channels=None
 def test_mode_guidance_matches_reference_loop(model, modes, compat):
     finals = fastdd_run(model, modes, compat)
     for (c, j), final in finals.items():
-        expected = reference_mgd3_image(model, modes[c][j], c, j, compat)
+        expected = authors_dit_sample(model, c, j, LATENT_SHAPE, num_steps=NUM_STEPS, cfg_scale=CFG_SCALE,
+                                      null_class=NULL_CLASS, seed=SEED, compat=compat, mode=modes[c][j], lam=LAM,
+                                      stop_index=STOP_INDEX)  # fmt: skip
         assert torch.isfinite(final).all()
         assert relative_error(final, expected) <= RTOL, (c, j, relative_error(final, expected))
 

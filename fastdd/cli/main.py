@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import distill, evaluate, info, prior, surrogate
+from . import bench, distill, evaluate, info, prior, surrogate
 from .errors import UsageError
 
 
@@ -16,6 +16,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_parser(subparsers)
     prior.add_parser(subparsers)
     surrogate.add_parser(subparsers)
+    bench.add_parser(subparsers)
     return parser
 
 

@@ -5,9 +5,11 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 from PIL import Image
+from tiny_dit import relative_error
 
-from fastdd.bench.sampler import METHODS, default_out, main as script_main
+from fastdd.bench.sampler import METHODS, Models, authors_call, default_out, fastdd_call, main as script_main
 from fastdd.cli.main import main
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -29,7 +31,7 @@ def test_writes_json_markdown_and_chart_with_one_record_per_method_and_path(benc
     assert names == ["sampler_tiny_cpu.json", "sampler_tiny_cpu.md", "sampler_tiny_cpu.png"]
     records = json.loads((bench_run / "sampler_tiny_cpu.json").read_text())
     keys = [(r["method"], r["path"]) for r in records]
-    expected = {(m, p) for m in METHODS for p in ("authors", "eager") if (m, p) != ("d3hr", "authors")}
+    expected = {(m, p) for m in METHODS for p in ("authors", "eager")}
     assert len(keys) == len(set(keys)) and set(keys) == expected
     table = (bench_run / "sampler_tiny_cpu.md").read_text().splitlines()
     assert len(table) == 2 + len(records) and "speedup_vs_reference" in table[0]
@@ -47,16 +49,20 @@ def test_derived_columns_agree_with_the_times(bench_run):
         method, path, own = r["method"], r["path"], r["seconds_per_image"]
         assert own > 0 and r["images_per_second"] == pytest.approx(1 / own)
         assert r["guided_over_plain"] == pytest.approx(own / seconds[("dit", path)])
-        if method == "d3hr":
-            assert r["speedup_vs_reference"] is None
-        else:
-            reference = seconds[(method, "authors")]
-            best = seconds[(method, "eager")]  # the only fp32 fastdd path without compile
-            assert r["speedup_vs_reference"] == pytest.approx(reference / (best if path == "authors" else own))
+        reference = seconds[(method, "authors")]
+        best = seconds[(method, "eager")]  # the only fp32 fastdd path without compile
+        assert r["speedup_vs_reference"] == pytest.approx(reference / (best if path == "authors" else own))
     ratios = {r["method"]: r["cost_model_ratio"] for r in records}
     assert ratios["dit"] == 1.0 and ratios["sam"] == pytest.approx(1.0)
     assert ratios["igd"] > 1 and ratios["dap"] > 1 and ratios["igds"] > 1
     assert ratios["d3hr"] < 1  # DDIM from index 2 of 4: 3 of the 4 steps
+
+
+def test_d3hr_authors_and_fastdd_calls_run_the_same_ddim_stage():
+    models = Models("tiny", torch.device("cpu"), 4)
+    call, images = authors_call("d3hr", models)
+    fastdd_image = fastdd_call("d3hr", models, 1)()[0]
+    assert images == 1 and relative_error(call(), fastdd_image) <= 1e-4
 
 
 def test_a_subset_of_methods_runs_dit_too_and_names_its_files(tmp_path):

@@ -1,6 +1,7 @@
-"""D3HR (fastdd.guidance.d3hr) against the pipeline written out here from SPEC "D3HR", image by image:
-DDIM inversion and DDIM sampling on diffusers' "leading" 50-step schedule (timesteps 20k, tables computed
-here), CFG 4 on all eps channels, the class Gaussian with torch.mean / torch.var, the group score of SPEC."""
+"""D3HR (fastdd.guidance.d3hr) against the pipeline written out from SPEC "D3HR", image by image: DDIM
+inversion here and DDIM sampling in fastdd.bench.authors (`authors_d3hr_generate`), on diffusers' "leading"
+50-step schedule (timesteps 20k, tables computed there), CFG 4 on all eps channels (`d3hr_eps`), the class
+Gaussian with torch.mean / torch.var, the group score of SPEC."""
 from __future__ import annotations
 
 import math
@@ -10,6 +11,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from fastdd.bench.authors import authors_d3hr_generate, d3hr_eps
 from fastdd.guidance.d3hr import (
     ClassStatistics,
     class_statistics,
@@ -54,34 +56,14 @@ def make_sampler(model):
 
 
 # ------------------------------------------------------------------------------------ reference (SPEC)
-def reference_eps(model, x, timestep, label):
-    """CFG on all 4 eps channels from one [cond; uncond] forward. x: [1, C, H, W]."""
-    out = model(torch.cat([x, x]), torch.tensor([timestep] * 2), torch.tensor([label, NULL_CLASS]))
-    cond, uncond = out[:1, :4], out[1:, :4]
-    return uncond + CFG_SCALE * (cond - uncond)
-
-
 def reference_invert(model, x0, label, target=TARGET):
     """DDIM inversion: x_{k+1} = √ᾱ_{k+1}·(x_k − √(1−ᾱ_k)·eps)/√ᾱ_k + √(1−ᾱ_{k+1})·eps, eps at timestep 20(k+1)."""
     x = x0[None]
     with torch.no_grad():
         for k in range(target):
-            eps = reference_eps(model, x, STRIDE * (k + 1), label)
+            eps = d3hr_eps(model, x, STRIDE * (k + 1), label, cfg_scale=CFG_SCALE, null_class=NULL_CLASS)
             a, a_next = ALPHAS_CUMPROD[STRIDE * k], ALPHAS_CUMPROD[STRIDE * (k + 1)]
             x = math.sqrt(a_next) * (x - math.sqrt(1 - a) * eps) / math.sqrt(a) + math.sqrt(1 - a_next) * eps
-    return x[0]
-
-
-def reference_generate(model, x_start, label, start=TARGET):
-    """DDIM (η = 0) from index `start` down to 0; the last step goes to ᾱ = 1."""
-    x = x_start[None]
-    with torch.no_grad():
-        for k in range(start, -1, -1):
-            eps = reference_eps(model, x, STRIDE * k, label)
-            a = ALPHAS_CUMPROD[STRIDE * k]
-            a_prev = ALPHAS_CUMPROD[STRIDE * (k - 1)] if k > 0 else 1.0
-            x0 = (x - math.sqrt(1 - a) * eps) / math.sqrt(a)
-            x = math.sqrt(a_prev) * x0 + math.sqrt(1 - a_prev) * eps
     return x[0]
 
 
@@ -187,7 +169,8 @@ def test_generation_matches_reference_ddim(model, class_latents, start):
     group = class_latents[:3]
     finals = generate_from_group(make_sampler(model), group, 1, start, progress=False)
     for latent, final in zip(group, finals):
-        assert relative_error(final, reference_generate(model, latent, 1, start)) <= RTOL
+        expected = authors_d3hr_generate(model, latent, 1, start, cfg_scale=CFG_SCALE, null_class=NULL_CLASS)
+        assert relative_error(final, expected) <= RTOL
 
 
 def test_distill_class_matches_reference_pipeline(model, class_latents, tmp_path):
@@ -196,7 +179,8 @@ def test_distill_class_matches_reference_pipeline(model, class_latents, tmp_path
     mean, std = inverted.mean(0).flatten(), inverted.var(0).sqrt().flatten()
     generator = torch.Generator().manual_seed(group_seed(seed, label))
     group, _ = reference.group_sampling(mean, std, ipc, n, generator=generator)
-    expected = torch.stack([reference_generate(model, latent.view(LATENT_SHAPE), label) for latent in group])
+    expected = torch.stack([authors_d3hr_generate(model, latent.view(LATENT_SHAPE), label, TARGET, cfg_scale=CFG_SCALE,
+                                                  null_class=NULL_CLASS) for latent in group])  # fmt: skip
     finals = distill_class(make_sampler(model), class_latents, label, ipc, n_candidates=n, seed=seed,
                            stats_dir=tmp_path, backend="reference", progress=False)  # fmt: skip
     assert finals.shape == (ipc, *LATENT_SHAPE) and torch.isfinite(finals).all()

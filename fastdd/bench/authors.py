@@ -26,6 +26,9 @@ and, where a loop says so, `GaussianDiffusion`'s float64 tables. Every loop runs
 - IGDS (SPEC "IGDS", from the paper; no code is public): ancestral DDPM from the ADM formulas with
   GaussianDiffusion's tables, two CFG forwards, x_{t−1} = x'_{t−1} + η·∇_{x_t}(B·L), L written per image.
   `authors_igds_sample`.
+- D3HR (SPEC "D3HR", generation stage): DDIM (η = 0) on diffusers' "leading" schedule from a given latent,
+  CFG on all eps channels from one [cond; uncond] forward (`d3hr_eps`), tables computed in the loop.
+  `authors_d3hr_generate`.
 """
 from __future__ import annotations
 
@@ -512,3 +515,47 @@ def authors_igds_sample(
             (gradient,) = torch.autograd.grad(loss, x_t)
         x = sample.detach() + eta * gradient
     return x
+
+
+# --------------------------------------------------------------------------- D3HR
+def d3hr_eps(model: nn.Module, x: Tensor, timestep: int, label: int, *, cfg_scale: float = 4.0,
+             null_class: int = 1000) -> Tensor:  # fmt: skip
+    """diffusers' DiTPipeline CFG: one forward of [x; x] with labels [label; null_class], CFG on all eps channels
+    (the variance channels are dropped). x: [1, C, H, W] -> eps [1, C, H, W]."""
+    timesteps = torch.tensor([timestep] * 2, device=x.device)
+    out = model(torch.cat([x, x]), timesteps, torch.tensor([label, null_class], device=x.device))
+    channels = x.shape[1]
+    cond, uncond = out[:1, :channels], out[1:, :channels]
+    return uncond + cfg_scale * (cond - uncond)
+
+
+def authors_d3hr_generate(
+    model: nn.Module,
+    x_start: Tensor,
+    label: int,
+    start_index: int = 31,
+    *,
+    num_steps: int = 50,
+    cfg_scale: float = 4.0,
+    null_class: int = 1000,
+) -> Tensor:
+    """D3HR's generation: DDIM (η = 0) from respaced index start_index down to 0 on diffusers' "leading" schedule
+    (timestep k · (1000 // num_steps) at index k, ᾱ from the linear betas computed here), one image, under no_grad.
+
+    Per step k: eps = `d3hr_eps` at timestep k·stride; x̂0 = (x − √(1−ᾱ_k)·eps) / √ᾱ_k;
+    x ← √ᾱ_prev·x̂0 + √(1−ᾱ_prev)·eps with ᾱ_prev = ᾱ at index k − 1, and 1 after index 0 (diffusers'
+    set_alpha_to_one, the ᾱ fastdd uses). D3HR's own update takes ᾱ at max(1, t − stride) as the previous ᾱ
+    (its last two steps end at ᾱ_1): not reproduced here; the work per step is the same. fp32 (the authors run
+    the pipeline in fp16). x_start: [C, H, W] latent at start_index -> final latent [C, H, W].
+    """
+    alphas_cumprod = np.cumprod(1.0 - linear_betas())
+    stride = len(alphas_cumprod) // num_steps
+    x = x_start[None]
+    with torch.no_grad():
+        for k in range(start_index, -1, -1):
+            eps = d3hr_eps(model, x, stride * k, label, cfg_scale=cfg_scale, null_class=null_class)
+            alpha_bar = alphas_cumprod[stride * k]
+            alpha_bar_prev = alphas_cumprod[stride * (k - 1)] if k > 0 else 1.0
+            pred_xstart = (x - math.sqrt(1 - alpha_bar) * eps) / math.sqrt(alpha_bar)
+            x = math.sqrt(alpha_bar_prev) * pred_xstart + math.sqrt(1 - alpha_bar_prev) * eps
+    return x[0]

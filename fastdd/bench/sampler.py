@@ -33,14 +33,16 @@ What is timed per method (guided step windows are SPEC's for 50 steps, rescaled 
   sam   SAM's sampling stage: plain sampling of the DiffFit copy of the prior (the fine-tuning is not timed;
         authors: the official DiT sampler on that model).
   d3hr  D3HR's sampling stage: DDIM (η = 0) from index 31 of 50 on the "leading" schedule, from given latents
-        (DDIM inversion and group selection are not timed). No authors' record: fastdd.bench.authors holds no
-        restatement of it (the authors run diffusers' DiTPipeline in fp16).
+        (DDIM inversion and group selection are not timed; authors: the generation loop of diffusers' DiTPipeline
+        as SPEC restates it, one DiT forward of the [cond; uncond] pair per step, CFG on all eps channels, then
+        the DDIM update; fp32, where the authors run fp16; D3HR's own previous-ᾱ quirk (ᾱ at max(1, t − 20)) is
+        not reproduced, as in fastdd: the same work per step).
 
 Record fields: method, path, config, device, batch (images per call), steps, seconds_per_image, images_per_second,
 guided_over_plain (this path's time over the same path's dit time), cost_model_ratio (FLOPs of one image of the
 method over one plain image, counted by torch.utils.flop_counter on fastdd's eager path at batch 1: what the
 arithmetic alone costs), speedup_vs_reference (authors' time over this path's time; on the authors' record, over
-the best fp32 fastdd path (eager or compiled): the method's headline speed-up; null without an authors' record).
+the best fp32 fastdd path (eager or compiled): the method's headline speed-up).
 Writes <out>/sampler_<config>_<device type>.json, .md (table) and .png (bar chart); when --methods picks a subset,
 the names end in _<methods run, joined by ->, e.g. sampler_dit-xl2-256_cuda_dit-igd.json (one device call per subset).
 """
@@ -156,8 +158,8 @@ class Models:
 
 
 # --------------------------------------------------------------------------- the paths
-def authors_call(method: str, models: Models) -> tuple[Callable[[], object], int] | None:
-    """(one call of the method's loop from fastdd.bench.authors, images it makes), or None (no restatement)."""
+def authors_call(method: str, models: Models) -> tuple[Callable[[], object], int]:
+    """(one call of the method's loop from fastdd.bench.authors, images it makes)."""
     common = dict(num_steps=models.steps, cfg_scale=CFG_SCALE, null_class=NUM_CLASSES, seed=SEED)
     if method in ("dit", "sam"):
         model = models.dit if method == "dit" else models.difffit
@@ -192,7 +194,11 @@ def authors_call(method: str, models: Models) -> tuple[Callable[[], object], int
             models.dit, models.codec.decode, models.estimator, [(0, 0, SEED)], IGDS_ETA, IGDS_BETA, models.latent_shape,
             num_steps=models.steps, cfg_scale=CFG_SCALE, null_class=NUM_CLASSES,
         )), 1  # fmt: skip
-    return None
+    if method == "d3hr":
+        start, x_start = models.index(D3HR_TARGET), models.d3hr_start[0]
+        return (lambda: authors.authors_d3hr_generate(models.dit, x_start, 0, start, num_steps=models.steps,
+                                                      cfg_scale=CFG_SCALE, null_class=NUM_CLASSES)), 1  # fmt: skip
+    raise ValueError(f"method: expected one of {METHODS}, got {method!r}")
 
 
 def fastdd_call(
@@ -261,11 +267,9 @@ def count_flops(call: Callable[[], object]) -> int:
 # --------------------------------------------------------------------------- the run
 def time_paths(method: str, models: Models, options: BenchOptions) -> dict[str, tuple[float, int]]:
     """{path: (seconds per image, batch)} of one method; batch: images per sampler call (the authors' loops: 1)."""
-    device, times = options.device, {}
-    reference = authors_call(method, models)
-    if reference is not None:
-        call, images = reference
-        times["authors"] = (timeit(call, device, options.repeats, warmup=1, do_bench=False) / images, 1)
+    device = options.device
+    call, images = authors_call(method, models)
+    times = {"authors": (timeit(call, device, options.repeats, warmup=1, do_bench=False) / images, 1)}
     for path in options.paths[1:]:
         compile = path == "compiled" or (path in ("bf16", "fast") and options.compile)
         if compile:
@@ -282,11 +286,11 @@ def time_paths(method: str, models: Models, options: BenchOptions) -> dict[str, 
 
 def records_for(method: str, times: dict, plain: dict, flop_ratio: float, options: BenchOptions) -> list[dict]:
     """One record per path of `method` (times and plain: `time_paths` of the method and of dit)."""
-    reference = times.get("authors", (None,))[0]
+    reference = times["authors"][0]
     best = min(times[p][0] for p in FP32_PATHS if p in times)
     records = []
     for path, (seconds, batch) in times.items():
-        speedup = None if reference is None else reference / (best if path == "authors" else seconds)
+        speedup = reference / (best if path == "authors" else seconds)
         records.append(dict(
             method=method, path=path, config=options.config, device=device_name(options.device), batch=batch,
             steps=options.steps, seconds_per_image=seconds, images_per_second=1.0 / seconds,

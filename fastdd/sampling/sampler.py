@@ -96,6 +96,15 @@ class Guidance:
         """Called after the last step. final_latents: [B, C, H, W] (the real rows); labels: [B]."""
 
 
+def linearised_model_output(model_output: Tensor, x_t: Tensor, diffusion: GaussianDiffusion, index: int) -> Tensor:
+    """model_output [R, C or 2C, H, W] (computed without autograd) with its eps channels given the Jacobian
+    √(1 − ᾱ)·I w.r.t. x_t [R, C, H, W] (the ideal denoiser of unit-variance data); values unchanged."""
+    channels = x_t.shape[1]
+    slope = (1.0 - diffusion.alpha_bar(index)) ** 0.5
+    eps = model_output[:, :channels] + slope * (x_t - x_t.detach())
+    return torch.cat([eps, model_output[:, channels:]], dim=1)
+
+
 def sample_step(
     model_fn: ModelFn,
     diffusion: GaussianDiffusion,
@@ -117,8 +126,9 @@ def sample_step(
     noise: [R, C, H, W] for this step (unused at index 0 and by DDIM with eta = 0); rows: the number of
     real rows B (default R); method: "ddpm" (ancestral) or "ddim" (x_{i-1} = DDIM update with eta; ctx.mean and
     ctx.log_variance are still the ancestral posterior's); model_jacobian=False (fast mode) runs the model
-    without autograd, so guidance gradients reach x_t only through the explicit x_t terms of x̂0 and the
-    posterior mean (∂ε/∂x_t taken as 0: no backward through the model).
+    without autograd and stands in for its Jacobian with that of the ideal denoiser of unit-variance data,
+    ∂ε/∂x_t = √(1 − ᾱ)·I (so ∂x̂0/∂x_t = √ᾱ·I): values are unchanged, guidance gradients skip the model's
+    backward. (Taking ∂ε/∂x_t = 0 instead gives ∂x̂0/∂x_t = I/√ᾱ, up to 150× too large at high noise.)
     """
     if method not in ("ddpm", "ddim"):
         raise ValueError(f"method must be 'ddpm' or 'ddim', got {method!r}")
@@ -128,7 +138,11 @@ def sample_step(
     with torch.set_grad_enabled(record):
         x_t = x.detach().requires_grad_(record)
         t = diffusion.timesteps_on(x.device)[index].expand(x.shape[0])
-        with torch.set_grad_enabled(record and model_jacobian):
+        if record and not model_jacobian:
+            with torch.no_grad():
+                model_output = model_fn(x_t, t, y)
+            model_output = linearised_model_output(model_output, x_t, diffusion, index)
+        else:
             model_output = model_fn(x_t, t, y)
         out = diffusion.p_mean_variance(model_output, x_t, index)
         if method == "ddpm":

@@ -20,6 +20,9 @@ Conventions a builder can rely on:
   wraps them in `LocalLabels`.
 - Resume replays `end_batch(final_latents, local_labels)` of every guidance on every finished batch, in plan
   order, so memory-like state is restored exactly.
+- A batch may hold several images of a class (--images-per-batch); a builder whose guidances carry state from a
+  class's earlier images to its later ones (memories filled by end_batch) calls
+  `ctx.require_one_image_per_batch(reason)` before any heavy work, which refuses that.
 - `ctx.dry_run`: do no heavy work (only validate inputs); `ctx.state_dir`: a folder in the run directory for
   caches (None in dry runs).
 """
@@ -85,6 +88,14 @@ class MethodContext:
     def num_classes(self) -> int:
         return len(self.class_names)
 
+    def require_one_image_per_batch(self, reason: str) -> None:
+        """ValueError naming --images-per-batch unless every batch holds one image per class, so that state a
+        guidance keeps from a class's earlier images (reason: which) sees them one at a time."""
+        per_batch = self.args.images_per_batch
+        if min(per_batch, self.args.ipc) > 1:
+            raise ValueError(f"--images-per-batch {per_batch}: {self.args.method}: {reason}, so each class's images "
+                             "are made one at a time; use --images-per-batch 1")  # fmt: skip
+
     def guided_range(self, low: int, high: int, of_steps: int = 50) -> tuple[int, int]:
         """A guided step range [low, high] given for `of_steps` sampling steps, rescaled to --steps."""
         steps = self.args.steps
@@ -96,7 +107,8 @@ class MethodSetup:
     """What a method contributes to the run.
 
     guidances: in the order their deltas are added; params: the method's hyper-parameters (JSON-able) for the
-    manifest; prepare(local_classes): called before each batch (e.g. to select per-class targets);
+    manifest; prepare(local_classes): called before each batch with the local class of each of its rows (a class
+    repeats when the batch holds several of its images; e.g. to select per-class targets);
     sample(sampler, labels, image_ids, latent_shape, device) -> final latents [B, C, h, w]: replaces the default
     `sampler.sample` (e.g. DDIM from inverted latents).
     """
@@ -275,6 +287,9 @@ def build_igd(ctx: MethodContext) -> MethodSetup:
         raise ValueError(f"--igd-k and --igd-gamma must be >= 0, got {k} and {gamma}")
     if args.igd_memory <= 0:
         raise ValueError(f"--igd-memory must be > 0, got {args.igd_memory}")
+    if gamma > 0:
+        ctx.require_one_image_per_batch("its deviation guidance (--igd-gamma > 0) pushes each image away from the "
+                                        "earlier images of its class")  # fmt: skip
     low, high = ctx.guided_range(low, high)
     bundle, source = igd_bundle(ctx)
     params = {"k": k, "gamma": gamma, "guided_range": [low, high], "memory": args.igd_memory, "surrogate": source}

@@ -1,9 +1,11 @@
 """Resumable, shardable generation of a distilled ImageFolder.
 
-The plan is fixed by (classes, ipc, class_batch): batch j holds image index i of a fixed chunk of
-`class_batch` classes, so every class keeps its one-image-at-a-time order (memories stay sequential),
-and batch composition does not depend on how many processes run. Batches are dealt round-robin over
-torch.distributed ranks (chunk-major), each rank writing its own images.
+The plan is fixed by (classes, ipc, class_batch, images_per_batch): batch j holds up to `images_per_batch`
+consecutive image indices of every class of a fixed chunk of `class_batch` classes. With images_per_batch 1
+every class keeps its one-image-at-a-time order (memories filled by end_batch stay sequential); more images
+per batch merge consecutive one-image batches of a chunk (fewer, larger batches, for methods without such
+state). Batch composition does not depend on how many processes run. Whole chunks are dealt round-robin over
+torch.distributed ranks, each rank writing its own images.
 
 On disk:
   DIR/<class>/<i>.png                PNGs, written to a temp file then renamed
@@ -35,22 +37,34 @@ STATE_DIR = ".fastdd"
 
 @dataclass(frozen=True)
 class Batch:
+    """Batch `index` of the plan: images `image_indices` (consecutive) of every class in `classes`."""
+
     index: int
-    classes: tuple[int, ...]  # class indices, one image each
-    image: int  # image index within each class
+    classes: tuple[int, ...]  # class indices
+    image_indices: tuple[int, ...]  # image indices within each class
+
+    @property
+    def items(self) -> list[tuple[int, int]]:
+        """(class, image index) of every row, image-major: the rows of the one-image batches it merges, in plan
+        order."""
+        return [(c, i) for i in self.image_indices for c in self.classes]
 
 
-def plan_batches(num_classes: int, ipc: int, class_batch: int) -> list[Batch]:
-    """Chunk-major plan: for each chunk of classes, images 0..ipc-1 in order."""
+def plan_batches(num_classes: int, ipc: int, class_batch: int, images_per_batch: int = 1) -> list[Batch]:
+    """Chunk-major plan: for each chunk of `class_batch` classes, images 0..ipc-1 in order, `images_per_batch`
+    at a time (the last group of a chunk holds the ipc % images_per_batch left over)."""
     if ipc <= 0:
         raise ValueError(f"ipc must be > 0, got {ipc}")
     if class_batch <= 0:
         raise ValueError(f"class_batch must be > 0, got {class_batch}")
+    if images_per_batch <= 0:
+        raise ValueError(f"images_per_batch must be > 0, got {images_per_batch}")
     chunks = [tuple(range(s, min(s + class_batch, num_classes))) for s in range(0, num_classes, class_batch)]
+    groups = [tuple(range(s, min(s + images_per_batch, ipc))) for s in range(0, ipc, images_per_batch)]
     plan = []
     for chunk in chunks:
-        for image in range(ipc):
-            plan.append(Batch(len(plan), chunk, image))
+        for group in groups:
+            plan.append(Batch(len(plan), chunk, group))
     return plan
 
 
@@ -104,7 +118,7 @@ class RunDirectory:
                 changed = sorted(k for k in set(existing) | set(self.run_config) if existing.get(k) != self.run_config.get(k))
                 raise ValueError(
                     f"{self.root} holds another run's manifest (differs in: {', '.join(changed)}); "
-                    "choose another --out or delete it"
+                    "resume it with the same options, choose another --out or delete it"
                 )
 
     def start(self) -> None:
@@ -130,8 +144,8 @@ class RunDirectory:
 
     def finish_batch(self, batch: Batch, images: torch.Tensor, latents: torch.Tensor, records: list[dict]) -> None:
         """Write the batch's PNGs and latents, then its record (which marks it done). Adds each PNG's sha256."""
-        for class_index, image, record in zip(batch.classes, images, records):
-            record["sha256"] = save_png_atomic(image, self.image_path(class_index, batch.image))
+        for (class_index, image_index), image, record in zip(batch.items, images, records):
+            record["sha256"] = save_png_atomic(image, self.image_path(class_index, image_index))
         save_safetensors_atomic({"latents": latents.float()}, self.state / "latents" / f"{batch.index}.safetensors")
         write_json_atomic(self.state / "batches" / f"{batch.index}.json", records)
 
@@ -188,13 +202,13 @@ def generate(
 ) -> int:
     """Run this rank's share of the plan; returns the number of images generated now.
 
-    generate_batch(batch) -> (images [B, C, H, W] in [-1, 1], final latents [B, ...], per-image extra records).
+    generate_batch(batch) -> (images [B, C, H, W] in [-1, 1], final latents [B, ...], per-image extra records), one
+    row per entry of batch.items.
     restore(batch, latents) replays a finished batch into stateful guidances (memories) on resume.
     """
     mine = batches_for_rank(plan, rank, world)
-    todo = [b for b in mine if not run.batch_done(b)]
-    done_images = sum(len(b.classes) for b in mine) - sum(len(b.classes) for b in todo)
-    bar = tqdm(total=sum(len(b.classes) for b in mine), initial=done_images, unit="img", disable=not progress, desc="distill" if world == 1 else f"rank {rank}")
+    done_images = sum(len(b.items) for b in mine if run.batch_done(b))
+    bar = tqdm(total=sum(len(b.items) for b in mine), initial=done_images, unit="img", disable=not progress, desc="distill" if world == 1 else f"rank {rank}")
     made = 0
     for batch in mine:
         if run.batch_done(batch):
@@ -206,17 +220,17 @@ def generate(
             {
                 "class_index": c,
                 "class": run.class_names[c],
-                "index": batch.image,
-                "path": str(run.image_path(c, batch.image).relative_to(run.root)),
+                "index": i,
+                "path": str(run.image_path(c, i).relative_to(run.root)),
                 "batch": batch.index,
                 **e,
             }
-            for c, e in zip(batch.classes, extra)
+            for (c, i), e in zip(batch.items, extra)
         ]
         run.finish_batch(batch, images, latents, records)
         if update_manifest:
             run.write_manifest()
-        made += len(batch.classes)
-        bar.update(len(batch.classes))
+        made += len(records)
+        bar.update(len(records))
     bar.close()
     return made

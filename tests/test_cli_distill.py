@@ -1,4 +1,5 @@
-"""`fastdd distill` end to end at tiny settings: outputs, IGD, resume after SIGKILL, bad input, dry run, 2 processes."""
+"""`fastdd distill` end to end at tiny settings: outputs, IGD, several images per batch, resume after SIGKILL, bad
+input, dry run, 2 processes."""
 from __future__ import annotations
 
 import hashlib
@@ -16,6 +17,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
+import fastdd.pipeline as pipeline
 from fastdd.cli.main import main
 from fastdd.data.digits import DIGITS_CLASSES
 from fastdd.models.dit import DiT
@@ -147,6 +149,60 @@ def test_igd_computes_and_caches_the_surrogate_from_data(tmp_path, assets):
     bundle = SurrogateBundle.load(cache[0])
     assert bundle.config.num_classes == 3 and bundle.real_grads.shape[0] == 3 and bundle.epochs[0] == 0
     assert sorted(p.parent.name for p in out.glob("*/*.png")) == ["a", "b", "c"]
+
+
+# ----------------------------------------------------------------------------------------- several images per batch
+def image_records(out: Path) -> list[dict]:
+    """The manifest's per-image records without the batch number."""
+    return [{k: v for k, v in r.items() if k != "batch"} for r in json.loads((out / "manifest.json").read_text())["images"]]
+
+
+def pngs(out: Path) -> dict[str, str]:
+    return {name: digest for name, digest in tree(out).items() if name.endswith(".png") and name != "preview.png"}
+
+
+@pytest.mark.parametrize("method, extra", [("dit", []), ("mgd3", []), ("d3hr", ["--d3hr-candidates", "20"])])
+def test_several_images_per_batch_make_the_same_images_as_one(tmp_path, assets, method, extra):
+    """ipc 4, 3 images per batch: batches of 30 and 10 rows. mgd3 picks mode j for image j; d3hr's own sampling
+    call picks latent j of its class's group for image j."""
+    runs = {per_batch: tmp_path / str(per_batch) for per_batch in (1, 3)}
+    for per_batch, out in runs.items():
+        assert main(distill_args(out, assets, *extra, "--images-per-batch", str(per_batch), method=method, ipc=4)) == 0
+    assert len(list((runs[3] / ".fastdd" / "batches").glob("*.json"))) == 2
+    assert len(pngs(runs[3])) == 40 and pngs(runs[3]) == pngs(runs[1])
+    assert image_records(runs[3]) == image_records(runs[1])
+
+
+def test_igd_memory_refuses_several_images_per_batch(tmp_path, assets, capsys):
+    out = tmp_path / "out"
+    for extra in ([], ["--dry-run"]):
+        fails_cleanly(capsys, distill_args(out, assets, "--images-per-batch", "2", *extra), out,
+                      "--images-per-batch 2: igd: its deviation guidance (--igd-gamma > 0)")  # fmt: skip
+    fails_cleanly(capsys, distill_args(out, assets, "--images-per-batch", "0", method="dit"), out, "--images-per-batch must be > 0")
+    assert main(distill_args(tmp_path / "no_memory", assets, "--images-per-batch", "2", "--igd-gamma", "0")) == 0
+    assert main(distill_args(out, assets, "--images-per-batch", "2", ipc=1)) == 0  # one image per class anyway
+    # the resume state is kept per batch: a run resumes with the value it began with
+    fails_cleanly(capsys, distill_args(out, assets, ipc=1), out, "differs in: images_per_batch")
+
+
+def test_interrupted_run_with_several_images_per_batch_resumes_byte_identical(tmp_path, assets, monkeypatch):
+    extra = ["--class-batch", "5", "--images-per-batch", "3"]  # 4 batches: 15, 5, 15, 5 rows
+    whole, resumed = tmp_path / "whole", tmp_path / "resumed"
+    assert main(distill_args(whole, assets, *extra, method="dit", ipc=4)) == 0
+    write_json_atomic = pipeline.write_json_atomic
+
+    def killed_before_the_third_record(path, data):
+        if path == resumed / ".fastdd" / "batches" / "2.json":  # its PNGs and latents are written by now
+            raise RuntimeError("killed")
+        write_json_atomic(path, data)
+
+    monkeypatch.setattr(pipeline, "write_json_atomic", killed_before_the_third_record)
+    with pytest.raises(RuntimeError, match="killed"):
+        main(distill_args(resumed, assets, *extra, method="dit", ipc=4))
+    monkeypatch.undo()
+    assert sorted(p.name for p in (resumed / ".fastdd" / "batches").iterdir()) == ["0.json", "1.json"]
+    assert main(distill_args(resumed, assets, *extra, method="dit", ipc=4)) == 0
+    assert tree(resumed) == tree(whole)
 
 
 # ----------------------------------------------------------------------------------------- resume
@@ -283,6 +339,9 @@ def test_dry_run_prints_plan_and_estimate_and_writes_nothing(tmp_path, assets, c
     assert main(distill_args(out, assets, "--dry-run", "--class-batch", "4")) == 0
     text = capsys.readouterr().out
     assert "20 images in 6 batches" in text and "estimate" in text and "guided steps" in text
+    assert not out.exists()
+    assert main(distill_args(out, assets, "--dry-run", "--class-batch", "4", "--images-per-batch", "3", method="dit", ipc=4)) == 0
+    assert "40 images in 6 batches of ≤12 (≤4 classes × ≤3 images)" in capsys.readouterr().out  # chunks of 4, 4, 2 × images 0-2, 3
     assert not out.exists()
 
 

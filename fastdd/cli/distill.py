@@ -5,7 +5,10 @@
 
 Writes DIR/<class>/<i>.png, DIR/manifest.json and DIR/preview.png; resumable (see fastdd/pipeline.py): start the
 same command again after a crash. The images depend only on the run config (not on the device count); every
-argument except --device, --dry-run and --quiet is part of it, and a folder made with another config is refused.
+argument except --device, --dry-run, --quiet, --compile and --cuda-graphs is part of it, and a folder made with
+another config is refused. --images-per-batch is part of it although it changes the images of no method but igds
+(its entropy term spans the batch; other methods: at most float rounding of larger matrix products, none on CPU for
+dit, mgd3, d3hr and sam): the resume state is kept per batch, so a run resumes with the value it began with.
 """
 from __future__ import annotations
 
@@ -216,6 +219,7 @@ def run_config(args, class_names, class_labels, models: Models, dataset: str, me
         "precision": args.precision,
         "model_jacobian": not args.fast,
         "class_batch": args.class_batch,
+        "images_per_batch": args.images_per_batch,
         "classes": class_names,
         "class_labels": class_labels,
         "dataset": dataset,
@@ -236,6 +240,8 @@ def validate(args) -> None:
         raise UsageError(f"--steps must be > 1, got {args.steps}")
     if args.class_batch <= 0:
         raise UsageError(f"--class-batch must be > 0, got {args.class_batch}")
+    if args.images_per_batch <= 0:
+        raise UsageError(f"--images-per-batch must be > 0, got {args.images_per_batch}")
     if args.cfg_scale is not None and args.cfg_scale < 0:
         raise UsageError(f"--cfg-scale must be >= 0, got {args.cfg_scale}")
     if args.eta < 0:
@@ -246,10 +252,10 @@ def validate(args) -> None:
         raise UsageError(str(err)) from None
 
 
-def estimate_seconds(sampler: GuidedSampler, models: Models, class_batch: int, steps: int, batches: int, guided_steps: int) -> float:
+def estimate_seconds(sampler: GuidedSampler, models: Models, batch_size: int, steps: int, batches: int, guided_steps: int) -> float:
     """Seconds for `batches` batches: a timed model call (CFG included) × steps; guided steps count 4× (the
     backward through the model, decoder and surrogate). Rough: the first batch also pays warm-up."""
-    x = torch.randn(class_batch * sampler.rows_per_image, *models.latent_shape, device=models.device)
+    x = torch.randn(batch_size * sampler.rows_per_image, *models.latent_shape, device=models.device)
     label = models.class_labels[0]
     y = torch.full((x.shape[0],), label, device=models.device, dtype=torch.long)
     t = torch.full((x.shape[0],), 500, device=models.device, dtype=torch.long)
@@ -281,7 +287,7 @@ def run(args) -> int:
         data = real_data(args, dataset, class_names, image)
         if spec.needs_data:
             data.load()
-        plan = plan_batches(len(class_names), args.ipc, args.class_batch)
+        plan = plan_batches(len(class_names), args.ipc, args.class_batch, args.images_per_batch)
         method_args = {k: getattr(args, k) for k in sorted(method_arg_names(spec))}
         config = run_config(args, class_names, class_labels, models, dataset, method_args)
         run_dir = RunDirectory(args.out, config, class_names)
@@ -302,7 +308,8 @@ def run(args) -> int:
     guided = max((min(g.high, args.steps - 1) - g.low + 1 for g in guidances if g.requires_grad), default=0)
 
     if args.dry_run:
-        seconds = estimate_seconds(sampler, models, min(args.class_batch, len(class_names)), args.steps, len(mine), guided)
+        batch_size = max(len(b.items) for b in plan)
+        seconds = estimate_seconds(sampler, models, batch_size, args.steps, len(mine), guided)
         print(f"method      {args.method}: {spec.help}")
         print(f"method args {json.dumps(setup.params, sort_keys=True)}")
         print(f"classes     {len(class_names)} ({dataset}): {', '.join(class_names[:10])}{' ...' if len(class_names) > 10 else ''}")
@@ -310,7 +317,8 @@ def run(args) -> int:
         print(f"sampling    {args.sampler}, {args.steps} steps, CFG {args.cfg_scale}{' (compat)' if args.compat else ''}, {guided} guided steps, "
               f"{args.precision}{', fast (no DiT Jacobian)' if args.fast else ''}, device {device}")
         print(f"data        {data.description}")
-        print(f"plan        {len(class_names) * args.ipc} images in {len(plan)} batches of ≤{args.class_batch} classes; "
+        print(f"plan        {len(class_names) * args.ipc} images in {len(plan)} batches of ≤{batch_size} "
+              f"(≤{args.class_batch} classes × ≤{args.images_per_batch} images); "
               f"this process (rank {rank} of {world}): {len(mine)} batches")  # fmt: skip
         done = sum(1 for b in mine if (Path(args.out) / STATE_DIR / "batches" / f"{b.index}.json").exists())
         print(f"output      {args.out} ({done} of {len(mine)} batches already done)")
@@ -328,10 +336,10 @@ def run(args) -> int:
         dist.barrier()
 
     def generate_batch(batch):
-        ids = [(c, batch.image, args.seed) for c in batch.classes]
-        labels = [class_labels[c] for c in batch.classes]
+        ids = [(c, i, args.seed) for c, i in batch.items]
+        labels = [class_labels[c] for c, _ in batch.items]
         if setup.prepare is not None:
-            setup.prepare(list(batch.classes))
+            setup.prepare([c for c, _ in batch.items])
         if setup.sample is not None:
             latents = setup.sample(sampler, labels, ids, latent, device)
         elif args.sampler == "ddim":
@@ -340,10 +348,10 @@ def run(args) -> int:
             latents = sampler.sample(labels, ids, latent, device, progress=False)
         with torch.no_grad():
             images = codec.decode(latents).float().cpu()
-        return images, latents, [{"seed": image_seed(args.seed, c, batch.image), "label": class_labels[c]} for c in batch.classes]
+        return images, latents, [{"seed": image_seed(args.seed, c, i), "label": class_labels[c]} for c, i in batch.items]
 
     def restore(batch, latents):
-        labels = torch.tensor([class_labels[c] for c in batch.classes], device=device)
+        labels = torch.tensor([class_labels[c] for c, _ in batch.items], device=device)
         for guidance in guidances:
             guidance.end_batch(latents.to(device), labels)
 
@@ -391,11 +399,15 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--cfg-scale", type=float, default=None, help=f"CFG scale (default {DIT_CFG_SCALE}; digits {DIGITS_CFG_SCALE})")
     parser.add_argument("--compat", action="store_true", help="reproduce the authors' quirks (shadow rows, CFG on 3 channels)")
     parser.add_argument("--class-batch", type=int, default=10,
-                        help="classes per batch (one image each); processes get whole chunks of this many classes")  # fmt: skip
+                        help="classes per batch; processes get whole chunks of this many classes")  # fmt: skip
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     speed = parser.add_argument_group("speed")
     speed.add_argument("--precision", default="fp32", choices=("fp32", "bf16"),
                        help="bf16: DiT forward and VAE decoder under bf16 autocast (guidance reductions stay fp32)")
+    speed.add_argument("--images-per-batch", type=int, default=1,
+                       help="consecutive images of each class in a batch (rows: classes × this); the same images as 1, "
+                       "up to float rounding, for every method but igds (its entropy term spans the batch); igd with "
+                       "--igd-gamma > 0 needs 1 (its memory sees a class's images one at a time)")  # fmt: skip
     speed.add_argument("--compile", action="store_true", help="torch.compile the DiT (first batch pays compilation)")
     speed.add_argument("--cuda-graphs", action="store_true",
                        help="replay whole sampling steps as CUDA graphs from the second batch on (CUDA only)")

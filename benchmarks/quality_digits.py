@@ -10,6 +10,7 @@ instead of the protocol's 1,000 to keep the CPU time sane). Mean ± population s
     python benchmarks/quality_digits.py                 # full: 3 seeds, protocol epochs, 50 sampling steps
     python benchmarks/quality_digits.py --quick         # 1 seed, epochs / 10, 20 steps, lighter method settings
     python benchmarks/quality_digits.py --methods dit,mgd3 --ipcs 10
+    python benchmarks/quality_digits.py --methods igd,igds --variants   # + the speed approximations (rows "igd --fast", ...)
 
 Writes benchmarks/results/quality_digits{_quick}.json / .md and one preview grid per method
 (quality_digits{_quick}_<method>_ipc10.png, the seed-0 set). Distilled sets and per-set scores are kept under
@@ -47,12 +48,23 @@ QUICK_METHOD_ARGS = {
     "igds": ["--igds-epochs", "10", "--igds-classifier-epochs", "30"],
 }
 IMAGE_SIZE, CHANNELS = 16, 1
+# --variants: the opt-in speed approximations of `fastdd distill`, each measured against its exact method
+VARIANTS = {
+    "igd --fast": ("igd", ["--fast"]),
+    "igds --fast": ("igds", ["--fast"]),
+    "igd --precision bf16": ("igd", ["--precision", "bf16"]),
+}
 
 
 def write_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(text)
     os.replace(tmp, path)
+
+
+def slug(row: str) -> str:
+    """File-name form of a row: "igd --precision bf16" -> "igd_precision_bf16"."""
+    return row.replace(" --", "_").replace(" ", "_")
 
 
 def random_real(ipc: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -88,6 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="1 seed, epochs / 10, 20 sampling steps, lighter method settings")
     parser.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated subset of {','.join(METHODS)}")
+    parser.add_argument("--variants", action="store_true", help=f"add rows {list(VARIANTS)} for the selected methods")
     parser.add_argument("--ipcs", default="1,10")
     parser.add_argument("--seeds", default=None, help="default 0,1,2 (quick: 0)")
     parser.add_argument("--work", default=None, help="distilled sets and per-set scores (default /tmp/fastdd_quality_digits[_quick])")
@@ -110,7 +123,8 @@ def main(argv: list[str] | None = None) -> int:
     epoch_scale = 0.1 if args.quick else 1.0
     val = load_digits_split("test", IMAGE_SIZE)
 
-    rows = ["random real", "dit", *methods, "full train set"]
+    variants = [v for v, (method, _) in VARIANTS.items() if args.variants and method in methods]
+    rows = ["random real", "dit", *methods, *variants, "full train set"]
     records = []
     for ipc in ipcs:
         for row in rows:
@@ -118,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
                 continue  # does not depend on the IPC
             per_seed, seconds = [], []
             for seed in seeds:
-                name = f"{row.replace(' ', '_')}_ipc{ipc}_seed{seed}"
+                name = f"{slug(row)}_ipc{ipc}_seed{seed}"
                 cached = work / f"{name}.score.json"
                 if cached.is_file():
                     saved = json.loads(cached.read_text())
@@ -133,8 +147,9 @@ def main(argv: list[str] | None = None) -> int:
                     images, labels = load_digits_split("train", IMAGE_SIZE)
                     epochs = max(1, round(epoch_scale * FULL_SET_EPOCHS))
                 else:
-                    extra = QUICK_METHOD_ARGS.get(row, []) if args.quick else []
-                    images, labels = distilled(row, ipc, seed, work / name, steps, extra, args.device)
+                    method, flags = VARIANTS.get(row, (row, []))
+                    extra = (QUICK_METHOD_ARGS.get(method, []) if args.quick else []) + flags
+                    images, labels = distilled(method, ipc, seed, work / name, steps, extra, args.device)
                 top1 = score(images, labels, val, seed, epochs, args.device)
                 elapsed = time.perf_counter() - start
                 write_atomic(cached, json.dumps({"top1": top1, "seconds": elapsed, "epochs": epochs}))
@@ -147,9 +162,9 @@ def main(argv: list[str] | None = None) -> int:
                 "seeds": seeds, "seconds_per_seed": statistics.fmean(seconds),
             }  # fmt: skip
             records.append(record)
-            if row in ("dit", *methods) and ipc == max(ipcs):
-                preview = work / f"{row}_ipc{ipc}_seed{seeds[0]}" / "preview.png"
-                shutil.copyfile(preview, out / f"quality_digits{suffix}_{row}_ipc{ipc}.png")
+            if row in ("dit", *methods, *variants) and ipc == max(ipcs):
+                preview = work / f"{slug(row)}_ipc{ipc}_seed{seeds[0]}" / "preview.png"
+                shutil.copyfile(preview, out / f"quality_digits{suffix}_{slug(row)}_ipc{ipc}.png")
 
     settings = {
         "device": device_name(args.device), "quick": args.quick, "sampling_steps": steps, "seeds": seeds,

@@ -165,7 +165,10 @@ class LocalLabels(Guidance):
     def __init__(self, inner: Guidance, label_map: Tensor):
         self.inner, self.label_map = inner, label_map
         self.requires_grad, self.low, self.high = inner.requires_grad, inner.low, inner.high
-        self.capturable = inner.capturable
+
+    @property
+    def capturable(self) -> bool:
+        return self.inner.capturable
 
     def active(self, index: int) -> bool:
         return self.inner.active(index)

@@ -137,6 +137,46 @@ def test_cost_model_picks_both_branches():
     assert cheaper(16, 16, 4, 4 * 4, 1152, 128)
 
 
+@pytest.mark.parametrize("budget_pairs", [1, 3, 8])
+@pytest.mark.parametrize("grouped", [False, True])
+@pytest.mark.parametrize("layout", ["KP", "GKP"])
+def test_cpu_chunks_give_the_unchunked_values_and_gradients(monkeypatch, budget_pairs, grouped, layout):
+    """A CPU budget of `budget_pairs` (row, checkpoint) pairs splits the fast path into chunks (checkpoints
+    first, rows only without groups); values and input gradients equal the reference's."""
+    model, flat, x, y, ref, groups, count = make_case(2, 6, 8, 3, 5, 3, [0, 1, 1, 0, 2] if grouped else None, layout)
+    pair_bytes = 6 * 8 * 8 * x.element_size()  # widest conv output (6 channels) × the 8×8 map
+    monkeypatch.setattr(grad_cosine_module, "CPU_CHUNK_BYTES", budget_pairs * pair_bytes)
+    chunks = []
+    fast = grad_cosine_module._fast_dot_and_norm
+
+    def recording(steps, flat, x, *args):
+        chunks.append((x.shape[0], flat.shape[0]))
+        return fast(steps, flat, x, *args)
+
+    monkeypatch.setattr(grad_cosine_module, "_fast_dot_and_norm", recording)
+    x.requires_grad_(True)
+    cos = grad_cosine(model, flat, x, y, ref, groups)
+    expected = reference.grad_cosine(model, flat, x, y, ref, groups)
+    assert_rel(cos, expected)
+    weights = torch.randn_like(cos)
+    assert_rel(torch.autograd.grad((cos * weights).sum(), x)[0], torch.autograd.grad((expected * weights).sum(), x)[0])
+    expected_chunks = {  # (rows, checkpoints) per chunk: 5 rows, 3 checkpoints
+        (1, False): [(1, 1)] * 15, (3, False): [(3, 1)] * 3 + [(2, 1)] * 3, (8, False): [(5, 1)] * 3,
+        (1, True): [(5, 1)] * 3, (3, True): [(5, 1)] * 3, (8, True): [(5, 1)] * 3,
+    }  # fmt: skip
+    assert chunks == expected_chunks[budget_pairs, grouped]
+
+
+def test_cpu_chunks_split_checkpoints_before_rows():
+    """With room for every row, whole groups of checkpoints go together; no chunking off the CPU."""
+    steps = grad_cosine_module._plan(ConvNet(3, 5, width=8, depth=2, im_size=16))
+    x = torch.zeros(4, 3, 16, 16)
+    pair_bytes = 8 * 16 * 16 * 4
+    chunks = grad_cosine_module._cpu_chunks
+    budget = grad_cosine_module.CPU_CHUNK_BYTES
+    assert chunks(steps, x, 6, rows_divisible=True) == (4, min(6, budget // pair_bytes // 4))
+    assert chunks(steps, x.to("meta"), 6, rows_divisible=True) == (4, 6)
+
 class Scale(nn.Module):
     """A layer the fast path does not know: x · s with a learnable per-channel s."""
 

@@ -11,6 +11,7 @@ mix). Per layer, with a_l its input:
   ‖g_ik‖²      = Σ_l ‖Σ_s δ_s a_sᵀ‖², either materialised per layer (one grouped weight-gradient convolution
                  with the rows folded into the channels, which also gives the dot) or by the Gram ("ghost")
                  identity ⟨A Aᵀ, Δ Δᵀ⟩ on the [HW, HW] Grams (small maps), whichever costs less.
+On CPU the work runs in chunks of checkpoints (then rows) sized to the caches (_cpu_chunks); elsewhere in one pass.
 Everything is made of differentiable torch ops, so the result is differentiable w.r.t. x (and ref_grads)
 to any order: IGD backpropagates the cosines to the image.
 
@@ -24,6 +25,7 @@ Models the fast path does not understand fall back to torch.func (vmap of grad),
 """
 from __future__ import annotations
 
+import math
 import warnings
 from dataclasses import dataclass
 from typing import Callable
@@ -38,6 +40,7 @@ from ._checks import check_nonempty, check_same_device, check_tensor
 
 BACKENDS = ("auto", "reference")
 COS_EPS = 1e-8  # like F.cosine_similarity
+CPU_CHUNK_BYTES = 8 << 20  # widest activation per chunk on CPU (_cpu_chunks)
 
 
 class _Unsupported(Exception):
@@ -462,6 +465,45 @@ def _fast_dot_and_norm(steps, flat, x, y, ref, grouping: _Grouping) -> tuple[Ten
     return totals.dots, totals.sq_norms
 
 
+def _cpu_chunks(steps: list[_Step], x: Tensor, K: int, rows_divisible: bool) -> tuple[int, int]:
+    """(rows, checkpoints) per chunk of the fast path. On CPU the batched [B, K·C, H, W] activations are
+    memory-bound once they outgrow the caches: runs whose widest activation per chunk stays under
+    CPU_CHUNK_BYTES were ~2x faster (ConvNet-5 at 32x32 and ConvNet-6 at 64x64, B = 16, K = 4; see
+    benchmarks/ops/bench_grad_cosine.py). Checkpoints split first (always exact), then rows (only without
+    groups: a group's rows make one gradient). Other devices: one chunk."""
+    B = x.shape[0]
+    if x.device.type != "cpu":
+        return B, K
+    channels = max([s.module.out_channels for s in steps if s.kind == "conv"] + [1])
+    pair_bytes = channels * math.prod(x.shape[2:]) * x.element_size()  # bounds one (row, checkpoint)'s widest map
+    pairs = max(1, CPU_CHUNK_BYTES // pair_bytes)
+    if B <= pairs or not rows_divisible:
+        return B, max(1, min(K, pairs // B))
+    return pairs, 1
+
+
+def _chunked_dot_and_norm(steps, flat, x, y, ref, groups: Tensor | None, count: int) -> tuple[Tensor, Tensor]:
+    """_fast_dot_and_norm over chunks of rows and checkpoints (_cpu_chunks), concatenated: both [G, K].
+    ref: [K, P] or [G, K, P]; rows are chunked only without groups (then G = B)."""
+    K = flat.shape[0]
+    rows, checkpoints = _cpu_chunks(steps, x, K, rows_divisible=groups is None)
+    dots, sq_norms = [], []
+    for start in range(0, x.shape[0], rows):
+        chunk = slice(start, start + rows)
+        if groups is None:  # each row its own gradient: G = B, and a [B, K, P] ref is sliced with the rows
+            grouping = _Grouping.build(None, x[chunk].shape[0], x.dtype)
+            chunk_ref = ref if ref.dim() == 2 else ref[chunk]
+        else:  # one chunk of rows
+            grouping, chunk_ref = _Grouping.build(groups, count, x.dtype), ref
+        parts = [
+            _fast_dot_and_norm(steps, flat[k : k + checkpoints], x[chunk], y[chunk], chunk_ref[..., k : k + checkpoints, :], grouping)
+            for k in range(0, K, checkpoints)
+        ]
+        dots.append(torch.cat([d for d, _ in parts], 1))
+        sq_norms.append(torch.cat([n for _, n in parts], 1))
+    return torch.cat(dots), torch.cat(sq_norms)
+
+
 def _func_dot_and_norm(model, flat, x, y, ref, grouping: _Grouping) -> tuple[Tensor, Tensor]:
     """The fallback: per-row gradients by torch.func (vmap of grad) per checkpoint, [B, K, P] in memory."""
     names = [name for name, _ in model.named_parameters()]
@@ -565,10 +607,10 @@ def grad_dot_and_norm(
     if backend == "reference":
         return reference.grad_dot_and_norm(model, flat_params, x, y, ref_grads, groups)
     flat = flat_params.detach()
-    grouping = _Grouping.build(groups, count, x.dtype)
     try:
-        dots, sq_norms = _fast_dot_and_norm(_plan(model), flat, x, y, ref_grads, grouping)
+        dots, sq_norms = _chunked_dot_and_norm(_plan(model), flat, x, y, ref_grads, groups, count)
     except _Unsupported as reason:
+        grouping = _Grouping.build(groups, count, x.dtype)
         warnings.warn(f"grad_cosine: falling back to torch.func (slow): {reason}", stacklevel=2)
         dots, sq_norms = _func_dot_and_norm(model, flat, x, y, ref_grads, grouping)
     return dots, sq_norms.clamp_min(torch.finfo(sq_norms.dtype).tiny).sqrt()

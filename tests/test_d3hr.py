@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from fastdd.bench.authors import authors_d3hr_generate, d3hr_eps
+from fastdd.bench.authors import authors_d3hr_generate, d3hr_eps, linear_betas
 from fastdd.guidance.d3hr import (
     ClassStatistics,
     class_statistics,
@@ -33,7 +33,7 @@ LATENT_SHAPE = (4, 8, 8)
 NUM_STEPS, STRIDE, CFG_SCALE = 50, 20, 4.0
 TARGET = 31  # step 18 of 50 (timestep 620)
 RTOL = 1e-4
-ALPHAS_CUMPROD = np.cumprod(1.0 - np.linspace(1e-4, 0.02, 1000, dtype=np.float64))
+ALPHAS_CUMPROD = np.cumprod(1.0 - linear_betas())
 
 
 pytestmark = pytest.mark.usefixtures("single_thread")

@@ -9,11 +9,11 @@ instead of the protocol's 1,000 to keep the CPU time sane). Mean ± population s
 
     python benchmarks/quality_digits.py                 # full: 3 seeds, protocol epochs, 50 sampling steps
     python benchmarks/quality_digits.py --quick         # 1 seed, epochs / 10, 20 steps, lighter method settings
-    python benchmarks/quality_digits.py --methods dit,mgd3 --ipcs 10
+    python benchmarks/quality_digits.py --methods mgd3 --ipcs 10       # the dit and mgd3 rows only
     python benchmarks/quality_digits.py --methods igd,igds --variants   # + the speed approximations (rows "igd --fast", ...)
 
-Writes benchmarks/results/quality_digits{_quick}.json / .md and one preview grid per method
-(quality_digits{_quick}_<method>_ipc10.png, the seed-0 set). Distilled sets and per-set scores are kept under
+Writes benchmarks/results/quality_digits{_quick}{_variants | _<methods>}.json / .md (the full table only when
+every method runs without --variants) and one preview grid per row (…_<row>_ipc10.png, the seed-0 set). Distilled sets and per-set scores are kept under
 --work, so an interrupted run resumes where it stopped.
 """
 from __future__ import annotations
@@ -116,6 +116,10 @@ def main(argv: list[str] | None = None) -> int:
     seeds = [int(v) for v in (args.seeds or ("0" if args.quick else "0,1,2")).split(",")]
     suffix = "_quick" if args.quick else ""
     work = Path(args.work or f"/tmp/fastdd_quality_digits{suffix}")
+    if args.variants:  # a partial run never overwrites the full table
+        suffix += "_variants"
+    elif set(methods) != set(METHODS):
+        suffix += "_" + "-".join(methods)
     work.mkdir(parents=True, exist_ok=True)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -162,7 +166,8 @@ def main(argv: list[str] | None = None) -> int:
                 "seeds": seeds, "seconds_per_seed": statistics.fmean(seconds),
             }  # fmt: skip
             records.append(record)
-            if row in ("dit", *methods, *variants) and ipc == max(ipcs):
+            previewed = variants if args.variants else ("dit", *methods)  # the full table has the exact rows' grids
+            if row in previewed and ipc == max(ipcs):
                 preview = work / f"{slug(row)}_ipc{ipc}_seed{seeds[0]}" / "preview.png"
                 shutil.copyfile(preview, out / f"quality_digits{suffix}_{slug(row)}_ipc{ipc}.png")
 

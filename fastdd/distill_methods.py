@@ -245,9 +245,7 @@ def build_d3hr(ctx: MethodContext) -> MethodSetup:
         """The CLI's sampler settings (CFG, labels) on D3HR's own DDIM schedule."""
         key = id(sampler)
         if key not in samplers:
-            samplers[key] = GuidedSampler(sampler.model, diffusion, sampler.guidances, cfg_scale=sampler.cfg_scale,
-                                          null_class=sampler.null_class, cfg_channels=sampler.cfg_channels,
-                                          compat=sampler.compat, num_classes=sampler.num_classes)  # fmt: skip
+            samplers[key] = sampler.replace(diffusion=diffusion)
         d3hr_sampler = samplers[key]
         x_start = torch.stack([class_group(d3hr_sampler, c)[i] for c, i, _ in ids]).to(device)
         return d3hr_sampler.ddim_sample(labels, ids, start_index=target, x_start=x_start, progress=False)
@@ -319,9 +317,7 @@ def build_sam(ctx: MethodContext) -> MethodSetup:
     def sample(sampler, labels, ids, latent_shape, device) -> Tensor:
         key = id(sampler)
         if key not in samplers:
-            samplers[key] = GuidedSampler(finetuned, sampler.diffusion, sampler.guidances, cfg_scale=sampler.cfg_scale,
-                                          null_class=sampler.null_class, cfg_channels=sampler.cfg_channels,
-                                          compat=sampler.compat, num_classes=sampler.num_classes)  # fmt: skip
+            samplers[key] = sampler.replace(model=finetuned)
         return _default_sample(ctx, samplers[key], labels, ids, latent_shape, device)
 
     return MethodSetup(params=params, sample=sample)

@@ -128,6 +128,21 @@ def test_fast_mode_changes_only_guided_steps(igd_parts):
     assert 0 < relative_error(fast, exact) < 0.5
 
 
+def test_replace_keeps_every_setting_but_the_swapped_part(igd_parts):
+    """SAM (fine-tuned model) and D3HR (own schedule) sample with sampler.replace(...): the speed options carry
+    over, so the result equals a sampler built directly with them."""
+    model, other_model = tiny_denoising_dit(CLASSES), tiny_denoising_dit(CLASSES)
+    options = dict(cfg_scale=2.0, num_classes=CLASSES, precision="bf16", cuda_graphs=True, model_jacobian=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # CUDA graphs on CPU: eager, said once
+        base = GuidedSampler(model, GaussianDiffusion(STEPS), igd_guidances(igd_parts), **options)
+        replaced = base.replace(model=other_model, diffusion=GaussianDiffusion(STEPS, timestep_spacing="leading"))
+        direct = GuidedSampler(other_model, GaussianDiffusion(STEPS, timestep_spacing="leading"), igd_guidances(igd_parts), **options)
+        assert (replaced.precision, replaced.model_jacobian, replaced.graphs is not None) == ("bf16", False, True)
+        assert replaced.guidances == base.guidances and replaced.model is other_model
+        torch.testing.assert_close(run_batches(replaced, 1), run_batches(direct, 1), rtol=0, atol=0)
+
+
 # --------------------------------------------------------------------------- compile
 def test_compiled_model_gives_the_eager_result(igd_parts):
     model = tiny_denoising_dit(CLASSES)

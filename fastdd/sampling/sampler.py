@@ -234,13 +234,22 @@ class GuidedSampler:
         self.cfg_scale, self.compat, self.num_classes = cfg_scale, compat, num_classes
         self.null_class = num_classes if null_class is None else null_class
         self.cfg_channels = cfg_channels
-        self.precision, self.model_jacobian = check_precision(precision), model_jacobian
+        self.precision, self.compile, self.model_jacobian = check_precision(precision), compile, model_jacobian
         network = torch.compile(model) if compile else model
         self.model_fn = guided_model(mixed_precision(network, precision), cfg_scale, self.null_class, cfg_channels, compat)
         self.graphs = StepGraphs() if cuda_graphs else None
         if cuda_graphs and not all(g.capturable for g in self.guidances):
             eager = sorted({type(g).__name__ for g in self.guidances if not g.capturable})
             say_once(f"cuda_graphs: {', '.join(eager)} cannot be recorded as CUDA graphs; guided steps run eagerly")
+
+    def replace(self, *, model: nn.Module | ModelFn | None = None, diffusion: GaussianDiffusion | None = None) -> GuidedSampler:
+        """A sampler with another model and/or diffusion and every other setting of this one (CFG, labels,
+        guidances, speed options)."""
+        return GuidedSampler(
+            self.model if model is None else model, self.diffusion if diffusion is None else diffusion, self.guidances,
+            self.cfg_scale, self.null_class, self.cfg_channels, self.compat, self.num_classes, precision=self.precision,
+            compile=self.compile, cuda_graphs=self.graphs is not None, model_jacobian=self.model_jacobian,
+        )  # fmt: skip
 
     @property
     def rows_per_image(self) -> int:

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import statistics
 import sys
@@ -36,6 +35,7 @@ from benchmarks.common import device_name  # noqa: E402
 from fastdd.cli.evaluate import make_model_factory  # noqa: E402
 from fastdd.cli.main import main as fastdd_main  # noqa: E402
 from fastdd.data.digits import DIGITS_CLASSES, load_digits_split  # noqa: E402
+from fastdd.data.atomic import write_bytes_atomic  # noqa: E402
 from fastdd.data.imagefolder import load_image_folder  # noqa: E402
 from fastdd.evaluate import epochs_for_ipc, train_and_evaluate  # noqa: E402
 
@@ -54,12 +54,6 @@ VARIANTS = {
     "igds --fast": ("igds", ["--fast"]),
     "igd --precision bf16": ("igd", ["--precision", "bf16"]),
 }
-
-
-def write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def slug(row: str) -> str:
@@ -126,6 +120,8 @@ def main(argv: list[str] | None = None) -> int:
     steps = 20 if args.quick else 50
     epoch_scale = 0.1 if args.quick else 1.0
     val = load_digits_split("test", IMAGE_SIZE)
+    epochs_by_set = {str(ipc): max(1, round(epoch_scale * epochs_for_ipc(ipc))) for ipc in ipcs}
+    epochs_by_set["full train set"] = max(1, round(epoch_scale * FULL_SET_EPOCHS))
 
     variants = [v for v, (method, _) in VARIANTS.items() if args.variants and method in methods]
     rows = ["random real", "dit", *methods, *variants, "full train set"]
@@ -144,19 +140,18 @@ def main(argv: list[str] | None = None) -> int:
                     seconds.append(saved["seconds"])
                     continue
                 start = time.perf_counter()
-                epochs = max(1, round(epoch_scale * epochs_for_ipc(ipc)))
+                epochs = epochs_by_set["full train set" if row == "full train set" else str(ipc)]
                 if row == "random real":
                     images, labels = random_real(ipc, seed)
                 elif row == "full train set":
                     images, labels = load_digits_split("train", IMAGE_SIZE)
-                    epochs = max(1, round(epoch_scale * FULL_SET_EPOCHS))
                 else:
                     method, flags = VARIANTS.get(row, (row, []))
                     extra = (QUICK_METHOD_ARGS.get(method, []) if args.quick else []) + flags
                     images, labels = distilled(method, ipc, seed, work / name, steps, extra, args.device)
                 top1 = score(images, labels, val, seed, epochs, args.device)
                 elapsed = time.perf_counter() - start
-                write_atomic(cached, json.dumps({"top1": top1, "seconds": elapsed, "epochs": epochs}))
+                write_bytes_atomic(json.dumps({"top1": top1, "seconds": elapsed, "epochs": epochs}).encode(), cached)
                 per_seed.append(top1)
                 seconds.append(elapsed)
                 print(f"{row:15s} IPC {ipc:3d} seed {seed}: top-1 {top1:6.2f}%  ({elapsed:.0f} s)", flush=True)
@@ -174,11 +169,10 @@ def main(argv: list[str] | None = None) -> int:
     settings = {
         "device": device_name(args.device), "quick": args.quick, "sampling_steps": steps, "seeds": seeds,
         "eval": "convnet6 (depth 3 at 16 px, width 128), fastdd.evaluate hard-label protocol, best top-1 on the digits test split",
-        "epochs": {str(ipc): max(1, round(epoch_scale * epochs_for_ipc(ipc))) for ipc in ipcs}
-        | {"full train set": max(1, round(epoch_scale * FULL_SET_EPOCHS))},
+        "epochs": epochs_by_set,
         "method_args": {m: QUICK_METHOD_ARGS.get(m, []) if args.quick else [] for m in methods},
     }  # fmt: skip
-    write_atomic(out / f"quality_digits{suffix}.json", json.dumps({"settings": settings, "records": records}, indent=2))
+    write_bytes_atomic(json.dumps({"settings": settings, "records": records}, indent=2).encode(), out / f"quality_digits{suffix}.json")
     lines = [f"Digits default, {settings['device']}, {len(seeds)} seed(s), {steps} sampling steps"
              f"{' (--quick: eval epochs / 10, lighter method settings)' if args.quick else ''}.", "",
              "| set | " + " | ".join(f"IPC {ipc}" for ipc in ipcs) + " |", "|---|" + "---|" * len(ipcs)]  # fmt: skip
@@ -188,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
             match = [r for r in records if r["set"] == row and r["ipc"] in (ipc, "all")]
             cells.append(f"{match[0]['top1_mean']:.1f} ± {match[0]['top1_std']:.1f}" if match else "")
         lines.append(f"| {row} | " + " | ".join(cells) + " |")
-    write_atomic(out / f"quality_digits{suffix}.md", "\n".join(lines) + "\n")
+    write_bytes_atomic(("\n".join(lines) + "\n").encode(), out / f"quality_digits{suffix}.md")
     print("\n".join(lines))
     return 0
 

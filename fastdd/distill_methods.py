@@ -81,16 +81,17 @@ def real_latents(ctx: MethodContext, sample: bool = False) -> tuple[Tensor, Tens
 
 class ModelLabelsDiT(nn.Module):
     """The prior seen with local class indices: forward_features(x, t, y_local, block) runs the DiT with the
-    model label of each local class (DAP's truncated forward and real features use class indices)."""
+    model label of each local class (DAP's truncated forward and real features use class indices). The label
+    table lives on `device`, so a step does no host-to-device copy."""
 
-    def __init__(self, model: nn.Module, class_labels: list[int]):
+    def __init__(self, model: nn.Module, class_labels: list[int], device: torch.device | str = "cpu"):
         super().__init__()
         self.model = model
-        self.register_buffer("table", torch.as_tensor(class_labels, dtype=torch.long), persistent=False)
+        self.register_buffer("table", torch.as_tensor(class_labels, dtype=torch.long, device=device), persistent=False)
         self.depth, self.grid_size, self.hidden_size = model.depth, model.grid_size, model.hidden_size
 
     def forward_features(self, x: Tensor, t: Tensor, y: Tensor, block_index: int) -> Tensor:
-        return self.model.forward_features(x, t, self.table.to(y.device)[y], block_index)
+        return self.model.forward_features(x, t, self.table[y], block_index)
 
 
 def _default_sample(ctx: MethodContext, sampler, labels, ids, latent_shape, device) -> Tensor:
@@ -139,7 +140,7 @@ def build_dap(ctx: MethodContext) -> MethodSetup:
               "feature_dtype": str(dtype).removeprefix("torch.")}  # fmt: skip
     if ctx.dry_run:
         return MethodSetup(params=params)
-    model = ModelLabelsDiT(prior, ctx.models.class_labels)
+    model = ModelLabelsDiT(prior, ctx.models.class_labels, ctx.models.device)
     projection = None
     if args.dap_proj_dim:
         projection = JLProjection(prior.grid_size**2 * prior.hidden_size, args.dap_proj_dim, seed=args.seed, device=ctx.models.device)

@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 from torch import Tensor, nn
 
 from .data.atomic import save_safetensors_atomic
-from .methods import MethodContext, MethodSetup, register_method
+from .methods import MethodContext, MethodSetup, register_method, rescale_index
 
 
 # ----------------------------------------------------------------------------------------- shared helpers
@@ -167,7 +167,7 @@ def build_mgd3(ctx: MethodContext) -> MethodSetup:
     args = ctx.args
     _check(math.isfinite(args.mgd3_lambda) and args.mgd3_lambda >= 0, f"--mgd3-lambda must be >= 0, got {args.mgd3_lambda}")
     _check(-1 <= args.mgd3_stop <= 49, f"--mgd3-stop must be in -1..49, got {args.mgd3_stop}")
-    stop = -1 if args.mgd3_stop == -1 else ctx.guided_range(args.mgd3_stop, args.mgd3_stop)[0]
+    stop = -1 if args.mgd3_stop == -1 else rescale_index(args.mgd3_stop, args.steps)
     _check_pool(ctx, 1, "MGD3")
     params = {"lambda": args.mgd3_lambda, "stop_index": stop, "guided_range": [stop + 1, args.steps - 1],
               "kmeans_seed": args.mgd3_kmeans_seed, "modes": f"k-means of the encoder-mean latents, {args.ipc} per class"}  # fmt: skip
@@ -211,7 +211,7 @@ def build_d3hr(ctx: MethodContext) -> MethodSetup:
     _check(args.d3hr_candidates > 0, f"--d3hr-candidates must be > 0, got {args.d3hr_candidates}")
     _check(args.d3hr_batch > 0, f"--d3hr-batch must be > 0, got {args.d3hr_batch}")
     _check(not args.compat, "--compat: d3hr samples with CFG on every channel (diffusers); drop --compat")
-    target = ctx.guided_range(args.d3hr_target, args.d3hr_target)[0]
+    target = rescale_index(args.d3hr_target, args.steps)
     _check_pool(ctx, 2, "D3HR's unbiased variance")
     params = {"target_index": target, "n_candidates": args.d3hr_candidates, "inversion_batch": args.d3hr_batch,
               "weights": [1.0, 1.0, 0.1], "timestep_spacing": args.d3hr_spacing,

@@ -41,6 +41,11 @@ from torch import Tensor
 from .sampling.sampler import Guidance, ImageId, StepContext
 
 
+def rescale_index(index: int, steps: int, of_steps: int = 50) -> int:
+    """A respaced step index given for `of_steps` sampling steps (the papers' 50), rescaled to `steps`."""
+    return round(index * (steps - 1) / (of_steps - 1))
+
+
 @dataclass
 class Models:
     """The loaded generator. prior: DiT; codec: PixelCodec or LatentCodec (decode: latents -> images in [-1, 1]);
@@ -98,8 +103,7 @@ class MethodContext:
 
     def guided_range(self, low: int, high: int, of_steps: int = 50) -> tuple[int, int]:
         """A guided step range [low, high] given for `of_steps` sampling steps, rescaled to --steps."""
-        steps = self.args.steps
-        return round(low * (steps - 1) / (of_steps - 1)), round(high * (steps - 1) / (of_steps - 1))
+        return rescale_index(low, self.args.steps, of_steps), rescale_index(high, self.args.steps, of_steps)
 
 
 @dataclass

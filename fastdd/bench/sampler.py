@@ -62,6 +62,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from ..guidance import DeviationGuidance, InfluenceGuidance, InformationEstimator, InformationGuidance, MercerGuidance
 from ..guidance import ModeGuidance, RealFeatures
 from ..guidance.memory import to_difffit
+from ..methods import rescale_index
 from ..models import ConvNet, DiT, LatentCodec
 from ..sampling import GaussianDiffusion, GuidedSampler, mixed_precision, trajectory_noise
 from . import authors
@@ -154,7 +155,7 @@ class Models:
 
     def index(self, index_of_50: int) -> int:
         """A respaced index given for 50 steps, rescaled to self.steps (as `fastdd distill` rescales its ranges)."""
-        return round(index_of_50 * (self.steps - 1) / (SPEC_STEPS - 1))
+        return rescale_index(index_of_50, self.steps, SPEC_STEPS)
 
 
 # --------------------------------------------------------------------------- the paths

@@ -1,7 +1,8 @@
 """The authors' algorithms restated from SPEC, one image at a time: the ground truth of the faithfulness tests and
 path (a) of the sampler benchmark (`fastdd.bench.sampler`).
 
-Deliberately plain and independent of fastdd's fast paths (no fastdd.ops, fastdd.guidance or GuidedSampler):
+Deliberately plain and independent of fastdd's fast paths (nothing of fastdd.ops but its plain reference's
+`unflatten_params`; no fastdd.guidance or GuidedSampler):
 Python loops over checkpoints, real samples and images, fp32, autograd as the authors' code records it. They
 share with fastdd only the seeded noise (`fastdd.sampling.trajectory_noise`, so both sides see the same noise)
 and, where a loop says so, `GaussianDiffusion`'s float64 tables. Every loop runs on its model's device.
@@ -42,6 +43,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from ..ops.reference import unflatten_params
 from ..sampling import GaussianDiffusion, trajectory_noise
 
 LATENT_COS_EPS = 1e-6
@@ -174,15 +176,6 @@ def authors_dit_sample(
 
 
 # --------------------------------------------------------------------------- IGD: the two guidances
-def flat_to_params(module: nn.Module, flat: Tensor) -> dict[str, Tensor]:
-    """A flat parameter vector ([P], `module.parameters()` order) as named views for functional_call."""
-    params, offset = {}, 0
-    for name, param in module.named_parameters():
-        params[name] = flat[offset : offset + param.numel()].view_as(param)
-        offset += param.numel()
-    return params
-
-
 def deviation_gradient(x_t: Tensor, memory: list[Tensor]) -> Tensor:
     """∇_{x_t} cos(x_t[0], m*), m* = argmax_m cos(x_t[0], m) over the memory list ([1, C, H, W] each).
 
@@ -216,7 +209,7 @@ def influence_gradient(
     for index in range(num_checkpoints):
         theta = flat_params[index].to(x_t.device).detach().clone().requires_grad_(True)
         real_grad = class_real_grads[index].to(x_t.device)
-        logits = functional_call(surrogate, flat_to_params(surrogate, theta), (images,))
+        logits = functional_call(surrogate, unflatten_params(surrogate, theta), (images,))
         ce = F.cross_entropy(logits, labels)
         (grad_theta,) = torch.autograd.grad(ce, theta, create_graph=True)
         loss = (1 - F.cosine_similarity(grad_theta, real_grad, dim=0)) / num_checkpoints

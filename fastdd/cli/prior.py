@@ -54,8 +54,6 @@ def run(args) -> int:
                     num_classes=len(classes))  # fmt: skip
     except ValueError as err:
         raise UsageError(str(err)) from None
-    if opts["hidden_size"] % opts["num_heads"] != 0:
-        raise UsageError(f"--hidden-size {opts['hidden_size']} is not divisible by --num-heads {opts['num_heads']}")
     ema = train_prior(model, images, labels, steps=opts["steps"], batch_size=opts["batch_size"], lr=opts["lr"],
                       ema_decay=opts["ema_decay"], seed=args.seed, device=torch.device(args.device),
                       progress=not args.quiet)  # fmt: skip

@@ -167,15 +167,20 @@ def test_cpu_chunks_give_the_unchunked_values_and_gradients(monkeypatch, budget_
     assert chunks == expected_chunks[budget_pairs, grouped]
 
 
-def test_cpu_chunks_split_checkpoints_before_rows():
-    """With room for every row, whole groups of checkpoints go together; no chunking off the CPU."""
+def test_cpu_chunks_split_checkpoints_before_rows(monkeypatch):
+    """Whole groups of checkpoints go together while every row fits; then single checkpoints and fewer rows
+    (all rows with groups); no chunking off the CPU."""
     steps = grad_cosine_module._plan(ConvNet(3, 5, width=8, depth=2, im_size=16))
     x = torch.zeros(4, 3, 16, 16)
-    pair_bytes = 8 * 16 * 16 * 4
+    pair_bytes = 8 * 16 * 16 * 4  # widest conv output (8 channels) × the 16×16 map, fp32
     chunks = grad_cosine_module._cpu_chunks
-    budget = grad_cosine_module.CPU_CHUNK_BYTES
-    assert chunks(steps, x, 6, rows_divisible=True) == (4, min(6, budget // pair_bytes // 4))
+    monkeypatch.setattr(grad_cosine_module, "CPU_CHUNK_BYTES", 9 * pair_bytes)
+    assert chunks(steps, x, 6, rows_divisible=True) == (4, 2)
+    monkeypatch.setattr(grad_cosine_module, "CPU_CHUNK_BYTES", 2 * pair_bytes)
+    assert chunks(steps, x, 6, rows_divisible=True) == (2, 1)
+    assert chunks(steps, x, 6, rows_divisible=False) == (4, 1)
     assert chunks(steps, x.to("meta"), 6, rows_divisible=True) == (4, 6)
+
 
 class Scale(nn.Module):
     """A layer the fast path does not know: x · s with a learnable per-channel s."""

@@ -21,24 +21,13 @@ from safetensors.torch import load_file
 from torch import Tensor, nn
 
 from .data.atomic import save_safetensors_atomic
-from .methods import MethodContext, MethodSetup, register_method, rescale_index
+from .methods import MethodContext, MethodSetup, parse_range, register_method, rescale_index
 
 
 # ----------------------------------------------------------------------------------------- shared helpers
 def _digest(params: dict) -> str:
     """A short hash of JSON-able params (names a cache file after what it depends on)."""
     return hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()[:12]
-
-
-def _parse_range(text: str, option: str) -> tuple[int, int]:
-    """'low,high' of respaced indices for 50 steps (0 <= low <= high <= 49)."""
-    try:
-        low, high = (int(v) for v in text.split(","))
-    except ValueError:
-        raise ValueError(f"{option} must be two integers low,high, got {text!r}") from None
-    if not 0 <= low <= high <= 49:
-        raise ValueError(f"{option} must satisfy 0 <= low <= high <= 49, got {text!r}")
-    return low, high
 
 
 def _check(condition: bool, message: str) -> None:
@@ -132,7 +121,7 @@ def build_dap(ctx: MethodContext) -> MethodSetup:
     _check(math.isfinite(gamma) and gamma >= 0, f"--dap-gamma must be >= 0, got {gamma}")
     _check(args.dap_proj_dim >= 0, f"--dap-proj-dim must be >= 0, got {args.dap_proj_dim}")
     _check(not (args.dap_proj_dim and args.dap_kernel == "poly"), "--dap-proj-dim: the projection bound covers distances; use --dap-kernel linear or rbf")
-    low, high = ctx.guided_range(*_parse_range(args.dap_range, "--dap-range"))
+    low, high = ctx.guided_range(*parse_range(args.dap_range, "--dap-range"))
     _check_pool(ctx, 1, "DAP", ipc_bound=False)
     dtype = torch.bfloat16 if ctx.models.device.type == "cuda" else torch.float32
     params = {"block": block, "gamma": gamma, "kernel": args.dap_kernel, "t_mode": args.dap_t_mode,
@@ -357,7 +346,7 @@ def build_igds(ctx: MethodContext) -> MethodSetup:
     _check(args.igds_classifier_epochs > 0, f"--igds-classifier-epochs must be > 0, got {args.igds_classifier_epochs}")
     _check(math.isfinite(args.igds_lambda) and args.igds_lambda >= 0, f"--igds-lambda must be >= 0, got {args.igds_lambda}")
     _check(args.igds_source == "xstart" or args.sampler == "ddpm", "--igds-source sample needs --sampler ddpm")
-    low, high = ctx.guided_range(*_parse_range(args.igds_range, "--igds-range"))
+    low, high = ctx.guided_range(*parse_range(args.igds_range, "--igds-range"))
     counts = _class_counts(ctx)
     _check(all(counts), f"--data: every class needs real images for the estimator, counts {counts}")
     _check(sum(counts) >= 2, "--data: the estimator needs at least 2 real images")

@@ -41,6 +41,17 @@ from torch import Tensor
 from .sampling.sampler import Guidance, ImageId, StepContext
 
 
+def parse_range(text: str, option: str) -> tuple[int, int]:
+    """'low,high' of respaced indices for 50 steps (0 <= low <= high <= 49); ValueError naming option."""
+    try:
+        low, high = (int(v) for v in text.split(","))
+    except ValueError:
+        raise ValueError(f"{option} must be two integers low,high, got {text!r}") from None
+    if not 0 <= low <= high <= 49:
+        raise ValueError(f"{option} must satisfy 0 <= low <= high <= 49, got {text!r}")
+    return low, high
+
+
 def rescale_index(index: int, steps: int, of_steps: int = 50) -> int:
     """A respaced step index given for `of_steps` sampling steps (the papers' 50), rescaled to `steps`."""
     return round(index * (steps - 1) / (of_steps - 1))
@@ -284,12 +295,7 @@ def build_igd(ctx: MethodContext) -> MethodSetup:
     k, gamma = igd_preset(ctx.dataset, args.ipc)
     k = k if args.igd_k is None else args.igd_k
     gamma = gamma if args.igd_gamma is None else args.igd_gamma
-    try:
-        low, high = (int(v) for v in args.igd_range.split(","))
-    except ValueError:
-        raise ValueError(f"--igd-range must be two integers low,high, got {args.igd_range!r}") from None
-    if not 0 <= low <= high <= 49:
-        raise ValueError(f"--igd-range must satisfy 0 <= low <= high <= 49, got {args.igd_range!r}")
+    low, high = parse_range(args.igd_range, "--igd-range")
     if k < 0 or gamma < 0:
         raise ValueError(f"--igd-k and --igd-gamma must be >= 0, got {k} and {gamma}")
     if args.igd_memory <= 0:

@@ -131,6 +131,8 @@ def test_cached_state_is_reused_by_a_new_run(tmp_path, monkeypatch, method, modu
         ("igds", ["--igds-eta", "-1"], "--igds-eta"),
         ("igds", ["--igds-beta", "nan"], "--igds-beta"),
         ("igds", ["--igds-range", "3"], "--igds-range"),
+        ("igd", ["--igd-range", "40,10"], "--igd-range"),
+        ("igd", ["--igd-range", "a,b"], "--igd-range"),
     ],
 )
 def test_bad_options_exit_2_naming_the_option(tmp_path, capsys, method, extra, option):

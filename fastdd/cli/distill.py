@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import importlib.metadata
 import json
 import os
 import platform
@@ -31,6 +30,7 @@ from ..pipeline import STATE_DIR, RunDirectory, batches_for_rank, generate, plan
 from ..sampling import GaussianDiffusion, GuidedSampler
 from ..sampling.seeds import image_seed
 from .errors import UsageError
+from .info import package_version
 
 DIGITS_PRIOR_PATH = Path(__file__).resolve().parent.parent / "assets" / "digits_prior.safetensors"
 DIGITS_CFG_SCALE = 2.0
@@ -47,13 +47,9 @@ def file_digest(path: Path, limit: int = 200 * 2**20) -> str:
 
 
 def versions() -> dict:
-    out = {"python": platform.python_version()}
-    for package in ("fastdd", "torch", "diffusers", "safetensors", "numpy"):
-        try:
-            out[package] = importlib.metadata.version(package)
-        except importlib.metadata.PackageNotFoundError:
-            out[package] = "not installed"
-    return out
+    return {"python": platform.python_version()} | {
+        package: package_version(package) for package in ("fastdd", "torch", "diffusers", "safetensors", "numpy")
+    }
 
 
 def distributed_env() -> tuple[int, int, int]:
@@ -320,7 +316,7 @@ def run(args) -> int:
         print(f"plan        {len(class_names) * args.ipc} images in {len(plan)} batches of ≤{batch_size} "
               f"(≤{args.class_batch} classes × ≤{args.images_per_batch} images); "
               f"this process (rank {rank} of {world}): {len(mine)} batches")  # fmt: skip
-        done = sum(1 for b in mine if (Path(args.out) / STATE_DIR / "batches" / f"{b.index}.json").exists())
+        done = sum(1 for b in mine if run_dir.batch_done(b))
         print(f"output      {args.out} ({done} of {len(mine)} batches already done)")
         print(f"estimate    ~{seconds:.0f} s for this process (timed model call × steps, guided steps ×4)")
         return 0

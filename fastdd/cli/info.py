@@ -7,7 +7,8 @@ import platform
 import torch
 
 
-def _version(package: str) -> str:
+def package_version(package: str) -> str:
+    """The installed version of package, or "not installed"."""
     try:
         return importlib.metadata.version(package)
     except importlib.metadata.PackageNotFoundError:
@@ -21,7 +22,7 @@ def info_text() -> str:
 
     lines = [f"fastdd {fastdd.__version__}", f"python {platform.python_version()} ({platform.machine()})"]
     for package in ("torch", "triton", "diffusers", "safetensors", "numpy"):
-        lines.append(f"{package} {_version(package)}")
+        lines.append(f"{package} {package_version(package)}")
     lines.append(f"torch CUDA build: {torch.version.cuda or 'none (CPU build)'}")
     ext = extension()
     lines.append(

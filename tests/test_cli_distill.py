@@ -275,7 +275,9 @@ def test_missing_empty_and_unreadable_class_data(tmp_path, assets, capsys):
     fails_cleanly(capsys, abc_args(out, assets, data, "--classes", str(classes)), out, f"class folder {data / 'c'} does not exist")
     data = copy_data(assets["data"], tmp_path / "data2")
     (data / "b" / "9.png").write_bytes(b"not a png")
-    fails_cleanly(capsys, abc_args(out, assets, data), out, "cannot read image")
+    fails_cleanly(capsys, abc_args(out, assets, data), out, "cannot read image")  # checked before sampling
+    mgd3 = [("mgd3" if a == "dit" else a) for a in abc_args(out, assets, data)]  # a method that loads the data at once
+    fails_cleanly(capsys, mgd3, out, f"cannot read image {data / 'b' / '9.png'}")
     fails_cleanly(capsys, abc_args(out, assets, tmp_path / "nowhere"), out, "does not exist")
 
 

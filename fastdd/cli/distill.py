@@ -163,20 +163,22 @@ def resolve_classes(args, model, prior_extra: dict) -> tuple[list[str], list[int
     return names, labels, dataset
 
 
-def real_data(args, dataset: str, class_names: list[str], image_shape) -> RealData:
-    """Real images of the classes: --data (checked now: folders exist, hold images, images open), or the digits
-    train split; loaded on first use."""
+def real_data(args, dataset: str, class_names: list[str], image_shape, verify: bool = True) -> RealData:
+    """Real images of the classes: --data (checked now: folders exist and hold images; with verify, every image
+    opens: pass False when the caller loads them at once, which names an unreadable image itself), or the
+    digits train split; loaded on first use."""
     channels, size, _ = image_shape
     if args.data is not None:
         _, samples = scan_image_folder(args.data, class_names)
-        from PIL import Image, UnidentifiedImageError
+        if verify:
+            from PIL import Image, UnidentifiedImageError
 
-        for path, _ in samples:
-            try:
-                with Image.open(path) as img:
-                    img.verify()
-            except (OSError, UnidentifiedImageError) as err:
-                raise ValueError(f"--data: cannot read image {path} ({err})") from None
+            for path, _ in samples:
+                try:
+                    with Image.open(path) as img:
+                        img.verify()
+                except (OSError, UnidentifiedImageError) as err:
+                    raise ValueError(f"--data: cannot read image {path} ({err})") from None
 
         def load_folder():
             images, labels, _ = load_image_folder(args.data, size, channels, classes=class_names)
@@ -280,7 +282,7 @@ def run(args) -> int:
         image = (codec.image_channels, prior.input_size * codec.downsample, prior.input_size * codec.downsample)
         models = Models(prior, codec, GaussianDiffusion(args.steps, learn_sigma=prior.learn_sigma), latent, image,
                         class_labels, prior.num_classes, device, description)  # fmt: skip
-        data = real_data(args, dataset, class_names, image)
+        data = real_data(args, dataset, class_names, image, verify=not spec.needs_data)
         if spec.needs_data:
             data.load()
         plan = plan_batches(len(class_names), args.ipc, args.class_batch, args.images_per_batch)

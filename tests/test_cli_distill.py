@@ -22,6 +22,7 @@ from fastdd.cli.main import main
 from fastdd.data.digits import DIGITS_CLASSES
 from fastdd.models.dit import DiT
 from fastdd.prior import save_prior
+from fastdd.sampling import acceleration
 from fastdd.surrogate import SurrogateBundle, SurrogateConfig
 
 TINY_DIT = dict(input_size=16, patch_size=4, in_channels=1, hidden_size=32, depth=1, num_heads=2)
@@ -98,9 +99,12 @@ def test_distill_writes_imagefolder_manifest_and_preview(tmp_path, assets):
     with Image.open(out / "preview.png") as preview:
         assert preview.size == (3 * 32 + 2 * 2, 10 * 32 + 9 * 2)  # 3 columns, one row per class, 16 px tiles ×2
     # a different seed gives different images, the same seed the same ones
-    again = tmp_path / "again"
+    again, other_seed = tmp_path / "again", tmp_path / "other_seed"
     assert main(distill_args(again, assets, method="dit", ipc=3)) == 0
     assert tree(again) == tree(out)
+    assert main(distill_args(other_seed, assets, "--seed", "1", method="dit", ipc=3)) == 0
+    first_image = lambda run: (run / "0" / "0.png").read_bytes()  # noqa: E731
+    assert first_image(other_seed) != first_image(out)
 
 
 def test_igd_guidance_changes_images_and_records_its_parameters(tmp_path, assets):
@@ -123,9 +127,10 @@ def test_igd_compat_mode_runs_and_differs_from_the_default(tmp_path, assets):
     assert a.shape == b.shape == (10, 1, 16, 16) and not torch.allclose(a, b)
 
 
-def test_speed_flags_run_and_the_approximations_are_recorded(tmp_path, assets):
+def test_speed_flags_run_and_the_approximations_are_recorded(tmp_path, assets, monkeypatch):
     """--compile and --cuda-graphs (eager fallback on CPU) keep the images; --precision bf16 and --fast are
     approximations: recorded in the manifest (a resume must not mix them) and close to the exact run."""
+    monkeypatch.setattr(acceleration, "_said", set())  # the fallback is said once per process
     runs = {name: tmp_path / name for name in ("exact", "speed", "approx")}
     assert main(distill_args(runs["exact"], assets, ipc=1)) == 0
     with pytest.warns(RuntimeWarning, match="cuda_graphs"):

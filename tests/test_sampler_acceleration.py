@@ -35,21 +35,21 @@ def igd_parts():
     return surrogate, flat.detach(), real_grads
 
 
-def igd_guidances(igd_parts, decoder=decode):
-    surrogate, flat, real_grads = igd_parts
+def igd_guidances(igd_parts, decoder=decode, device="cpu"):
+    surrogate, flat, real_grads = (t.to(device) for t in igd_parts)
     dim = LATENT[0] * LATENT[1] * LATENT[2]
     return [
-        DeviationGuidance(CLASSES, dim, gamma=2.0, low=3, high=8),
+        DeviationGuidance(CLASSES, dim, gamma=2.0, low=3, high=8, device=device),
         InfluenceGuidance(decoder, surrogate, flat, real_grads, k=5.0, low=3, high=8),
     ]
 
 
-def run_batches(sampler, batches=3):
+def run_batches(sampler, batches=3, device="cpu"):
     """IPC `batches` of every class, one image per class per batch, in order -> [batches, CLASSES, C, H, W]."""
     out = []
     for image_index in range(batches):
         ids = [(c, image_index, 17) for c in range(CLASSES)]
-        out.append(sampler.sample(list(range(CLASSES)), ids, LATENT, "cpu", progress=False))
+        out.append(sampler.sample(list(range(CLASSES)), ids, LATENT, device, progress=False))
     return torch.stack(out)
 
 
@@ -236,12 +236,11 @@ def test_guidance_that_is_not_capturable_runs_eagerly_and_is_named(monkeypatch):
     monkeypatch.setattr(acceleration, "_said", set())
     model = tiny_denoising_dit(CLASSES)
 
-    def sampler():
-        return GuidedSampler(model, GaussianDiffusion(STEPS), [HostState()], cfg_scale=2.0, num_classes=CLASSES)
+    def sampler(**options):
+        return GuidedSampler(model, GaussianDiffusion(STEPS), [HostState()], cfg_scale=2.0, num_classes=CLASSES, **options)
 
     with pytest.warns(RuntimeWarning, match="HostState cannot be recorded"):
-        replayed = GuidedSampler(model, GaussianDiffusion(STEPS), [HostState()], cfg_scale=2.0, num_classes=CLASSES, cuda_graphs=True)
-    replayed.graphs = StepGraphs(TracingRecorder())
+        replayed = recorded(sampler(cuda_graphs=True))
     torch.testing.assert_close(run_batches(replayed), run_batches(sampler()), rtol=0, atol=0)
     assert replayed.graphs.recorder.recorded == 0
 
@@ -278,22 +277,12 @@ def test_failed_capture_falls_back_to_eager(monkeypatch):
 def test_cuda_graph_replay_matches_eager_on_gpu(igd_parts):
     device = torch.device("cuda")
     model = tiny_denoising_dit(CLASSES).to(device)
-    surrogate, flat, real_grads = (t.to(device) for t in igd_parts)
-    dim = LATENT[0] * LATENT[1] * LATENT[2]
 
     def sampler(graphs):
-        guidances = [
-            DeviationGuidance(CLASSES, dim, gamma=2.0, low=3, high=8, device=device),
-            InfluenceGuidance(decode, surrogate, flat, real_grads, k=5.0, low=3, high=8),
-        ]
-        return GuidedSampler(model, GaussianDiffusion(STEPS), guidances, cfg_scale=2.0, num_classes=CLASSES, cuda_graphs=graphs)
-
-    def batches(s):
-        return torch.stack([
-            s.sample(list(range(CLASSES)), [(c, i, 17) for c in range(CLASSES)], LATENT, device, progress=False) for i in range(3)
-        ])  # fmt: skip
+        return GuidedSampler(model, GaussianDiffusion(STEPS), igd_guidances(igd_parts, device=device), cfg_scale=2.0,
+                             num_classes=CLASSES, cuda_graphs=graphs)  # fmt: skip
 
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)  # a fallback would hide a capture failure
-        replayed = batches(sampler(True))
-    torch.testing.assert_close(replayed, batches(sampler(False)), rtol=1e-5, atol=1e-6)
+        replayed = run_batches(sampler(True), device=device)
+    torch.testing.assert_close(replayed, run_batches(sampler(False), device=device), rtol=1e-5, atol=1e-6)

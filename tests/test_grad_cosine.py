@@ -318,57 +318,48 @@ def test_torch_compile_fullgraph(grouping, backend):
 
 
 # --------------------------------------------------------------------------- bad input
-def _bad(name):
+def _valid_args() -> dict:
     model, flat, x, y, ref, _, _ = make_case(1, 4, 8, 2, 3, 3, None, "KP")
-    args = dict(model=model, flat_params=flat, x=x, y=y, ref_grads=ref, groups=None)
-    nan = lambda t: t.clone().index_fill_(-1, torch.tensor([0]), float("nan"))  # noqa: E731
-    changes = {
-        "model": dict(model=lambda v: v.state_dict()),
-        "flat_params K/P": dict(flat_params=lambda v: v[:, :-1]),
-        "flat_params ndim": dict(flat_params=lambda v: v[0]),
-        "flat_params dtype": dict(flat_params=lambda v: v.double()),
-        "flat_params device": dict(flat_params=lambda v: v.to("meta")),
-        "flat_params NaN": dict(flat_params=nan),
-        "ref_grads K": dict(ref_grads=lambda v: torch.cat([v, v])),
-        "ref_grads P": dict(ref_grads=lambda v: v[:, 1:]),
-        "ref_grads NaN": dict(ref_grads=nan),
-        "ref_grads device": dict(ref_grads=lambda v: v.to("meta")),
-        "x channels": dict(x=lambda v: v[:, :1]),
-        "x ndim": dict(x=lambda v: v.flatten(1)),
-        "x integer": dict(x=lambda v: v.long()),
-        "x NaN": dict(x=nan),
-        "y float": dict(y=lambda v: v.float()),
-        "y length": dict(y=lambda v: v[:2]),
-        "y ndim": dict(y=lambda v: v[:, None]),
-        "groups length": dict(groups=lambda v: torch.tensor([0, 1])),
-        "groups float": dict(groups=lambda v: torch.tensor([0.0, 1.0, 0.0])),
-        "groups negative": dict(groups=lambda v: torch.tensor([0, -1, 0])),
-        "groups gap": dict(groups=lambda v: torch.tensor([0, 2, 0])),
-        "groups device": dict(groups=lambda v: torch.tensor([0, 1, 0], device="meta")),
-    }[name]
-    for key, change in changes.items():
-        args[key] = change(args[key])
-    return args
+    return dict(model=model, flat_params=flat, x=x, y=y, ref_grads=ref, groups=None)
 
 
-BAD = {
-    "model": "model", "flat_params K/P": "flat_params", "flat_params ndim": "flat_params",
-    "flat_params dtype": "flat_params", "flat_params device": "flat_params", "flat_params NaN": "flat_params",
-    "ref_grads K": "ref_grads", "ref_grads P": "ref_grads", "ref_grads NaN": "ref_grads",
-    "ref_grads device": "ref_grads", "x channels": "x", "x ndim": "x", "x integer": "x", "x NaN": "x",
-    "y float": "y", "y length": "y", "y ndim": "y", "groups length": "groups", "groups float": "groups",
-    "groups negative": "groups", "groups gap": "groups", "groups device": "groups",
-}  # fmt: skip
+_nan = lambda t: t.clone().index_fill_(-1, torch.tensor([0]), float("nan"))  # noqa: E731
+BAD_INPUTS = {  # "<argument> <what is wrong>": how the valid argument is spoiled
+    "model": lambda v: v.state_dict(),
+    "flat_params K/P": lambda v: v[:, :-1],
+    "flat_params ndim": lambda v: v[0],
+    "flat_params dtype": lambda v: v.double(),
+    "flat_params device": lambda v: v.to("meta"),
+    "flat_params NaN": _nan,
+    "ref_grads K": lambda v: torch.cat([v, v]),
+    "ref_grads P": lambda v: v[:, 1:],
+    "ref_grads NaN": _nan,
+    "ref_grads device": lambda v: v.to("meta"),
+    "x channels": lambda v: v[:, :1],
+    "x ndim": lambda v: v.flatten(1),
+    "x integer": lambda v: v.long(),
+    "x NaN": _nan,
+    "y float": lambda v: v.float(),
+    "y length": lambda v: v[:2],
+    "y ndim": lambda v: v[:, None],
+    "groups length": lambda v: torch.tensor([0, 1]),
+    "groups float": lambda v: torch.tensor([0.0, 1.0, 0.0]),
+    "groups negative": lambda v: torch.tensor([0, -1, 0]),
+    "groups gap": lambda v: torch.tensor([0, 2, 0]),
+    "groups device": lambda v: torch.tensor([0, 1, 0], device="meta"),
+}
 
 
-@pytest.mark.parametrize("case", list(BAD))
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
 def test_bad_input_raises_value_error_naming_the_argument(case):
-    with pytest.raises(ValueError, match=BAD[case]):
-        grad_cosine(**_bad(case))
+    argument, args = case.split()[0], _valid_args()
+    args[argument] = BAD_INPUTS[case](args[argument])
+    with pytest.raises(ValueError, match=argument):
+        grad_cosine(**args)
 
 
 def test_bad_num_groups_and_backend():
-    args = _bad("model")
+    args = _valid_args()
     args["model"] = ConvNet(3, 5, width=4, depth=1, im_size=8)
     with pytest.raises(ValueError, match="num_groups"):
         grad_cosine(**args, num_groups=2)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import pytest
@@ -15,6 +16,7 @@ from PIL import Image
 
 import fastdd.guidance.information as information
 import fastdd.guidance.memory as memory
+from fastdd.cli.distill import DIGITS_PRIOR_PATH
 from fastdd.cli.main import main
 from fastdd.data.digits import load_digits_split
 
@@ -35,13 +37,19 @@ EXPECTED_PARAMS = {
 }
 
 
+def no_training(*args, **kwargs):
+    raise AssertionError("trained where the run must not train (cache hit, dry run)")
+
+
 def distill(out: Path, method: str, *extra: str, ipc: int = IPC) -> list[str]:
     return ["distill", "--method", method, "--ipc", str(ipc), "--out", str(out), "--steps", "5", "--quiet",
             "--device", "cpu", *extra]  # fmt: skip
 
 
-def images(out: Path, classes: int = 10, ipc: int = IPC) -> np.ndarray:
-    return np.stack([np.asarray(Image.open(out / str(c) / f"{i}.png"), dtype=np.float64) for c in range(classes) for i in range(ipc)])
+def images(out: Path, classes: int | Sequence[str] = 10, ipc: int = IPC) -> np.ndarray:
+    """The PNGs of the class folders (0..classes-1, or the named folders), [classes·ipc, H, W] float64."""
+    folders = [str(c) for c in range(classes)] if isinstance(classes, int) else classes
+    return np.stack([np.asarray(Image.open(out / c / f"{i}.png"), dtype=np.float64) for c in folders for i in range(ipc)])
 
 
 @pytest.fixture(scope="module")
@@ -78,13 +86,13 @@ def test_dap_and_mgd3_on_a_class_subset_use_the_model_labels(tmp_path):
         (data / str(digit)).mkdir(parents=True)
         for i, image in enumerate(pixels[labels == digit][:12]):
             Image.fromarray(((image[0] + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).numpy()).save(data / str(digit) / f"{i}.png")
-    prior = Path(__file__).resolve().parent.parent / "fastdd" / "assets" / "digits_prior.safetensors"
+    prior = DIGITS_PRIOR_PATH
     runs = {}
     for method, extra in (("dit", []), ("dap", SMALL["dap"]), ("mgd3", [])):
         out = tmp_path / method
         assert main(distill(out, method, "--data", str(data), "--model", str(prior), *extra)) == 0
         assert json.loads((out / "manifest.json").read_text())["config"]["class_labels"] == [3, 7]
-        runs[method] = np.stack([np.asarray(Image.open(out / d / f"{i}.png"), dtype=np.float64) for d in ("3", "7") for i in range(IPC)])
+        runs[method] = images(out, classes=("3", "7"))
     for method in ("dap", "mgd3"):
         assert np.abs(runs[method] - runs["dit"]).mean() > 0.3
     # the IPC cannot exceed the 12 real images of a class for mgd3 (k-means clusters)
@@ -103,9 +111,6 @@ def test_cached_state_is_reused_by_a_new_run(tmp_path, monkeypatch, method, modu
     (cached,) = (first / ".fastdd").glob(f"{'sam_difffit' if method == 'sam' else 'igds_estimator'}_*.safetensors")
     (second / ".fastdd").mkdir(parents=True)
     shutil.copy(cached, second / ".fastdd" / cached.name)
-
-    def no_training(*args, **kwargs):
-        raise AssertionError("trained again despite the cache")
 
     monkeypatch.setattr(module, function, no_training)
     assert main(distill(second, method, *SMALL[method])) == 0
@@ -176,7 +181,7 @@ def test_dap_noised_projected_and_rbf_variants_run_and_differ(tmp_path):
 
 @pytest.mark.parametrize("method,module,function", [("sam", memory, "finetune_sam"), ("igds", information, "train_information_estimator")])
 def test_dry_run_prints_the_parameters_without_training(tmp_path, capsys, monkeypatch, method, module, function):
-    monkeypatch.setattr(module, function, lambda *a, **k: (_ for _ in ()).throw(AssertionError("trained in a dry run")))
+    monkeypatch.setattr(module, function, no_training)
     out = tmp_path / "run"
     assert main(distill(out, method, "--dry-run")) == 0
     printed = capsys.readouterr().out

@@ -211,8 +211,8 @@ def test_interrupted_run_with_several_images_per_batch_resumes_byte_identical(tm
 
 
 # ----------------------------------------------------------------------------------------- resume
-def run_cli(args: list[str], **kwargs) -> subprocess.Popen:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+def run_cli(args: list[str], env_extra: dict[str, str] | None = None, **kwargs) -> subprocess.Popen:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env_extra or {})}
     return subprocess.Popen([sys.executable, "-m", "fastdd", *args], env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, **kwargs)  # fmt: skip
 
@@ -367,10 +367,8 @@ def test_two_gloo_processes_make_the_same_dataset_as_one(tmp_path, assets):
     port = free_port()
     procs = []
     for rank in range(2):
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2",
-               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}  # fmt: skip
-        procs.append(subprocess.Popen([sys.executable, "-m", "fastdd", *distill_args(double, assets, *extra)], env=env,
-                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))  # fmt: skip
+        env = {"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+        procs.append(run_cli(distill_args(double, assets, *extra), env_extra=env))
     for p in procs:
         assert p.wait(timeout=300) == 0, p.stderr.read()
     assert tree(double) == tree(single)

@@ -347,9 +347,8 @@ def build_igds(ctx: MethodContext) -> MethodSetup:
     _check(math.isfinite(args.igds_lambda) and args.igds_lambda >= 0, f"--igds-lambda must be >= 0, got {args.igds_lambda}")
     _check(args.igds_source == "xstart" or args.sampler == "ddpm", "--igds-source sample needs --sampler ddpm")
     low, high = ctx.guided_range(*parse_range(args.igds_range, "--igds-range"))
-    counts = _class_counts(ctx)
-    _check(all(counts), f"--data: every class needs real images for the estimator, counts {counts}")
-    _check(sum(counts) >= 2, "--data: the estimator needs at least 2 real images")
+    _check_pool(ctx, 1, "IGDS's estimator", ipc_bound=False)
+    _check(sum(_class_counts(ctx)) >= 2, "--data: the estimator needs at least 2 real images")
     params = {"eta": eta, "beta": beta, "guided_range": [low, high], "source": args.igds_source,
               "estimator": {"epochs": args.igds_epochs, "classifier_epochs": args.igds_classifier_epochs,
                             "lambda": args.igds_lambda, "tau": 0.07, "seed": args.seed, "flip": ctx.dataset != "digits"}}  # fmt: skip

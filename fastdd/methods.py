@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -320,10 +321,7 @@ def build_igd(ctx: MethodContext) -> MethodSetup:
             images = F.interpolate(images, size=(size, size), mode="bilinear", align_corners=False)
         return images
 
-    dim = 1
-    for s in ctx.models.latent_shape:
-        dim *= s
-    deviation = DeviationGuidance(ctx.num_classes, dim, gamma=gamma, capacity=args.igd_memory, low=low, high=high,
+    deviation = DeviationGuidance(ctx.num_classes, math.prod(ctx.models.latent_shape), gamma=gamma, capacity=args.igd_memory, low=low, high=high,
                                   compat=args.compat, device=device)  # fmt: skip
     influence = InfluenceGuidance(decode, surrogate, bundle.flat_params.to(device), bundle.real_grads.to(device),
                                   k=k, low=low, high=high, compat=args.compat)  # fmt: skip

@@ -61,8 +61,7 @@ def run(args) -> int:
     bundle = build_surrogate_bundle(config, snapshots, images, labels, epochs=epochs, threshold=threshold,
                                     progress=not args.quiet)  # fmt: skip
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    bundle.save(out)
+    bundle.save(out)  # creates the parent folders
     print(f"wrote {out}: checkpoints at epochs {bundle.epochs}, real gradients for {config.num_classes} classes")
     return 0
 

@@ -2,7 +2,7 @@
 
 For IPC 1 and 10 and seeds 0, 1, 2: `fastdd distill --method M --ipc K --seed s` (the real CLI, the shipped
 16×16 pixel prior, default method options) then training a fresh ConvNet (`fastdd eval`'s convnet6: depth 3
-at 16 px, width 128) with the hard-label protocol of `fastdd.evaluate` (epochs by IPC, CutMix) using training
+at 16 px, width 128) with the hard-label protocol of `fastdd.evaluation` (epochs by IPC, CutMix) using training
 seed s, best top-1 on the digits test split. Rows: random real images (IPC random train images per class, drawn
 with seed s), the unguided prior (dit), each method, and the full training set (1,437 images; 300 epochs
 instead of the protocol's 1,000 to keep the CPU time sane). Mean ± population std over the seeds.
@@ -32,12 +32,12 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.common import device_name  # noqa: E402
-from fastdd.cli.evaluate import make_model_factory  # noqa: E402
+from fastdd.evaluation import make_model_factory  # noqa: E402
 from fastdd.cli.main import main as fastdd_main  # noqa: E402
 from fastdd.data.digits import DIGITS_CLASSES, load_digits_split  # noqa: E402
 from fastdd.data.atomic import write_bytes_atomic  # noqa: E402
 from fastdd.data.imagefolder import load_image_folder  # noqa: E402
-from fastdd.evaluate import epochs_for_ipc, train_and_evaluate  # noqa: E402
+from fastdd.evaluation import epochs_for_ipc, train_and_evaluate  # noqa: E402
 
 METHODS = ("igd", "dap", "mgd3", "d3hr", "sam", "igds")
 FULL_SET_EPOCHS = 300
@@ -168,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
 
     settings = {
         "device": device_name(args.device), "quick": args.quick, "sampling_steps": steps, "seeds": seeds,
-        "eval": "convnet6 (depth 3 at 16 px, width 128), fastdd.evaluate hard-label protocol, best top-1 on the digits test split",
+        "eval": "convnet6 (depth 3 at 16 px, width 128), fastdd.evaluation hard-label protocol, best top-1 on the digits test split",
         "epochs": epochs_by_set,
         "method_args": {m: QUICK_METHOD_ARGS.get(m, []) if args.quick else [] for m in methods},
     }  # fmt: skip

@@ -1,4 +1,9 @@
-"""Resumable, shardable generation of a distilled ImageFolder.
+"""The distillation pipeline: plan a run, load what it needs, build the method, generate, resume.
+
+`run(spec, options)` is `fastdd distill` (and `fastdd.distill`); `prepare(spec, options)` stops before generating and
+returns the sampler and everything else a custom loop needs. The steps: validate the spec, load the generator
+(`fastdd.models.loading`), resolve the classes and the real data (`fastdd.data`), build the method
+(`fastdd.methods`), wrap its guidances for local class indices, then generate the plan's batches.
 
 The plan is fixed by (classes, ipc, class_batch, images_per_batch): batch j holds up to `images_per_batch`
 consecutive image indices of every class of a fixed chunk of `class_batch` classes. With images_per_batch 1
@@ -19,20 +24,33 @@ removed when the run starts again. The manifest holds no timestamps, so it is by
 """
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
+import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
 from .data.atomic import save_safetensors_atomic, write_bytes_atomic
+from .data.classes import resolve_classes
 from .data.imagefolder import save_png_atomic
+from .data.real import RealData, real_data
+from .environment import versions
+from .methods import Method, MethodSetup, Models, RunSpec, get_method
+from .methods.base import STATE_DIR, default_device
+from .models.loading import load_generator
+from .sampling import GaussianDiffusion, GuidedSampler
+from .sampling.labels import LocalLabels, label_map
+from .sampling.seeds import image_seed
 
-STATE_DIR = ".fastdd"
+DIGITS_CFG_SCALE = 2.0
+DIT_CFG_SCALE = 4.0
 
 
 @dataclass(frozen=True)
@@ -234,3 +252,229 @@ def generate(
         bar.update(len(records))
     bar.close()
     return made
+
+
+# ----------------------------------------------------------------------------------------- the run
+def distributed_env() -> tuple[int, int, int]:
+    """(rank, world size, local rank) from the torchrun environment (1 process without it)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    return int(os.environ.get("RANK", "0")), world, int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def resolve_device(name: str | None, local_rank: int, world: int) -> torch.device:
+    """The torch device of --device (default: cuda when available); CUDA ranks take their local GPU."""
+    try:
+        device = torch.device(name or default_device())
+    except RuntimeError:
+        raise ValueError(f"--device: unknown device {name!r}") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {name}: CUDA is not available")
+        if world > 1 and device.index is None:
+            device = torch.device("cuda", local_rank)
+    return device
+
+
+def run_config(spec: RunSpec, models: Models, data: RealData, method_args: dict) -> dict:
+    """Everything that determines the images (compared on resume; the manifest's "config")."""
+    return {
+        "method": spec.method, "ipc": spec.ipc, "seed": spec.seed, "steps": spec.steps, "sampler": spec.sampler,
+        "eta": spec.eta, "cfg_scale": spec.cfg_scale, "compat": spec.compat, "precision": spec.precision,
+        "model_jacobian": not spec.fast, "class_batch": spec.class_batch, "images_per_batch": spec.images_per_batch,
+        "classes": data.class_names, "class_labels": models.class_labels, "dataset": data.dataset, "data": spec.data,
+        "model": models.description["model"], "model_sha256": models.description.get("model_sha256"),
+        "vae": models.description.get("vae", "none"), "image_size": models.image_shape[1],
+        "channels": models.image_shape[0], "method_args": method_args,
+    }  # fmt: skip
+
+
+def options_record(options: Any) -> dict:
+    """{CLI dest: value} of a method's options for the run config (ranges as 'low,high')."""
+    from .options import record
+
+    return dict(sorted(record(options).items()))
+
+
+@dataclass
+class PreparedRun:
+    """A planned run with its models, data, method setup and sampler: what `run` generates from, and what a custom
+    sampling loop can use directly (`sample_batch`, `sampler`, `models.latent_shape`)."""
+
+    spec: RunSpec
+    method: Method
+    options: Any
+    models: Models
+    data: RealData
+    setup: MethodSetup
+    sampler: GuidedSampler
+    plan: list[Batch]
+    directory: RunDirectory
+    rank: int = 0
+    world: int = 1
+
+    def sample_batch(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, list[dict]]:
+        """(images [B, C, H, W] in [-1, 1] on the CPU, final latents [B, C, h, w], per-image records) of a batch."""
+        spec, models = self.spec, self.models
+        ids = [(c, i, spec.seed) for c, i in batch.items]
+        labels = [models.class_labels[c] for c, _ in batch.items]
+        if self.setup.prepare is not None:
+            self.setup.prepare([c for c, _ in batch.items])
+        if self.setup.sample is not None:
+            latents = self.setup.sample(self.sampler, labels, ids, models.latent_shape, models.device)
+        elif spec.sampler == "ddim":
+            latents = self.sampler.ddim_sample(labels, ids, models.latent_shape, models.device, eta=spec.eta,
+                                               progress=False)  # fmt: skip
+        else:
+            latents = self.sampler.sample(labels, ids, models.latent_shape, models.device, progress=False)
+        with torch.no_grad():
+            images = models.codec.decode(latents).float().cpu()
+        records = [{"seed": image_seed(spec.seed, c, i), "label": models.class_labels[c]} for c, i in batch.items]
+        return images, latents, records
+
+    def restore(self, batch: Batch, latents: torch.Tensor) -> None:
+        """Replay a finished batch into the guidances' memories (resume)."""
+        labels = torch.tensor([self.models.class_labels[c] for c, _ in batch.items], device=self.models.device)
+        for guidance in self.sampler.guidances:
+            guidance.end_batch(latents.to(self.models.device), labels)
+
+    def guided_steps(self) -> int:
+        steps = self.spec.steps
+        return max((min(g.high, steps - 1) - g.low + 1 for g in self.sampler.guidances if g.requires_grad), default=0)
+
+
+def prepare(spec: RunSpec, options: Any = None) -> PreparedRun:
+    """Validate, load the generator and the data, build the method and its sampler (ValueError naming the CLI
+    option on bad input; nothing is written). options: the method's options dataclass (default: its defaults)."""
+    spec.validate()
+    method = get_method(spec.method)
+    options = method.options() if options is None else options
+    if not isinstance(options, method.options):
+        raise ValueError(f"options: {spec.method} takes {method.options.__name__}, got {type(options).__name__}")
+    rank, world, local_rank = distributed_env()
+    device = resolve_device(spec.device, local_rank, world)
+    prior, codec, description = load_generator(spec.model, spec.vae, spec.data, device, spec.precision)
+    class_names, class_labels, dataset = resolve_classes(spec.classes, spec.data, prior.num_classes,
+                                                         description.get("prior_extra", {}))  # fmt: skip
+    if spec.cfg_scale is None:
+        spec = dataclasses.replace(spec, cfg_scale=DIGITS_CFG_SCALE if dataset == "digits" else DIT_CFG_SCALE)
+    latent = (prior.in_channels, prior.input_size, prior.input_size)
+    image = (codec.image_channels, prior.input_size * codec.downsample, prior.input_size * codec.downsample)
+    models = Models(prior, codec, GaussianDiffusion(spec.steps, learn_sigma=prior.learn_sigma), latent, image,
+                    class_labels, prior.num_classes, device, description)  # fmt: skip
+    data = real_data(spec.data, dataset, class_names, image, verify=not method.needs_data)
+    if method.needs_data:
+        data.load()
+    plan = plan_batches(len(class_names), spec.ipc, spec.class_batch, spec.images_per_batch)
+    directory = RunDirectory(spec.out, run_config(spec, models, data, options_record(options)), class_names)
+    directory.check_compatible()
+    setup = method.build(options, spec if rank == 0 else dataclasses.replace(spec, quiet=True), models, data)
+    table = label_map(class_labels, prior.num_classes)
+    sampler = GuidedSampler(prior, models.diffusion, [LocalLabels(g, table) for g in setup.guidances],
+                            cfg_scale=spec.cfg_scale, compat=spec.compat,
+                            cfg_channels=min(3, prior.in_channels) if spec.compat else None,
+                            num_classes=prior.num_classes, precision=spec.precision, compile=spec.compile,
+                            cuda_graphs=spec.cuda_graphs, model_jacobian=not spec.fast)  # fmt: skip
+    return PreparedRun(spec, method, options, models, data, setup, sampler, plan, directory, rank, world)
+
+
+def estimate_seconds(run: PreparedRun, batches: int) -> float:
+    """Seconds for `batches` batches: a timed model call (CFG included) × steps; guided steps count 4× (the
+    backward through the model, decoder and surrogate). Rough: the first batch also pays warm-up."""
+    models, sampler = run.models, run.sampler
+    batch_size = max(len(b.items) for b in run.plan)
+    x = torch.randn(batch_size * sampler.rows_per_image, *models.latent_shape, device=models.device)
+    y = torch.full((x.shape[0],), models.class_labels[0], device=models.device, dtype=torch.long)
+    t = torch.full((x.shape[0],), 500, device=models.device, dtype=torch.long)
+    with torch.no_grad():
+        sampler.model_fn(x, t, y)
+        start = time.perf_counter()
+        sampler.model_fn(x, t, y)
+        if models.device.type == "cuda":
+            torch.cuda.synchronize(models.device)
+        per_call = time.perf_counter() - start
+    return per_call * (run.spec.steps + 3 * run.guided_steps()) * batches
+
+
+def print_plan(run: PreparedRun) -> None:
+    """The dry run's report: method, parameters, classes, generator, sampling, data, plan, output, estimate."""
+    spec, models, data, plan = run.spec, run.models, run.data, run.plan
+    mine = batches_for_rank(plan, run.rank, run.world)
+    batch_size = max(len(b.items) for b in plan)
+    names = data.class_names
+    parameters = sum(p.numel() for p in models.prior.parameters())
+    print(f"method      {spec.method}: {run.method.help}")
+    print(f"method args {json.dumps(run.setup.params, sort_keys=True)}")
+    print(f"classes     {len(names)} ({data.dataset}): {', '.join(names[:10])}{' ...' if len(names) > 10 else ''}")
+    print(f"generator   {models.description['model']} ({parameters:,} parameters), latent {list(models.latent_shape)}, "
+          f"images {list(models.image_shape)}")  # fmt: skip
+    print(f"sampling    {spec.sampler}, {spec.steps} steps, CFG {spec.cfg_scale}{' (compat)' if spec.compat else ''}, "
+          f"{run.guided_steps()} guided steps, {spec.precision}{', fast (no DiT Jacobian)' if spec.fast else ''}, "
+          f"device {models.device}")  # fmt: skip
+    print(f"data        {data.description}")
+    print(f"plan        {len(names) * spec.ipc} images in {len(plan)} batches of ≤{batch_size} "
+          f"(≤{spec.class_batch} classes × ≤{spec.images_per_batch} images); "
+          f"this process (rank {run.rank} of {run.world}): {len(mine)} batches")  # fmt: skip
+    done = sum(1 for b in mine if run.directory.batch_done(b))
+    print(f"output      {spec.out} ({done} of {len(mine)} batches already done)")
+    print(f"estimate    ~{estimate_seconds(run, len(mine)):.0f} s for this process (timed model call × steps, "
+          "guided steps ×4)")  # fmt: skip
+
+
+@dataclass(frozen=True)
+class RunResult:
+    """out: the run folder; images: images in the plan; generated: images this process generated now (0 in a dry
+    run)."""
+
+    out: Path
+    images: int
+    generated: int
+
+
+def run(spec: RunSpec, options: Any = None) -> RunResult:
+    """`fastdd distill`: prepare, then generate this process's share of the plan (resuming what is done) and write
+    the manifest and preview; a dry run prints the plan and writes nothing."""
+    prepared = prepare(spec, options)
+    spec, rank, world = prepared.spec, prepared.rank, prepared.world
+    total = len(prepared.data.class_names) * spec.ipc
+    if spec.dry_run:
+        print_plan(prepared)
+        return RunResult(Path(spec.out), total, 0)
+    directory = prepared.directory
+    directory.info = {"versions": versions(), "method_params": prepared.setup.params}
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.init_process_group("nccl" if prepared.models.device.type == "cuda" else "gloo")
+    if rank == 0:
+        directory.start()
+    if world > 1:
+        dist.barrier()
+    made = generate(directory, prepared.plan, prepared.sample_batch, prepared.restore, rank=rank, world=world,
+                    progress=spec.progress and rank == 0, update_manifest=rank == 0)  # fmt: skip
+    if world > 1:
+        dist.barrier()
+    if rank == 0:
+        directory.write_manifest(complete=True)
+        preview = directory.write_preview(spec.ipc)
+        print(f"wrote {total} images to {spec.out} ({made} generated now by this process), manifest.json and "
+              f"{preview.name}")  # fmt: skip
+    if world > 1:
+        dist.destroy_process_group()
+    return RunResult(Path(spec.out), total, made)
+
+
+def distill(method: str, ipc: int, out: str | os.PathLike, options: Any = None, **settings: Any) -> RunResult:
+    """`fastdd distill` from Python: the same files, bytes and resume as the command line.
+
+    Args:
+        method: a registered method name ("dit", "igd", "dap", "mgd3", "d3hr", "sam", "igds").
+        ipc: images per class.
+        out: the run folder (resumed if it holds this run's manifest).
+        options: the method's options (e.g. `IGDOptions(k=5.0)`); default: its defaults.
+        **settings: any other `RunSpec` field (data, classes, model, vae, seed, steps, sampler, eta, cfg_scale,
+            compat, class_batch, device, precision, images_per_batch, compile, cuda_graphs, fast, dry_run, quiet).
+
+    Returns:
+        RunResult(out, images, generated). Raises ValueError (naming the CLI option) on bad input.
+    """
+    return run(RunSpec(method=method, ipc=ipc, out=str(out), **settings), options)

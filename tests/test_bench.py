@@ -9,7 +9,8 @@ import torch
 from PIL import Image
 from tiny_dit import relative_error
 
-from fastdd.bench.sampler import METHODS, Models, authors_call, default_out, fastdd_call, main as script_main
+from fastdd.bench.sampler import METHODS, BenchModels, authors_call, default_out, fastdd_call
+from fastdd.cli.bench import main as script_main
 from fastdd.cli.main import main
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -59,7 +60,7 @@ def test_derived_columns_agree_with_the_times(bench_run):
 
 
 def test_d3hr_authors_and_fastdd_calls_run_the_same_ddim_stage():
-    models = Models("tiny", torch.device("cpu"), 4)
+    models = BenchModels("tiny", torch.device("cpu"), 4)
     call, images = authors_call("d3hr", models)
     fastdd_image = fastdd_call("d3hr", models, 1)()[0]
     assert images == 1 and relative_error(call(), fastdd_image) <= 1e-4

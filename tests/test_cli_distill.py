@@ -23,7 +23,7 @@ from fastdd.data.digits import DIGITS_CLASSES
 from fastdd.models.dit import DiT
 from fastdd.prior import save_prior
 from fastdd.sampling import acceleration
-from fastdd.surrogate import SurrogateBundle, SurrogateConfig
+from fastdd.guidance.igd import SurrogateBundle, SurrogateConfig
 
 TINY_DIT = dict(input_size=16, patch_size=4, in_channels=1, hidden_size=32, depth=1, num_heads=2)
 

@@ -43,7 +43,7 @@ def test_prior_train_rejects_bad_options(tmp_path, capsys):
 
 
 def test_the_shipped_digits_prior_is_small_and_loads():
-    from fastdd.cli.distill import DIGITS_PRIOR_PATH
+    from fastdd.models.loading import DIGITS_PRIOR_PATH
     from fastdd.cli.prior import DIGITS_PRIOR_DEFAULTS
 
     assert DIGITS_PRIOR_PATH.is_file() and DIGITS_PRIOR_PATH.stat().st_size <= 10 * 2**20

@@ -5,8 +5,8 @@ import torch
 
 from fastdd.cli.main import main
 from fastdd.data.digits import load_digits_split
-from fastdd.guidance.influence import class_mean_gradient
-from fastdd.surrogate import DIGITS_SURROGATE, DIGITS_SURROGATE_PATH, SurrogateBundle
+from fastdd.guidance.igd import class_mean_gradient
+from fastdd.guidance.igd import DIGITS_SURROGATE, DIGITS_SURROGATE_PATH, SurrogateBundle
 
 
 def test_surrogate_on_digits_saves_checkpoints_and_real_gradients(tmp_path):

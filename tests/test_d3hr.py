@@ -1,5 +1,5 @@
 """D3HR (fastdd.guidance.d3hr) against the pipeline written out from SPEC "D3HR", image by image: DDIM
-inversion here and DDIM sampling in fastdd.bench.authors (`authors_d3hr_generate`), on diffusers' "leading"
+inversion here and DDIM sampling in fastdd.authors_reference (`authors_d3hr_generate`), on diffusers' "leading"
 50-step schedule (timesteps 20k, tables computed there), CFG 4 on all eps channels (`d3hr_eps`), the class
 Gaussian with torch.mean / torch.var, the group score of SPEC."""
 from __future__ import annotations
@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from fastdd.bench.authors import authors_d3hr_generate, d3hr_eps, linear_betas
+from fastdd.authors_reference import authors_d3hr_generate, d3hr_eps, linear_betas
 from fastdd.guidance.d3hr import (
     ClassStatistics,
     class_statistics,

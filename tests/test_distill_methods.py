@@ -14,9 +14,9 @@ import pytest
 import torch
 from PIL import Image
 
-import fastdd.guidance.information as information
-import fastdd.guidance.memory as memory
-from fastdd.cli.distill import DIGITS_PRIOR_PATH
+import fastdd.methods.igds as igds_wiring
+import fastdd.methods.sam as sam_wiring
+from fastdd.models.loading import DIGITS_PRIOR_PATH
 from fastdd.cli.main import main
 from fastdd.data.digits import load_digits_split
 
@@ -101,7 +101,7 @@ def test_dap_and_mgd3_on_a_class_subset_use_the_model_labels(tmp_path):
 
 @pytest.mark.parametrize(
     "method,module,function",
-    [("sam", memory, "finetune_sam"), ("igds", information, "train_information_estimator")],
+    [("sam", sam_wiring, "finetune_sam"), ("igds", igds_wiring, "train_information_estimator")],
 )
 def test_cached_state_is_reused_by_a_new_run(tmp_path, monkeypatch, method, module, function):
     """The fine-tuned SAM weights / the IGDS estimator are cached in DIR/.fastdd; a run that finds the cache
@@ -179,7 +179,7 @@ def test_dap_noised_projected_and_rbf_variants_run_and_differ(tmp_path):
     assert np.abs(images(runs["zero"]) - images(runs["rbf"])).mean() > 0
 
 
-@pytest.mark.parametrize("method,module,function", [("sam", memory, "finetune_sam"), ("igds", information, "train_information_estimator")])
+@pytest.mark.parametrize("method,module,function", [("sam", sam_wiring, "finetune_sam"), ("igds", igds_wiring, "train_information_estimator")])
 def test_dry_run_prints_the_parameters_without_training(tmp_path, capsys, monkeypatch, method, module, function):
     monkeypatch.setattr(module, function, no_training)
     out = tmp_path / "run"

@@ -1,4 +1,4 @@
-"""Faithfulness of fastdd's IGD: compat mode reproduces the authors' algorithm (fastdd.bench.authors).
+"""Faithfulness of fastdd's IGD: compat mode reproduces the authors' algorithm (fastdd.authors_reference).
 
 Both sides run the full 50-step ancestral sampler with the official CFG row layout, deviation and influence
 guidance on respaced indices [30, 45], on the same tiny random models and the same noise (fastdd's per-image
@@ -12,9 +12,9 @@ import pytest
 import torch
 from torch.nn.utils import parameters_to_vector
 
-from fastdd.bench.authors import RespacedDiffusion, authors_igd_sample, linear_betas, space_timesteps
-from fastdd.guidance.deviation import DeviationGuidance
-from fastdd.guidance.influence import InfluenceGuidance
+from fastdd.authors_reference import RespacedDiffusion, authors_igd_sample, linear_betas, space_timesteps
+from fastdd.guidance.igd import DeviationGuidance
+from fastdd.guidance.igd import InfluenceGuidance
 from fastdd.models import ConvNet, LatentCodec
 from fastdd.sampling import GaussianDiffusion, GuidedSampler, trajectory_noise
 from tiny_dit import relative_error, tiny_denoising_dit, tiny_vae

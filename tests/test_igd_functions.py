@@ -8,9 +8,9 @@ import torch.nn.functional as F
 from torch.func import functional_call
 from torch.nn.utils import parameters_to_vector
 
-from fastdd.bench import authors as authors_igd
+from fastdd import authors_reference as authors_igd
 from fastdd.guidance import adaptive_scale, deviation_gradient, influence_gradient, real_gradients, select_checkpoints
-from fastdd.guidance.influence import class_mean_gradient
+from fastdd.guidance.igd import class_mean_gradient
 from fastdd.models import ConvNet
 from fastdd.ops.reference import unflatten_params
 

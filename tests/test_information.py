@@ -1,6 +1,6 @@
-"""IGDS information guidance (fastdd.guidance.information) against a restatement written from the paper.
+"""IGDS information guidance (fastdd.guidance.igds) against a restatement written from the paper.
 
-The reference (fastdd.bench.authors) loss is a plain per-sample loop over the formulas (x̂ = f(x)/‖f(x)‖,
+The reference (fastdd.authors_reference) loss is a plain per-sample loop over the formulas (x̂ = f(x)/‖f(x)‖,
 P(ŷ|x) = softmax(g(x̂)), σ = softmax(x̂/τ), KL(σ ‖ Q_y), entropy of the mean prediction); the reference sampler is
 an ancestral DDPM loop written from the ADM formulas with GaussianDiffusion's float64 tables, two separate CFG forwards
 and x_{t-1} = x'_{t-1} + η·∇_{x_t}(B·L). fastdd's GuidedSampler + InformationGuidance must agree to 1e-4
@@ -13,9 +13,9 @@ import math
 import pytest
 import torch
 
-from fastdd.bench.authors import authors_igds_sample, igds_loss
+from fastdd.authors_reference import authors_igds_sample, igds_loss
 from fastdd.data.digits import load_digits_split
-from fastdd.guidance.information import (
+from fastdd.guidance.igds import (
     InformationEstimator,
     InformationGuidance,
     augment,

@@ -1,4 +1,4 @@
-"""DAP (fastdd.guidance.mercer) against a plain restatement of the paper's Algorithm 1 (fastdd.bench.authors):
+"""DAP (fastdd.guidance.dap) against a plain restatement of the paper's Algorithm 1 (fastdd.authors_reference):
 batch 1, loops over the real samples, D_K written from its kernel, the DiT blocks run by hand, over full
 sampling runs."""
 from __future__ import annotations
@@ -8,8 +8,8 @@ import math
 import pytest
 import torch
 
-from fastdd.bench.authors import authors_dap_sample, dap_block_features, dap_energy, dap_real_features
-from fastdd.guidance.mercer import JLProjection, MercerGuidance, RealFeatures, jl_min_dim, real_features
+from fastdd.authors_reference import authors_dap_sample, dap_block_features, dap_energy, dap_real_features
+from fastdd.guidance.dap import JLProjection, MercerGuidance, RealFeatures, jl_min_dim, real_features
 from fastdd.sampling import GaussianDiffusion, GuidedSampler, StepContext
 from tiny_dit import relative_error, tiny_denoising_dit  # random DiT + the exact N(0, I) denoiser
 

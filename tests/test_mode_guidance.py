@@ -1,12 +1,12 @@
-"""MGD3 (fastdd.guidance.mode): torch k-means against a plain Lloyd loop, and ModeGuidance on the sampler
-against the MGD3 ancestral loop restated from SPEC in fastdd.bench.authors (batch 1)."""
+"""MGD3 (fastdd.guidance.mgd3): torch k-means against a plain Lloyd loop, and ModeGuidance on the sampler
+against the MGD3 ancestral loop restated from SPEC in fastdd.authors_reference (batch 1)."""
 from __future__ import annotations
 
 import pytest
 import torch
 
-from fastdd.bench.authors import authors_dit_sample
-from fastdd.guidance.mode import (
+from fastdd.authors_reference import authors_dit_sample
+from fastdd.guidance.mgd3 import (
     ModeGuidance,
     class_modes,
     encode_latents,

@@ -1,4 +1,4 @@
-"""SAM / Minimax fine-tuning (fastdd.guidance.memory) against a plain restatement of the authors' training step:
+"""SAM / Minimax fine-tuning (fastdd.guidance.sam) against a plain restatement of the authors' training step:
 rows one at a time, python-list memories with the O(M²) most-similar pop, the ADM loss terms written out."""
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from fastdd.guidance.memory import (
+from fastdd.guidance.sam import (
     LatentMemory,
     SamMemory,
     difffit_parameters,

@@ -6,7 +6,7 @@
 (`python benchmarks/bench_sampler.py` takes the same options.) Random weights: timing only.
 
 Paths (one record per method and path):
-  authors   (a) the method's loop from fastdd.bench.authors: one image per call, fp32, as SPEC restates it.
+  authors   (a) the method's loop from fastdd.authors_reference: one image per call, fp32, as SPEC restates it.
   eager     (b) fastdd's GuidedSampler with the method's guidances, `--batch` classes per call, default options.
   compiled  (c) (b) with compile=True, and cuda_graphs=True on CUDA (left out by --no-compile).
   bf16      (only with --bf16) (c) with precision="bf16" and the decoders wrapped in `mixed_precision` (with
@@ -48,7 +48,6 @@ the names end in _<methods run, joined by ->, e.g. sampler_dit-xl2-256_cuda_dit-
 """
 from __future__ import annotations
 
-import argparse
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -61,11 +60,11 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from ..guidance import DeviationGuidance, InfluenceGuidance, InformationEstimator, InformationGuidance, MercerGuidance
 from ..guidance import ModeGuidance, RealFeatures
-from ..guidance.memory import to_difffit
-from ..methods import rescale_index
+from ..guidance.sam import to_difffit
+from ..methods.base import rescale_index
 from ..models import ConvNet, DiT, LatentCodec
 from ..sampling import GaussianDiffusion, GuidedSampler, mixed_precision, trajectory_noise
-from . import authors
+from .. import authors_reference as authors
 from .common import device_name, timeit, write_report
 
 SPEC_STEPS, NUM_CLASSES, CFG_SCALE, SEED = 50, 10, 4.0, 0
@@ -105,7 +104,7 @@ class BenchOptions:
         return ("authors", "eager") + tuple(path for path, wanted in optional if wanted)
 
 
-class Models:
+class BenchModels:
     """Random-weight models of one config on one device, and what each method needs besides them."""
 
     def __init__(self, config: str, device: torch.device, steps: int):
@@ -159,8 +158,8 @@ class Models:
 
 
 # --------------------------------------------------------------------------- the paths
-def authors_call(method: str, models: Models) -> tuple[Callable[[], object], int]:
-    """(one call of the method's loop from fastdd.bench.authors, images it makes)."""
+def authors_call(method: str, models: BenchModels) -> tuple[Callable[[], object], int]:
+    """(one call of the method's loop from fastdd.authors_reference, images it makes)."""
     common = dict(num_steps=models.steps, cfg_scale=CFG_SCALE, null_class=NUM_CLASSES, seed=SEED)
     if method in ("dit", "sam"):
         model = models.dit if method == "dit" else models.difffit
@@ -203,7 +202,7 @@ def authors_call(method: str, models: Models) -> tuple[Callable[[], object], int
 
 
 def fastdd_call(
-    method: str, models: Models, batch: int, *, precision: str = "fp32", compile: bool = False, model_jacobian: bool = True
+    method: str, models: BenchModels, batch: int, *, precision: str = "fp32", compile: bool = False, model_jacobian: bool = True
 ) -> Callable[[], Tensor]:
     """One fastdd sampling call of `batch` images (image 0 of classes 0, 1, ...). compile: torch.compile, and CUDA
     graphs on CUDA; precision and model_jacobian: the sampler's options."""
@@ -266,7 +265,7 @@ def count_flops(call: Callable[[], object]) -> int:
 
 
 # --------------------------------------------------------------------------- the run
-def time_paths(method: str, models: Models, options: BenchOptions) -> dict[str, tuple[float, int]]:
+def time_paths(method: str, models: BenchModels, options: BenchOptions) -> dict[str, tuple[float, int]]:
     """{path: (seconds per image, batch)} of one method; batch: images per sampler call (the authors' loops: 1)."""
     device = options.device
     call, images = authors_call(method, models)
@@ -302,7 +301,7 @@ def records_for(method: str, times: dict, plain: dict, flop_ratio: float, option
 
 def run_benchmark(options: BenchOptions) -> list[dict]:
     """Time every (method, path), write the JSON, markdown table and bar chart into options.out; -> the records."""
-    models = Models(options.config, options.device, options.steps)
+    models = BenchModels(options.config, options.device, options.steps)
     plain_flops = count_flops(fastdd_call("dit", models, 1))
     records, plain = [], {}
     for method in options.methods:  # dit first
@@ -341,61 +340,8 @@ def bar_chart(records: list[dict], path: Path) -> None:
     image.save(path)
 
 
-# --------------------------------------------------------------------------- command line
+# --------------------------------------------------------------------------- output folder
 def default_out() -> Path:
     """benchmarks/results when run from the repository root, else ./fastdd-bench."""
     in_repo = Path("benchmarks").is_dir() and Path("fastdd").is_dir()
     return Path("benchmarks/results") if in_repo else Path("fastdd-bench")
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", choices=list(CONFIGS), default="tiny", help="model sizes (default tiny)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--methods", default=",".join(METHODS),
-                        help=f"comma-separated methods (default all: {','.join(METHODS)}); dit always runs")  # fmt: skip
-    parser.add_argument("--repeats", type=int, default=3, help="timed calls per path (the median is kept)")
-    parser.add_argument("--batch", type=int, default=4, help="images per fastdd call (image 0 of classes 0, 1, ...)")
-    parser.add_argument("--steps", type=int, default=SPEC_STEPS, help="sampling steps (guided windows rescaled from 50)")
-    parser.add_argument("--no-compile", action="store_true", help="leave out the compiled path")
-    parser.add_argument("--bf16", action="store_true", help="add the bf16 path (compiled path + bf16 autocast)")
-    parser.add_argument("--fast", action="store_true", help="add the fast path (compiled path, no DiT Jacobian)")
-    parser.add_argument("--out", default=None,
-                        help="output folder (default: benchmarks/results in the repository, else ./fastdd-bench)")  # fmt: skip
-
-
-def options_from_args(args: argparse.Namespace) -> BenchOptions:
-    """Checked options; ValueError naming the option otherwise."""
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    unknown = [m for m in methods if m not in METHODS]
-    if unknown or not methods:
-        raise ValueError(f"--methods: unknown method(s) {unknown or args.methods!r}; choose from {','.join(METHODS)}")
-    for option, value, minimum in (("--repeats", args.repeats, 1), ("--batch", args.batch, 1), ("--steps", args.steps, 2)):
-        if value < minimum:
-            raise ValueError(f"{option} must be >= {minimum}, got {value}")
-    try:
-        device = torch.device(args.device)
-    except RuntimeError:
-        raise ValueError(f"--device: not a torch device: {args.device!r}") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda: CUDA is not available here")
-    if device.type not in ("cpu", "cuda"):
-        raise ValueError(f"--device must be cpu or cuda, got {args.device!r}")
-    return BenchOptions(
-        config=args.config, device=device, methods=tuple(m for m in METHODS if m == "dit" or m in methods),
-        repeats=args.repeats, batch=args.batch, steps=args.steps, compile=not args.no_compile, bf16=args.bf16, fast=args.fast,
-        out=Path(args.out) if args.out else default_out(),
-    )  # fmt: skip
-
-
-def main(argv: list[str] | None = None) -> int:
-    """`python benchmarks/bench_sampler.py ...`: the options of `fastdd bench` (bad options: exit 2)."""
-    parser = argparse.ArgumentParser(prog="bench_sampler.py", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
-    add_arguments(parser)
-    args = parser.parse_args(argv)
-    try:
-        options = options_from_args(args)
-    except ValueError as err:
-        parser.error(str(err))
-    run_benchmark(options)
-    return 0

@@ -9,7 +9,7 @@ import torch
 from ..data.digits import load_digits_split
 from ..data.imagefolder import load_image_folder
 from ..models.replay_buffer import check_against_model, load_replay_buffer, select_snapshots
-from ..surrogate import DIGITS_SURROGATE, SurrogateConfig, build_surrogate_bundle, train_trajectory
+from ..guidance.igd import DIGITS_SURROGATE, SurrogateConfig, build_surrogate_bundle, train_trajectory
 from .errors import UsageError
 
 # the bundle shipped in fastdd/assets/digits_surrogate.safetensors:  fastdd surrogate --out fastdd/assets/digits_surrogate.safetensors

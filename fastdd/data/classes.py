@@ -43,3 +43,49 @@ def resolve_class_entries(spec: str) -> list[tuple[str, int | None]]:
     if len(set(names)) != len(names):
         raise ValueError(f"class list file {path} names a class twice")
     return entries
+
+
+def resolve_classes(classes: str | None, data: str | None, num_model_classes: int,
+                    prior_extra: dict) -> tuple[list[str], list[int], str]:  # fmt: skip
+    """(class names, model label per class, dataset kind) from --classes / --data / the prior's own class list.
+
+    A label comes from the prior's class list, a --classes file line, the ImageNet id of a named list (1000-class
+    models), or the position in the list when the model has exactly that many classes; ValueError otherwise."""
+    from .digits import DIGITS_CLASSES
+
+    prior_classes = prior_extra.get("classes")
+    if classes is not None:
+        entries = resolve_class_entries(classes)
+        dataset = classes if classes in NAMED_CLASS_LISTS else "custom"
+    elif data is not None:
+        from .imagefolder import scan_image_folder
+
+        entries = [(name, None) for name in scan_image_folder(data)[0]]
+        dataset = "custom"
+    else:
+        entries = [(name, None) for name in (prior_classes or DIGITS_CLASSES)]
+        dataset = "digits" if prior_extra.get("dataset", "digits") == "digits" else "custom"
+    named = classes in NAMED_CLASS_LISTS
+    names, labels = [], []
+    for position, (name, label) in enumerate(entries):
+        if prior_classes is not None:
+            if name not in prior_classes:
+                raise ValueError(f"--classes: the prior knows no class {name!r} (it has {', '.join(prior_classes)})")
+            label = prior_classes.index(name)
+        elif label is not None and (not named or num_model_classes == 1000):
+            pass  # a label from a --classes file, or the ImageNet id of a named list for a 1000-class DiT
+        elif num_model_classes == 1000 and name in IMAGENET_INDEX:
+            label = IMAGENET_INDEX[name]
+        elif num_model_classes == len(entries):
+            label = position
+        else:
+            raise ValueError(f"--classes: no model label for class {name!r}; the model has {num_model_classes} "
+                             "classes, give 'name label' lines in a --classes file")  # fmt: skip
+        if not 0 <= label < num_model_classes:
+            raise ValueError(f"--classes: class {name!r} maps to label {label}, the model has {num_model_classes} "
+                             "classes")  # fmt: skip
+        names.append(name)
+        labels.append(label)
+    if len(set(labels)) != len(labels):
+        raise ValueError("--classes: two classes map to the same model label")
+    return names, labels, dataset

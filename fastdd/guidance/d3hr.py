@@ -242,14 +242,13 @@ def generate_from_group(
     return sampler.ddim_sample(labels, start_index=start_index, x_start=group, progress=progress)
 
 
-def distill_class(
+def class_group(
     sampler: GuidedSampler,
     latents: Tensor | None,
     class_index: int,
     ipc: int,
     *,
     target_index: int = D3HR_TARGET_INDEX,
-    start_index: int | None = None,
     n_candidates: int = D3HR_CANDIDATES,
     seed: int = 0,
     stats_dir: str | Path | None = None,
@@ -258,11 +257,12 @@ def distill_class(
     backend: str = "auto",
     progress: bool = True,
 ) -> Tensor:
-    """D3HR for one class: statistics (reused from stats_dir if present) -> group -> DDIM -> latents [ipc, C, H, W].
+    """D3HR's representative group of one class: statistics (reused from stats_dir if present) -> the best of
+    n_candidates groups -> latents [ipc, C, H, W] at target_index, on the model's device.
 
-    latents: the class's clean VAE latents [N, C, H, W] (encoder samples, see `fastdd.guidance.mode.encode_latents`
-    with sample=True); start_index defaults to target_index. Candidates come from a generator on the
-    statistics' device seeded with group_seed(seed, class_index).
+    latents: the class's clean VAE latents [N, C, H, W] (encoder samples, see `fastdd.guidance.mgd3.encode_latents`
+    with sample=True), or None when stats_dir holds the class's statistics. Candidates come from a generator on the
+    model's device seeded with group_seed(seed, class_index).
     """
     check_positive_int("ipc", ipc)
     if latents is not None and latents.dim() == 4 and latents.shape[0] == 0:
@@ -274,5 +274,24 @@ def distill_class(
     stats = ClassStatistics(stats.mean.to(device), stats.variance.to(device), stats.count, stats.config)
     generator = torch.Generator(device=device).manual_seed(group_seed(seed, class_index))
     group, _ = select_group(stats, ipc, n_candidates, generator=generator, weights=weights, backend=backend)
+    return group
+
+
+def distill_class(
+    sampler: GuidedSampler,
+    latents: Tensor | None,
+    class_index: int,
+    ipc: int,
+    *,
+    target_index: int = D3HR_TARGET_INDEX,
+    start_index: int | None = None,
+    progress: bool = True,
+    **group_options,
+) -> Tensor:
+    """D3HR for one class: `class_group` -> DDIM from start_index (default target_index) -> latents [ipc, C, H, W].
+
+    group_options: n_candidates, seed, stats_dir, batch_size, weights, backend (see `class_group`)."""
+    group = class_group(sampler, latents, class_index, ipc, target_index=target_index, progress=progress,
+                        **group_options)  # fmt: skip
     start = target_index if start_index is None else start_index
     return generate_from_group(sampler, group, class_index, start, progress=progress)

@@ -200,7 +200,8 @@ class GuidedSampler:
     """ADM ancestral sampling (and DDIM / DPM-Solver++) with CFG and composable guidances.
 
     model: model(x, t, y) -> [R, 2C, H, W] (learned sigma) or [R, C, H, W]; cfg_scale: CFG scale (1 = off in
-    clean mode); null_class: the unconditional label (default num_classes, DiT's convention);
+    clean mode); num_classes: the model's class-label count (default: model.num_classes); null_class: the
+    unconditional label (default num_classes, DiT's convention);
     cfg_channels: guided leading output channels (default: all eps channels in clean mode, 3 in compat mode,
     the official quirk); compat: the official DiT row layout (2B rows [cond; uncond], see the module docstring).
 
@@ -221,13 +222,16 @@ class GuidedSampler:
         null_class: int | None = None,
         cfg_channels: int | None = None,
         compat: bool = False,
-        num_classes: int = 1000,
+        num_classes: int | None = None,
         *,
         precision: str = "fp32",
         compile: bool = False,
         cuda_graphs: bool = False,
         model_jacobian: bool = True,
     ):
+        num_classes = getattr(model, "num_classes", None) if num_classes is None else num_classes
+        if num_classes is None:
+            raise ValueError("num_classes: the model has no num_classes attribute; pass the number of class labels")
         if num_classes <= 0:
             raise ValueError(f"num_classes must be > 0, got {num_classes}")
         self.model, self.diffusion, self.guidances = model, diffusion, list(guidances)

@@ -1,5 +1,6 @@
-"""The authors' algorithms restated from SPEC, one image at a time: the ground truth of the faithfulness tests and
-path (a) of the sampler benchmark (`fastdd.bench.sampler`).
+"""The reference fastdd is held to: the authors' algorithms restated from SPEC, one image at a time. The faithfulness
+tests compare every method's fast path against these loops, and the sampler benchmark (`fastdd.bench.sampler`)
+times them as the authors' baseline.
 
 Deliberately plain and independent of fastdd's fast paths (nothing of fastdd.ops but its plain reference's
 `unflatten_params`; no fastdd.guidance or GuidedSampler):
@@ -43,8 +44,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from ..ops.reference import unflatten_params
-from ..sampling import GaussianDiffusion, trajectory_noise
+from .ops.reference import unflatten_params
+from .sampling import GaussianDiffusion, trajectory_noise
 
 LATENT_COS_EPS = 1e-6
 RHO_CONSTANT = 0.0015

@@ -1,0 +1,419 @@
+"""IGD, influence-guided diffusion (Chen et al., ICLR 2025), SPEC "IGD": the whole method's math.
+
+Deviation guidance G_D (step 1): G_D(x_t) = cos(x_t, m*), m* = argmax_{m ∈ M_c} cos(x_t, m) over the class memory
+M_c of final latents of earlier images of the same class (capacity 64, FIFO, or SAM's most-similar pop); the update
+−γ·∇G_D is added to the sample with no adaptive scale (γ = 120 for DiT weights, 100 for Minimax weights).
+
+Influence guidance G_I: G_I(x̂0) = (1/K) Σ_k (1 − cos(∇_θ CE(f_θk(D(x̂0)), c), G_k,c)) on the decoded predicted
+clean image, differentiated w.r.t. x_t through the decoder and the diffusion model, and applied with the adaptive
+scale ρ_t = 0.0015 · √(1 − ᾱ_t) · RMS(ε) / RMS(∇G_I) · k (0.0015 is the authors' constant; the paper's formula has
+none). One backward for all K checkpoints (the authors run K); per-sample gradient cosines come from
+`fastdd.ops.grad_cosine` without materialising per-sample gradients.
+
+Surrogate (SPEC "Surrogate training"): train a ConvNet trajectory on real data (SGD lr 0.01, momentum 0.9, wd 5e-4,
+batch 64, parameters saved after every epoch: E + 1 snapshots including epoch 0; augmentation: random resized crop
+(scale 0.5–1) and, unless disabled (digits), horizontal flips), pick checkpoints with Algorithm 2, compute the
+per-class real gradients G_k,c, and save everything in one safetensors file (`SurrogateBundle`).
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+from torch import Tensor, nn
+from torch.func import functional_call
+from torch.nn.utils import parameters_to_vector
+from tqdm.auto import tqdm
+
+from .. import ops
+from ..data.atomic import save_safetensors_atomic
+from ..data.augment import random_resized_crop
+from ..models.convnet import ConvNet
+from ..ops.reference import unflatten_params
+from ..sampling.sampler import Guidance, StepContext
+
+
+# ----------------------------------------------------------------------------------------- deviation guidance
+def deviation_gradient(x_t: Tensor, memory: Tensor, count: Tensor | int | None = None) -> Tensor:
+    """∇_{x_t} max_j cos(x_t, memory_j) per row (zero where the memory is empty).
+
+    x_t: [B, C, H, W]; memory: [M, C·H·W] rows < count valid -> [B, C, H, W]. Drop-in for other loops:
+    s = s - gamma * deviation_gradient(x_t, memory).
+    """
+    query = x_t.detach().flatten(1).requires_grad_(True)
+    with torch.enable_grad():
+        values, _ = ops.max_cosine(query, memory, count)
+        (grad,) = torch.autograd.grad(values.sum(), query)
+    return grad.view_as(x_t)
+
+
+class DeviationGuidance(Guidance):
+    """G_D with one `fastdd.ops.CosineMemory` per class; memories persist across batches of the same class.
+
+    In a batch each row queries its own class's memory (one image per class per batch keeps the
+    one-at-a-time order). After each batch the final latents are added to their class memory.
+    compat=True subtracts the conditional row's update from its shadow row too (the authors apply
+    s ← s − γ·g_D to the whole [cond; uncond] sample).
+    """
+
+    capturable = True  # memories are updated in place; the rows' memories are fixed by the batch's classes
+
+    def __init__(
+        self,
+        num_classes: int,
+        dim: int,
+        *,
+        gamma: float = 120.0,
+        capacity: int = 64,
+        policy: str = "fifo",
+        low: int = 30,
+        high: int = 45,
+        compat: bool = False,
+        device: torch.device | str = "cpu",
+    ):
+        if gamma < 0:
+            raise ValueError(f"gamma must be >= 0, got {gamma}")
+        if capacity <= 0:
+            raise ValueError(f"capacity must be > 0, got {capacity}")
+        self.gamma, self.low, self.high, self.compat = gamma, low, high, compat
+        self.memories = [
+            ops.CosineMemory(capacity, dim, policy=policy, device=device, dtype=torch.float32) for _ in range(num_classes)
+        ]
+
+    def step(self, ctx: StepContext) -> Tensor:
+        rows = ctx.rows
+        x_t = ctx.x_t[:rows].detach()
+        grads = []
+        for b, (label, _, _) in enumerate(ctx.image_ids):  # host-side labels: no sync
+            memory = self.memories[label]
+            grads.append(deviation_gradient(x_t[b : b + 1], memory.buffer, memory.count))
+        update = -self.gamma * torch.cat(grads)
+        if self.compat:
+            return update.repeat(ctx.x_t.shape[0] // rows, 1, 1, 1)
+        return torch.cat([update, torch.zeros_like(ctx.x_t[rows:])])
+
+    def end_batch(self, final_latents: Tensor, labels: Tensor) -> None:
+        for latent, label in zip(final_latents.detach(), labels.tolist()):
+            self.memories[label].add(latent.flatten().float())
+
+
+# ----------------------------------------------------------------------------------------- influence guidance
+RHO_CONSTANT = 0.0015
+
+
+def rms(t: Tensor) -> Tensor:
+    """Root mean square per row. t: [B, ...] -> [B, 1, 1, 1] (broadcastable to t)."""
+    return t.flatten(1).pow(2).mean(1).sqrt().view(-1, *([1] * (t.dim() - 1)))
+
+
+def adaptive_scale(eps: Tensor, grad: Tensor, alpha_bar: float, k: float, constant: float = RHO_CONSTANT) -> Tensor:
+    """ρ_t · k per row = constant · √(1 − ᾱ_t) · RMS(ε) / RMS(g) · k. eps, grad: [B, C, H, W] -> [B, 1, 1, 1]."""
+    return constant * (1.0 - alpha_bar) ** 0.5 * rms(eps) / rms(grad).clamp_min(1e-20) * k
+
+
+def influence_loss(
+    images: Tensor,
+    labels: Tensor,
+    surrogate: nn.Module,
+    flat_params: Tensor,
+    real_grads: Tensor,
+    groups: Tensor | None = None,
+) -> Tensor:
+    """Σ over images (or groups) of (1/K) Σ_k (1 − cos(g_k, G_k)): one scalar, so one backward serves every row.
+
+    images: [R, C, H, W]; labels: [R]; flat_params: [K, P]; real_grads: [K, P] (one class) or [G, K, P] (per row/group).
+    """
+    cos = ops.grad_cosine(surrogate, flat_params, images, labels, real_grads, groups=groups)  # [G, K]
+    return (1.0 - cos).mean(dim=1).sum()
+
+
+def influence_gradient(
+    x_t: Tensor,
+    pred_xstart: Tensor,
+    decode: Callable[[Tensor], Tensor],
+    surrogate: nn.Module,
+    flat_params: Tensor,
+    real_grads: Tensor,
+    y: Tensor,
+    groups: Tensor | None = None,
+) -> Tensor:
+    """∇_{x_t} G_I(x̂0): the drop-in IGD gradient for another repo's sampling loop.
+
+    x_t: [B, C, H, W] with requires_grad, pred_xstart: x̂0 computed from x_t with autograd recording the
+    model forward; decode: latents -> images in the surrogate's input range; real_grads: [K, P] or [B, K, P].
+    Usage:  g = influence_gradient(x_t, x0, decode, surrogate, flat_params, real_grads, y)
+            s = s - adaptive_scale(eps, g, alpha_bar_t, k) * g
+    """
+    loss = influence_loss(decode(pred_xstart), y, surrogate, flat_params, real_grads, groups)
+    (grad,) = torch.autograd.grad(loss, x_t)
+    return grad
+
+
+class InfluenceGuidance(Guidance):
+    """IGD's G_I as a sampler guidance, active on respaced indices [low, high] (default [30, 45] of 50).
+
+    real_grads: [num_classes, K, P] (G_k per class). compat=True reproduces the authors' shadow row: the
+    unconditional row of each CFG pair is decoded too and its CE averaged with the conditional row's
+    (one gradient per pair); the update is applied to the conditional rows only.
+    """
+
+    requires_grad = True
+    capturable = True
+
+    def __init__(
+        self,
+        decode: Callable[[Tensor], Tensor],
+        surrogate: nn.Module,
+        flat_params: Tensor,
+        real_grads: Tensor,
+        *,
+        k: float = 5.0,
+        low: int = 30,
+        high: int = 45,
+        compat: bool = False,
+    ):
+        if k < 0:
+            raise ValueError(f"k must be >= 0, got {k}")
+        if real_grads.dim() != 3 or real_grads.shape[1:] != flat_params.shape:
+            raise ValueError(
+                f"real_grads must be [num_classes, K, P] with [K, P] = {tuple(flat_params.shape)}, got {tuple(real_grads.shape)}"
+            )
+        self.decode, self.surrogate, self.k, self.low, self.high, self.compat = decode, surrogate, k, low, high, compat
+        self.flat_params, self.real_grads = flat_params, real_grads
+
+    def step(self, ctx: StepContext) -> Tensor:
+        rows = ctx.rows
+        labels = ctx.y[:rows]  # device labels; real_grads rows are gathered on the device, no host sync
+        if self.compat:
+            # decode both rows of each [cond; uncond] pair, CE averaged within the pair
+            images = self.decode(ctx.pred_xstart)
+            groups = torch.arange(ctx.x_t.shape[0], device=labels.device) % rows
+            loss = influence_loss(images, labels[groups], self.surrogate, self.flat_params, self.real_grads[labels], groups)
+        else:
+            images = self.decode(ctx.pred_xstart[:rows])
+            loss = influence_loss(images, labels, self.surrogate, self.flat_params, self.real_grads[labels])
+        grad = ctx.grad(loss)[:rows]
+        update = -adaptive_scale(ctx.eps[:rows].detach(), grad, ctx.alpha_bar, self.k) * grad
+        return F.pad(update, (0, 0, 0, 0, 0, 0, 0, ctx.x_t.shape[0] - rows))
+
+
+# --------------------------------------------------------------------------- real gradients and Algorithm 2
+def class_mean_gradient(
+    surrogate: nn.Module, flat_params: Tensor, images: Tensor, label: int, max_images: int = 200, chunk: int = 50
+) -> Tensor:
+    """G for one class and parameter set: mean CE gradient over the first max_images images, computed in
+    chunks of `chunk` and averaged over chunks (the authors' 4 × 50). images: [N, C, H, W] -> [P] fp32."""
+    images = images[:max_images]
+    if len(images) == 0:
+        raise ValueError(f"class {label} has no images to compute its real gradient")
+    theta = flat_params.detach().float().requires_grad_(True)
+    params = unflatten_params(surrogate, theta)
+    chunk_grads = []
+    for start in range(0, len(images), chunk):
+        batch = images[start : start + chunk].float()
+        logits = functional_call(surrogate, params, (batch,))
+        loss = F.cross_entropy(logits, torch.full((len(batch),), label, device=batch.device))
+        chunk_grads.append(torch.autograd.grad(loss, theta)[0])
+    return torch.stack(chunk_grads).mean(0)
+
+
+def real_gradients(
+    surrogate: nn.Module, flat_params: Tensor, images: Tensor, labels: Tensor, num_classes: int, **kwargs
+) -> Tensor:
+    """G_k,c for every class and parameter set: [num_classes, K, P] (images sorted by file within a class)."""
+    out = []
+    for c in range(num_classes):
+        class_images = images[labels == c]
+        out.append(torch.stack([class_mean_gradient(surrogate, p, class_images, c, **kwargs) for p in flat_params]))
+    return torch.stack(out)
+
+
+def select_checkpoints(epoch_class_grads: Tensor, threshold: float = 0.7) -> list[int]:
+    """Algorithm 2: keep epoch 0; walk the epochs and keep e when cos(mean gradient at e, reference) < threshold,
+    making it the new reference. epoch_class_grads: [E+1, num_classes, P] per-class mean gradients."""
+    if not 0 < threshold <= 1:
+        raise ValueError(f"threshold must be in (0, 1], got {threshold}")
+    mean_grads = epoch_class_grads.mean(dim=1)  # [E+1, P]
+    kept, reference = [0], mean_grads[0]
+    for epoch in range(1, len(mean_grads)):
+        if F.cosine_similarity(mean_grads[epoch], reference, dim=0) < threshold:
+            kept.append(epoch)
+            reference = mean_grads[epoch]
+    return kept
+
+
+# ----------------------------------------------------------------------------------------- surrogate checkpoints
+DIGITS_SURROGATE_PATH = Path(__file__).resolve().parent.parent / "assets" / "digits_surrogate.safetensors"
+
+
+@dataclass
+class SurrogateConfig:
+    channel: int
+    num_classes: int
+    width: int = 128
+    depth: int = 6
+    im_size: int = 256
+
+    def build(self) -> ConvNet:
+        return ConvNet(self.channel, self.num_classes, width=self.width, depth=self.depth, im_size=self.im_size)
+
+
+# the digits default (16×16 grayscale): a small ConvNet-3; the bundle shipped at DIGITS_SURROGATE_PATH is made by
+#   fastdd surrogate --out fastdd/assets/digits_surrogate.safetensors
+DIGITS_SURROGATE = SurrogateConfig(channel=1, num_classes=10, width=32, depth=3, im_size=16)
+
+
+def surrogate_config_for(image_shape: tuple[int, int, int], num_classes: int) -> SurrogateConfig:
+    """ConvNet for images of image_shape (C, S, S): ConvNet-6 width 128 when S is a multiple of 64 (SPEC), else
+    the deepest ConvNet (≤ 3 pools, width 32 below 64 px) that S allows."""
+    channels, size, _ = image_shape
+    if size % 64 == 0:
+        return SurrogateConfig(channels, num_classes, width=128, depth=6, im_size=size)
+    depth = 0
+    while depth < 3 and size % (2 ** (depth + 1)) == 0 and size // 2 ** (depth + 1) >= 2:
+        depth += 1
+    if depth == 0:
+        raise ValueError(f"image size {size} is too small or odd for a ConvNet surrogate")
+    return SurrogateConfig(channels, num_classes, width=128 if size >= 64 else 32, depth=depth, im_size=size)
+
+
+def train_trajectory(
+    config: SurrogateConfig,
+    images: Tensor,
+    labels: Tensor,
+    *,
+    epochs: int = 50,
+    lr: float = 0.01,
+    batch_size: int = 64,
+    flip: bool = True,
+    seed: int = 0,
+    device: torch.device | str = "cpu",
+    progress: bool = True,
+) -> Tensor:
+    """Train config.build() with SGD on (images [N, C, H, W] in [-1, 1], labels [N]); -> snapshots [epochs + 1, P]."""
+    torch.manual_seed(seed)
+    generator = torch.Generator().manual_seed(seed)
+    model = config.build().to(device)
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4)
+    snapshots = [parameters_to_vector(model.parameters()).detach().cpu().clone()]
+    for _ in tqdm(range(epochs), desc="surrogate epochs", disable=not progress):
+        model.train()
+        order = torch.randperm(len(labels), generator=generator)
+        for start in range(0, len(order), batch_size):
+            idx = order[start : start + batch_size]
+            batch = random_resized_crop(images[idx], generator, flip=flip).to(device)
+            loss = F.cross_entropy(model(batch), labels[idx].to(device))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+        snapshots.append(parameters_to_vector(model.parameters()).detach().cpu().clone())
+    return torch.stack(snapshots)
+
+
+def epoch_class_gradients(
+    config: SurrogateConfig, snapshots: Tensor, images: Tensor, labels: Tensor, progress: bool = False, **kwargs
+) -> Tensor:
+    """Per-class mean gradients at every snapshot: [E + 1, num_classes, P] (input of Algorithm 2)."""
+    model = config.build().eval()
+    return torch.stack(
+        [
+            torch.stack([class_mean_gradient(model, snap, images[labels == c], c, **kwargs) for c in range(config.num_classes)])
+            for snap in tqdm(snapshots, desc="algorithm 2 gradients", disable=not progress)
+        ]
+    )
+
+
+@dataclass
+class SurrogateBundle:
+    """What influence guidance needs: config, flat_params [K, P], real_grads [num_classes, K, P], epochs [K]."""
+
+    config: SurrogateConfig
+    flat_params: Tensor
+    real_grads: Tensor
+    epochs: list[int]
+
+    def save(self, path: str | Path) -> None:
+        """Write the bundle to a safetensors file, atomically (config and epochs as JSON metadata)."""
+        metadata = {"config": json.dumps(asdict(self.config)), "epochs": json.dumps(self.epochs)}
+        save_safetensors_atomic({"flat_params": self.flat_params, "real_grads": self.real_grads}, path, metadata)
+
+    def network(self, device: torch.device | str = "cpu") -> nn.Module:
+        """The surrogate ConvNet (eval mode, frozen); `grad_cosine` swaps in each row of flat_params as its weights."""
+        return self.config.build().to(device).eval().requires_grad_(False)
+
+    @classmethod
+    def load(cls, path: str | Path) -> "SurrogateBundle":
+        from safetensors import safe_open
+
+        path = Path(path)
+        if not path.is_file():
+            raise ValueError(f"surrogate file {path} does not exist")
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+        if "config" not in metadata:
+            raise ValueError(f"{path} is not a fastdd surrogate file (no config metadata)")
+        tensors = load_file(str(path))
+        try:
+            config = SurrogateConfig(**json.loads(metadata["config"]))
+            bundle = cls(config, tensors["flat_params"], tensors["real_grads"], json.loads(metadata["epochs"]))
+            expected = sum(p.numel() for p in config.build().parameters())
+        except (KeyError, TypeError, ValueError) as err:
+            raise ValueError(f"surrogate file {path} is malformed ({err})") from None
+        flat, real = bundle.flat_params, bundle.real_grads
+        if flat.dim() != 2 or flat.shape[1] != expected:
+            raise ValueError(f"surrogate file {path}: flat_params {list(flat.shape)}, the config needs [K, {expected}]")
+        if real.dim() != 3 or real.shape != (config.num_classes, *flat.shape):
+            raise ValueError(
+                f"surrogate file {path}: real_grads {list(real.shape)}, expected [{config.num_classes}, {flat.shape[0]}, {expected}]"
+            )
+        return bundle
+
+
+def load_digits_surrogate() -> SurrogateBundle:
+    """The surrogate bundle shipped for the digits default (`fastdd/assets/digits_surrogate.safetensors`)."""
+    return SurrogateBundle.load(DIGITS_SURROGATE_PATH)
+
+
+def build_surrogate_bundle(
+    config: SurrogateConfig,
+    snapshots: Tensor,
+    images: Tensor,
+    labels: Tensor,
+    *,
+    epochs: list[int] | None = None,
+    threshold: float = 0.7,
+    max_images: int = 200,
+    chunk: int = 50,
+    progress: bool = False,
+) -> SurrogateBundle:
+    """Pick checkpoints (given `epochs`, or Algorithm 2 over all snapshots) and compute real gradients."""
+    model = config.build().eval()
+    if epochs is None:
+        grads = epoch_class_gradients(config, snapshots, images, labels, progress, max_images=max_images, chunk=chunk)
+        epochs = select_checkpoints(grads, threshold)
+    flat = snapshots[epochs]
+    real = real_gradients(model, flat, images, labels, config.num_classes, max_images=max_images, chunk=chunk)
+    return SurrogateBundle(config, flat, real, list(epochs))
+
+
+def compute_surrogate_bundle(
+    config: SurrogateConfig,
+    images: Tensor,
+    labels: Tensor,
+    *,
+    epochs: int = 50,
+    epoch_list: list[int] | None = None,
+    threshold: float = 0.7,
+    flip: bool = True,
+    seed: int = 0,
+    device: torch.device | str = "cpu",
+    progress: bool = True,
+) -> SurrogateBundle:
+    """Train the trajectory on (images [N, C, S, S] in [-1, 1], labels [N]) and build the bundle from it."""
+    snapshots = train_trajectory(config, images, labels, epochs=epochs, flip=flip, seed=seed, device=device, progress=progress)
+    return build_surrogate_bundle(config, snapshots, images, labels, epochs=epoch_list, threshold=threshold, progress=progress)

@@ -1,0 +1,216 @@
+"""What a method's run wiring receives and returns.
+
+A method is a `Method`: a frozen options dataclass (`fastdd.options`) and a builder
+`build(options, spec: RunSpec, models: Models, data: RealData) -> MethodSetup`, which returns the guidances to plug
+into `GuidedSampler`, the resolved hyper-parameters for the manifest, and optionally a per-batch hook and a sampling
+override. Builders raise ValueError naming the CLI option on bad input and do no heavy work in a dry run.
+
+Conventions a builder can rely on:
+- Guidances see *local* class indices 0..num_classes-1 (positions in the class list) in ctx.y, in image_ids and in
+  begin_batch / end_batch labels, even when the model's labels differ (ImageNet DiT: 1000 labels); the pipeline
+  wraps them in `LocalLabels`.
+- Resume replays `end_batch(final_latents, local_labels)` of every guidance on every finished batch, in plan
+  order, so memory-like state is restored exactly.
+- A batch may hold several images of a class (images_per_batch); a builder whose guidances carry state from a
+  class's earlier images to its later ones calls `require_one_image_per_batch(spec, reason)` before heavy work.
+- `spec.state_dir`: a folder in the run directory for caches (None in dry runs).
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+from safetensors.torch import load_file
+from torch import Tensor, nn
+
+from ..data.atomic import save_safetensors_atomic
+from ..data.real import RealData
+from ..options import REQUIRED, documented, option
+from ..sampling.sampler import Guidance
+
+STATE_DIR = ".fastdd"
+SAMPLERS = ("ddpm", "ddim")
+PRECISIONS = ("fp32", "bf16")
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@documented
+@dataclass(frozen=True)
+class RunSpec:
+    """Everything a `fastdd distill` run is given except the method's own options (`fastdd distill`'s global flags).
+
+    The images depend on every field but device, dry_run, quiet, compile and cuda_graphs (the run config in the
+    manifest records the others)."""
+
+    method: str = option(REQUIRED, "one of the registered methods (fastdd.methods.METHODS)")
+    ipc: int = option(REQUIRED, "images per class")
+    out: str = option(REQUIRED, "output folder (resumed if it holds this run's manifest)")
+    data: str | None = option(None, "real ImageFolder (default: the scikit-learn digits, offline)")
+    classes: str | None = option(None, "imagenette | imagewoof | FILE ('name [label]' per line)")
+    model: str | None = option(None, "fastdd prior, DiT checkpoint or diffusers DiT (default: bundled digits prior)")
+    vae: str | None = option(None, "mse | ema | none | NAME_OR_PATH (default: mse for DiT, none for pixel priors)")
+    seed: int = option(0, "run seed; image (class c, index i) uses hash(seed, c, i)")
+    steps: int = option(50, "sampling steps (respaced from 1000)")
+    sampler: str = option("ddpm", "ancestral DDPM (the authors') or DDIM", choices=SAMPLERS)
+    eta: float = option(0.0, "DDIM eta")
+    cfg_scale: float | None = option(None, "CFG scale (default 4.0; digits 2.0)")
+    compat: bool = option(False, "reproduce the authors' quirks (shadow rows, CFG on 3 channels)")
+    class_batch: int = option(10, "classes per batch; processes get whole chunks of this many classes")
+    device: str | None = option(None, "torch device (default: cuda when available, else cpu)")
+    precision: str = option("fp32", "bf16: DiT forward and VAE decoder under bf16 autocast (guidance reductions "
+                            "stay fp32)", choices=PRECISIONS)  # fmt: skip
+    images_per_batch: int = option(1, "consecutive images of each class in a batch (rows: classes × this); the same "
+                                   "images as 1, up to float rounding, for every method but igds (its entropy term "
+                                   "spans the batch); igd with --igd-gamma > 0 needs 1")  # fmt: skip
+    compile: bool = option(False, "torch.compile the DiT (first batch pays compilation)")
+    cuda_graphs: bool = option(False, "replay whole sampling steps as CUDA graphs from the second batch on (CUDA only)")
+    fast: bool = option(False, "opt-in approximation: guidance gradients skip the DiT Jacobian (no backward through "
+                        "the DiT)")  # fmt: skip
+    dry_run: bool = option(False, "print the plan and a time estimate, write nothing")
+    quiet: bool = option(False, "no progress bars")
+
+    def validate(self) -> None:
+        """ValueError naming the flag of the first invalid field."""
+        if self.ipc <= 0:
+            raise ValueError(f"--ipc must be > 0, got {self.ipc}")
+        if self.steps <= 1:
+            raise ValueError(f"--steps must be > 1, got {self.steps}")
+        if self.class_batch <= 0:
+            raise ValueError(f"--class-batch must be > 0, got {self.class_batch}")
+        if self.images_per_batch <= 0:
+            raise ValueError(f"--images-per-batch must be > 0, got {self.images_per_batch}")
+        if self.cfg_scale is not None and self.cfg_scale < 0:
+            raise ValueError(f"--cfg-scale must be >= 0, got {self.cfg_scale}")
+        if self.eta < 0:
+            raise ValueError(f"--eta must be >= 0, got {self.eta}")
+        if self.sampler not in SAMPLERS:
+            raise ValueError(f"--sampler must be one of {', '.join(SAMPLERS)}, got {self.sampler!r}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+
+    @property
+    def state_dir(self) -> Path | None:
+        """The run's cache folder DIR/.fastdd (None in a dry run, which writes nothing)."""
+        return None if self.dry_run else Path(self.out) / STATE_DIR
+
+    @property
+    def progress(self) -> bool:
+        return not self.quiet
+
+
+@dataclass
+class Models:
+    """The loaded generator. prior: DiT; codec: PixelCodec or LatentCodec (decode: latents -> images in [-1, 1]);
+    diffusion: the sampling schedule; latent_shape: (C, h, w) of the sampler; image_shape: (C, H, W) of decoded
+    images; class_labels: the model label of each local class; num_model_classes: the model's label count (its null
+    class comes after); description: what the manifest records about the weights."""
+
+    prior: nn.Module
+    codec: Any
+    diffusion: Any
+    latent_shape: tuple[int, int, int]
+    image_shape: tuple[int, int, int]
+    class_labels: list[int]
+    num_model_classes: int
+    device: torch.device
+    description: dict = field(default_factory=dict)
+
+
+@dataclass
+class MethodSetup:
+    """What a method contributes to the run.
+
+    guidances: in the order their deltas are added; params: the method's resolved hyper-parameters (JSON-able) for
+    the manifest; prepare(local_classes): called before each batch with the local class of each of its rows;
+    sample(sampler, labels, image_ids, latent_shape, device) -> final latents [B, C, h, w]: replaces the default
+    sampling call (e.g. DDIM from inverted latents).
+    """
+
+    guidances: list[Guidance] = field(default_factory=list)
+    params: dict = field(default_factory=dict)
+    prepare: Callable[[Sequence[int]], None] | None = None
+    sample: Callable[..., Tensor] | None = None
+
+
+@dataclass(frozen=True)
+class Method:
+    """A registered method: its name, options dataclass, builder, whether it reads real images, and a one-line help."""
+
+    name: str
+    options: type
+    build: Callable[[Any, RunSpec, Models, RealData], MethodSetup]
+    needs_data: bool
+    help: str
+
+
+# ----------------------------------------------------------------------------------------- helpers for builders
+def check(condition: bool, message: str) -> None:
+    if not condition:
+        raise ValueError(message)
+
+
+def digest(params: dict) -> str:
+    """A short hash of JSON-able params (names a cache file after what it depends on)."""
+    return hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def rescale_index(index: int, steps: int, of_steps: int = 50) -> int:
+    """A respaced step index given for `of_steps` sampling steps (the papers' 50), rescaled to `steps`."""
+    return round(index * (steps - 1) / (of_steps - 1))
+
+
+def guided_range(spec: RunSpec, low_high: tuple[int, int], of_steps: int = 50) -> tuple[int, int]:
+    """A guided step range (low, high) given for `of_steps` sampling steps, rescaled to spec.steps."""
+    return rescale_index(low_high[0], spec.steps, of_steps), rescale_index(low_high[1], spec.steps, of_steps)
+
+
+def require_one_image_per_batch(spec: RunSpec, reason: str) -> None:
+    """ValueError naming --images-per-batch unless every batch holds one image per class, so that state a guidance
+    keeps from a class's earlier images (reason: which) sees them one at a time."""
+    if min(spec.images_per_batch, spec.ipc) > 1:
+        raise ValueError(f"--images-per-batch {spec.images_per_batch}: {spec.method}: {reason}, so each class's "
+                         "images are made one at a time; use --images-per-batch 1")  # fmt: skip
+
+
+def check_pool(spec: RunSpec, data: RealData, minimum: int, why: str, ipc_bound: bool = True) -> None:
+    """Every class has >= minimum real images and, with ipc_bound (methods that pick IPC items from the class),
+    >= ipc of them (ValueError naming --data / --ipc otherwise)."""
+    for name, count in zip(data.class_names, data.class_counts()):
+        check(count > 0, f"--data: class {name!r} has no real images")
+        check(count >= minimum, f"--data: class {name!r} has {count} real images, {why} needs at least {minimum}")
+        check(not ipc_bound or spec.ipc <= count, f"--ipc {spec.ipc} is larger than class {name!r} ({count} real images)")
+
+
+def real_latents(spec: RunSpec, models: Models, data: RealData, sample: bool = False) -> tuple[Tensor, Tensor]:
+    """(latents [N, C, h, w] on the model device, local labels [N]) of the real images: the codec's encoder mean
+    (sample=False) or a draw seeded with spec.seed (sample=True). VAE latents are cached in the state folder."""
+    from ..guidance.mgd3 import encode_latents
+    from ..models.vae import PixelCodec
+
+    images, labels = data.load()
+    device, codec = models.device, models.codec
+    if isinstance(codec, PixelCodec):
+        return images.to(device), labels
+    cache = spec.state_dir / f"latents_{'sample' if sample else 'mean'}_seed{spec.seed}.safetensors"
+    if cache.is_file():
+        return load_file(str(cache))["latents"].to(device), labels
+    generator = torch.Generator(device=device).manual_seed(spec.seed) if sample else None
+    latents = encode_latents(codec, images.to(device), sample=sample, generator=generator, progress=spec.progress)
+    save_safetensors_atomic({"latents": latents}, cache)
+    return latents, labels
+
+
+def default_sample(spec: RunSpec, sampler, labels, ids, latent_shape, device) -> Tensor:
+    """The run's own sampling call: ancestral, or DDIM with sampler='ddim'."""
+    if spec.sampler == "ddim":
+        return sampler.ddim_sample(labels, ids, latent_shape, device, eta=spec.eta, progress=False)
+    return sampler.sample(labels, ids, latent_shape, device, progress=False)
+

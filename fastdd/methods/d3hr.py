@@ -1,0 +1,80 @@
+"""`--method d3hr`: D3HR's run wiring (the math is in `fastdd.guidance.d3hr`): per class, DDIM-invert the real
+latents to the target step, fit a diagonal Gaussian, keep the most representative of n candidate groups of IPC
+latents, and DDIM (η = 0) from there on a `steps`-step schedule with `spacing` (the run's CFG scale). Ignores the
+run's sampler and eta."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from ..guidance.d3hr import D3HR_CANDIDATES, D3HR_WEIGHTS, class_group, statistics_path
+from ..options import documented, option
+from ..sampling import GaussianDiffusion, GuidedSampler
+from .base import Method, MethodSetup, Models, RealData, RunSpec, check, check_pool, real_latents, rescale_index
+
+
+@documented
+@dataclass(frozen=True)
+class D3HROptions:
+    """D3HR (2025): DDIM inversion, per-class Gaussian, representative group, DDIM generation."""
+
+    target: int = option(31, "inversion target / generation start step for 50 steps (SPEC: 31, timestep 620 = step "
+                         "18 of 50)", flag="--d3hr-target")  # fmt: skip
+    candidates: int = option(D3HR_CANDIDATES, "candidate groups drawn per class (SPEC: 10,000)",
+                             flag="--d3hr-candidates")  # fmt: skip
+    batch: int = option(64, "images per DDIM-inversion batch", flag="--d3hr-batch")
+    spacing: str = option("leading", "timestep spacing of the inversion and generation (SPEC: diffusers' DDIM "
+                          "'leading')", flag="--d3hr-spacing", choices=("leading", "iddpm"))  # fmt: skip
+    stats: str | None = option(None, "folder of per-class inverted statistics to reuse across runs (default: in the "
+                               "run folder); a file made with other settings is refused", flag="--d3hr-stats")  # fmt: skip
+
+
+def build(options: D3HROptions, spec: RunSpec, models: Models, data: RealData) -> MethodSetup:
+    """A sampling override: DDIM from each class's selected group (statistics on disk, group recomputed)."""
+    check(0 <= options.target <= 49, f"--d3hr-target must be in 0..49, got {options.target}")
+    check(options.candidates > 0, f"--d3hr-candidates must be > 0, got {options.candidates}")
+    check(options.batch > 0, f"--d3hr-batch must be > 0, got {options.batch}")
+    check(not spec.compat, "--compat: d3hr samples with CFG on every channel (diffusers); drop --compat")
+    target = rescale_index(options.target, spec.steps)
+    check_pool(spec, data, 2, "D3HR's unbiased variance")
+    params = {"target_index": target, "n_candidates": options.candidates, "inversion_batch": options.batch,
+              "weights": list(D3HR_WEIGHTS), "timestep_spacing": options.spacing,
+              "sampler": "ddim, eta 0 (from the selected latents)", "stats_dir": options.stats}  # fmt: skip
+    if spec.dry_run:
+        return MethodSetup(params=params)
+    stats_dir = Path(options.stats) if options.stats else spec.state_dir / f"d3hr_stats_seed{spec.seed}"
+    diffusion = GaussianDiffusion(spec.steps, learn_sigma=models.prior.learn_sigma, timestep_spacing=options.spacing)
+    samplers: dict[int, GuidedSampler] = {}
+    groups: dict[int, Tensor] = {}
+    real: list[tuple[Tensor, Tensor]] = []
+
+    def group_of(sampler: GuidedSampler, c: int) -> Tensor:
+        """The selected IPC latents of local class c [ipc, C, h, w]."""
+        if c not in groups:
+            latents = None
+            if not statistics_path(stats_dir, models.class_labels[c]).is_file():
+                if not real:
+                    real.append(real_latents(spec, models, data, sample=True))
+                all_latents, labels = real[0]
+                latents = all_latents[(labels == c).to(all_latents.device)]
+            groups[c] = class_group(sampler, latents, models.class_labels[c], spec.ipc, target_index=target,
+                                    n_candidates=options.candidates, seed=spec.seed, stats_dir=stats_dir,
+                                    batch_size=options.batch, progress=spec.progress)  # fmt: skip
+        return groups[c]
+
+    def sample(sampler, labels, ids, latent_shape, device) -> Tensor:
+        """The run's CFG and labels on D3HR's own DDIM schedule."""
+        if id(sampler) not in samplers:
+            samplers[id(sampler)] = sampler.replace(diffusion=diffusion)
+        d3hr_sampler = samplers[id(sampler)]
+        x_start = torch.stack([group_of(d3hr_sampler, c)[i] for c, i, _ in ids]).to(device)
+        return d3hr_sampler.ddim_sample(labels, ids, start_index=target, x_start=x_start, progress=False)
+
+    return MethodSetup(params=params, sample=sample)
+
+
+METHOD = Method("d3hr", D3HROptions, build, needs_data=True,
+                help="D3HR (2025): DDIM inversion, per-class Gaussian, representative group, DDIM generation")  # fmt: skip

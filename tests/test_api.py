@@ -1,0 +1,201 @@
+"""The Python API and the layout: `fastdd.distill` makes the bytes `fastdd distill` makes (and the bytes recorded
+before the layout redesign), no module below fastdd/cli imports argparse, every module imports on its own, the
+module import graph has no cycle, the CLI's method flags are the options dataclasses' fields, and every ```python
+block of the README runs as written."""
+from __future__ import annotations
+
+import ast
+import dataclasses
+import hashlib
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import fastdd
+from fastdd.cli.main import build_parser, main
+from fastdd.methods import METHODS
+from fastdd.options import dest_of, flag_of, option_fields
+
+PACKAGE = Path(fastdd.__file__).resolve().parent
+ROOT = PACKAGE.parent
+README = ROOT / "README.md"
+RECORDED = Path(__file__).parent / "data" / "digits_ipc2_sha256.json"
+
+SMALL_OPTIONS = {
+    "dit": fastdd.DiTOptions(),
+    "igd": fastdd.IGDOptions(k=3.0),
+    "dap": fastdd.DAPOptions(gamma=0.1),
+    "mgd3": fastdd.MGD3Options(),
+    "d3hr": fastdd.D3HROptions(candidates=50),
+    "sam": fastdd.SAMOptions(epochs=1, batch=16),
+    "igds": fastdd.IGDSOptions(epochs=1, classifier_epochs=3),
+}
+SMALL_FLAGS = {
+    "dit": [], "igd": ["--igd-k", "3.0"], "dap": ["--dap-gamma", "0.1"], "mgd3": [], "d3hr": ["--d3hr-candidates", "50"],
+    "sam": ["--sam-epochs", "1", "--sam-batch", "16"], "igds": ["--igds-epochs", "1", "--igds-classifier-epochs", "3"],
+}  # fmt: skip
+
+
+def folder_bytes(root: Path) -> dict[str, str]:
+    """sha256 of every file under root (the run folder's own path replaced in JSON files)."""
+    out = {}
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        data = path.read_bytes()
+        if path.suffix == ".json":
+            data = data.replace(str(root).encode(), b"<out>")
+        out[str(path.relative_to(root))] = hashlib.sha256(data).hexdigest()
+    return out
+
+
+def image_list(out: Path) -> list[str]:
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["complete"]
+    return [f"{r['class']}/{r['index']}.png {r['sha256']}" for r in manifest["images"]]
+
+
+def test_every_method_is_registered_with_documented_options():
+    assert sorted(METHODS) == sorted(SMALL_OPTIONS)
+    for method in METHODS.values():
+        assert dataclasses.is_dataclass(method.options) and method.options.__dataclass_params__.frozen
+        for field in option_fields(method.options):
+            assert field.name in method.options.__doc__ and flag_of(field) in method.options.__doc__
+
+
+def test_cli_method_flags_are_generated_from_the_dataclasses():
+    parser = build_parser()
+    distill = parser._subparsers._group_actions[0].choices["distill"]
+    flags = {flag: action for action in distill._actions for flag in action.option_strings}
+    expected = {flag_of(f) for m in METHODS.values() for f in option_fields(m.options)}
+    expected |= {flag_of(f) for f in option_fields(fastdd.RunSpec)}
+    assert expected == set(flags) - {"-h", "--help"}
+    for method in METHODS.values():
+        for field in option_fields(method.options):
+            action = flags[flag_of(field)]
+            assert action.dest == dest_of(field) and action.help == field.metadata["help"]
+            assert action.default == field.default
+
+
+@pytest.mark.parametrize("method", sorted(SMALL_OPTIONS))
+def test_python_api_writes_the_bytes_of_the_cli(tmp_path, method):
+    by_cli, by_api = tmp_path / "cli", tmp_path / "api"
+    args = ["distill", "--method", method, "--ipc", "2", "--out", str(by_cli), "--steps", "5", "--quiet", "--device", "cpu"]
+    assert main(args + SMALL_FLAGS[method]) == 0
+    result = fastdd.distill(method, 2, by_api, SMALL_OPTIONS[method], steps=5, quiet=True, device="cpu")
+    assert result == fastdd.RunResult(by_api, 20, 20)
+    assert folder_bytes(by_cli) == folder_bytes(by_api)
+    again = fastdd.distill(method, 2, by_api, SMALL_OPTIONS[method], steps=5, quiet=True, device="cpu")
+    assert again.generated == 0 and folder_bytes(by_cli) == folder_bytes(by_api)  # resumed: nothing left to do
+
+
+def test_python_api_refuses_options_of_another_method(tmp_path):
+    with pytest.raises(ValueError, match="igd takes IGDOptions"):
+        fastdd.distill("igd", 2, tmp_path / "x", fastdd.DAPOptions())
+    assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("method", sorted(SMALL_OPTIONS))
+def test_default_run_is_byte_identical_to_the_recorded_one(tmp_path, method):
+    """`fastdd distill --method M --ipc 2` on the digits default with default options, recorded before the layout
+    redesign (tests/data/digits_ipc2_sha256.json)."""
+    out = tmp_path / method
+    fastdd.distill(method, 2, out, quiet=True, device="cpu")
+    assert image_list(out) == json.loads(RECORDED.read_text())[method]
+
+
+def module_names() -> list[str]:
+    return sorted(
+        ".".join(path.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__")
+        for path in PACKAGE.rglob("*.py")
+    )
+
+
+def test_no_module_below_cli_imports_argparse():
+    offenders = []
+    for path in PACKAGE.rglob("*.py"):
+        if "cli" in path.relative_to(PACKAGE).parts:
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            names += [node.module] if isinstance(node, ast.ImportFrom) and node.module else []
+            offenders += [str(path) for n in names if n.split(".")[0] == "argparse"]
+    assert not offenders
+
+
+def module_level_imports(path: Path, name: str) -> set[str]:
+    """fastdd modules imported at module level (not inside functions) by module `name` at `path`."""
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    found = set()
+    for node in ast.parse(path.read_text()).body:
+        if isinstance(node, ast.Import):
+            found |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            base = package
+            for _ in range(node.level - 1):
+                base = base.rpartition(".")[0]
+            module = (base + ("." + node.module if node.module else "")) if node.level else node.module
+            found.add(module)
+            found |= {f"{module}.{a.name}" for a in node.names}
+    return {m for m in found if m.split(".")[0] == "fastdd"}
+
+
+def test_module_import_graph_has_no_cycle():
+    names = set(module_names())
+    graph = {
+        name: module_level_imports(ROOT / (name.replace(".", "/") + ("/__init__.py" if (ROOT / name.replace(".", "/")).is_dir() else ".py")), name) & names
+        for name in names
+    }  # fmt: skip
+    # a module depends on its parent packages' __init__ too (Python runs them first)
+    for name in names:
+        parts = name.split(".")
+        graph[name] |= {".".join(parts[:i]) for i in range(1, len(parts))} & names
+        graph[name].discard(name)
+    state: dict[str, int] = {}
+
+    def visit(node: str, stack: list[str]) -> None:
+        state[node] = 1
+        for nxt in sorted(graph[node]):
+            if state.get(nxt) == 1 and not node.startswith(nxt + "."):  # a package's own submodule is no cycle
+                raise AssertionError("import cycle: " + " -> ".join(stack + [node, nxt]))
+            if nxt not in state:
+                visit(nxt, stack + [node])
+        state[node] = 2
+
+    for name in sorted(names):
+        if name not in state:
+            visit(name, [])
+
+
+def test_every_module_imports_on_its_own():
+    """Each module in a fresh interpreter (fails on a cycle that only shows when a module is imported first)."""
+    script = "import importlib, sys; importlib.import_module(sys.argv[1])"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "FASTDD_NO_EXT": os.environ.get("FASTDD_NO_EXT", "")}
+    failures = []
+    for name in module_names():
+        if name.endswith("__main__"):
+            continue
+        proc = subprocess.run([sys.executable, "-c", script, name], env=env, capture_output=True, text=True)
+        if proc.returncode != 0:
+            failures.append(f"{name}: {proc.stderr.strip().splitlines()[-1]}")
+    assert not failures, failures
+
+
+def readme_blocks() -> list[str]:
+    return re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
+
+
+def test_readme_has_python_blocks():
+    assert len(readme_blocks()) >= 4
+
+
+@pytest.mark.parametrize("index", range(len(readme_blocks())))
+def test_readme_python_block_runs_as_written(tmp_path, index):
+    """Each block in a fresh interpreter in an empty folder, on the shipped digits assets."""
+    code = readme_blocks()[index]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, f"README block {index}:\n{code}\n{proc.stderr[-3000:]}"

@@ -1,9 +1,10 @@
 """Builds fastdd and its compiled extension fastdd._C from csrc/.
 
 C++ CPU kernels always; CUDA kernels too when the installed torch has CUDA and nvcc is found.
-FASTDD_FORCE_CUDA=1 builds the CUDA kernels regardless; FASTDD_NO_EXT=1 builds no extension
-(fastdd then runs on Triton / the PyTorch reference).
+FASTDD_FORCE_CUDA=1 builds the CUDA kernels regardless; FASTDD_NO_EXT=1 builds no extension (and, set at run
+time, leaves a built one unloaded): fastdd then runs on Triton / the PyTorch reference.
 """
+
 import glob
 import os
 import subprocess
@@ -66,7 +67,9 @@ def extension_modules():
         )
     else:
         ext = cpp_extension.CppExtension("fastdd._C", sources, extra_compile_args=extra, extra_link_args=["-fopenmp"])
-    print(f"fastdd: building fastdd._C ({'C++ + CUDA' if 'nvcc' in extra else 'C++ CPU'}) against torch {torch.__version__}")
+    print(
+        f"fastdd: building fastdd._C ({'C++ + CUDA' if 'nvcc' in extra else 'C++ CPU'}) against torch {torch.__version__}"
+    )
     return [ext], {"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)}
 
 

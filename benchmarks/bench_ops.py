@@ -5,6 +5,7 @@
 Each benchmarks/ops/bench_<op>.py exposes run(device, repeats) -> list of records; this script runs them,
 prints one table and writes benchmarks/results/ops_<device>.json / .md (median of repeats, device named).
 """
+
 from __future__ import annotations
 
 import argparse

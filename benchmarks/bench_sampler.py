@@ -4,6 +4,7 @@ script (same options; what is timed: fastdd/bench/sampler.py).
     python benchmarks/bench_sampler.py [--config tiny|dit-s2-128|dit-xl2-256] [--device cpu|cuda] [--methods ...]
                                        [--repeats 3] [--batch 4] [--steps 50] [--no-compile] [--bf16] [--out DIR]
 """
+
 from __future__ import annotations
 
 import sys

@@ -1,5 +1,6 @@
 """Helpers shared by the benchmark scripts (never used by tests). Timing and reports live in fastdd.bench.common,
 which `fastdd bench` uses too."""
+
 from __future__ import annotations
 
 import torch

@@ -16,6 +16,7 @@ Writes benchmarks/results/quality_digits{_quick}{_variants | _<methods>}.json / 
 every method runs without --variants) and one preview grid per row (…_<row>_ipc10.png, the seed-0 set). Distilled sets and per-set scores are kept under
 --work, so an interrupted run resumes where it stopped.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -32,12 +33,15 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.common import device_name  # noqa: E402
-from fastdd.evaluation import make_model_factory  # noqa: E402
 from fastdd.cli.main import main as fastdd_main  # noqa: E402
-from fastdd.data.digits import DIGITS_CLASSES, load_digits_split  # noqa: E402
 from fastdd.data.atomic import write_bytes_atomic  # noqa: E402
+from fastdd.data.digits import DIGITS_CLASSES, load_digits_split  # noqa: E402
 from fastdd.data.imagefolder import load_image_folder  # noqa: E402
-from fastdd.evaluation import epochs_for_ipc, train_and_evaluate  # noqa: E402
+from fastdd.evaluation import (  # noqa: E402
+    epochs_for_ipc,
+    make_model_factory,  # noqa: E402
+    train_and_evaluate,
+)
 
 METHODS = ("igd", "dap", "mgd3", "d3hr", "sam", "igds")
 FULL_SET_EPOCHS = 300
@@ -73,10 +77,27 @@ def random_real(ipc: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     return images[keep], labels[keep]
 
 
-def distilled(method: str, ipc: int, seed: int, folder: Path, steps: int, extra: list[str], device: str) -> tuple[torch.Tensor, torch.Tensor]:
+def distilled(
+    method: str, ipc: int, seed: int, folder: Path, steps: int, extra: list[str], device: str
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Run `fastdd distill` (resumes an interrupted folder) and load the set."""
-    args = ["distill", "--method", method, "--ipc", str(ipc), "--seed", str(seed), "--out", str(folder),
-            "--steps", str(steps), "--device", device, "--quiet", *extra]  # fmt: skip
+    args = [
+        "distill",
+        "--method",
+        method,
+        "--ipc",
+        str(ipc),
+        "--seed",
+        str(seed),
+        "--out",
+        str(folder),
+        "--steps",
+        str(steps),
+        "--device",
+        device,
+        "--quiet",
+        *extra,
+    ]
     code = fastdd_main(args)
     if code != 0:
         raise RuntimeError(f"fastdd {' '.join(args)} exited with {code}")
@@ -92,12 +113,16 @@ def score(images, labels, val, seed: int, epochs: int, device: str) -> float:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="1 seed, epochs / 10, 20 sampling steps, lighter method settings")
+    parser.add_argument(
+        "--quick", action="store_true", help="1 seed, epochs / 10, 20 sampling steps, lighter method settings"
+    )
     parser.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated subset of {','.join(METHODS)}")
     parser.add_argument("--variants", action="store_true", help=f"add rows {list(VARIANTS)} for the selected methods")
     parser.add_argument("--ipcs", default="1,10")
     parser.add_argument("--seeds", default=None, help="default 0,1,2 (quick: 0)")
-    parser.add_argument("--work", default=None, help="distilled sets and per-set scores (default /tmp/fastdd_quality_digits[_quick])")
+    parser.add_argument(
+        "--work", default=None, help="distilled sets and per-set scores (default /tmp/fastdd_quality_digits[_quick])"
+    )
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
@@ -156,10 +181,14 @@ def main(argv: list[str] | None = None) -> int:
                 seconds.append(elapsed)
                 print(f"{row:15s} IPC {ipc:3d} seed {seed}: top-1 {top1:6.2f}%  ({elapsed:.0f} s)", flush=True)
             record = {
-                "set": row, "ipc": "all" if row == "full train set" else ipc, "top1_mean": statistics.fmean(per_seed),
-                "top1_std": statistics.pstdev(per_seed) if len(per_seed) > 1 else 0.0, "per_seed": per_seed,
-                "seeds": seeds, "seconds_per_seed": statistics.fmean(seconds),
-            }  # fmt: skip
+                "set": row,
+                "ipc": "all" if row == "full train set" else ipc,
+                "top1_mean": statistics.fmean(per_seed),
+                "top1_std": statistics.pstdev(per_seed) if len(per_seed) > 1 else 0.0,
+                "per_seed": per_seed,
+                "seeds": seeds,
+                "seconds_per_seed": statistics.fmean(seconds),
+            }
             records.append(record)
             previewed = variants if args.variants else ("dit", *methods)  # the full table has the exact rows' grids
             if row in previewed and ipc == max(ipcs):
@@ -167,15 +196,24 @@ def main(argv: list[str] | None = None) -> int:
                 shutil.copyfile(preview, out / f"quality_digits{suffix}_{slug(row)}_ipc{ipc}.png")
 
     settings = {
-        "device": device_name(args.device), "quick": args.quick, "sampling_steps": steps, "seeds": seeds,
+        "device": device_name(args.device),
+        "quick": args.quick,
+        "sampling_steps": steps,
+        "seeds": seeds,
         "eval": "convnet6 (depth 3 at 16 px, width 128), fastdd.evaluation hard-label protocol, best top-1 on the digits test split",
         "epochs": epochs_by_set,
         "method_args": {m: QUICK_METHOD_ARGS.get(m, []) if args.quick else [] for m in methods},
-    }  # fmt: skip
-    write_bytes_atomic(json.dumps({"settings": settings, "records": records}, indent=2).encode(), out / f"quality_digits{suffix}.json")
-    lines = [f"Digits default, {settings['device']}, {len(seeds)} seed(s), {steps} sampling steps"
-             f"{' (--quick: eval epochs / 10, lighter method settings)' if args.quick else ''}.", "",
-             "| set | " + " | ".join(f"IPC {ipc}" for ipc in ipcs) + " |", "|---|" + "---|" * len(ipcs)]  # fmt: skip
+    }
+    write_bytes_atomic(
+        json.dumps({"settings": settings, "records": records}, indent=2).encode(), out / f"quality_digits{suffix}.json"
+    )
+    lines = [
+        f"Digits default, {settings['device']}, {len(seeds)} seed(s), {steps} sampling steps"
+        f"{' (--quick: eval epochs / 10, lighter method settings)' if args.quick else ''}.",
+        "",
+        "| set | " + " | ".join(f"IPC {ipc}" for ipc in ipcs) + " |",
+        "|---|" + "---|" * len(ipcs),
+    ]
     for row in rows:
         cells = []
         for ipc in ipcs:

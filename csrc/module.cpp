@@ -1,6 +1,7 @@
 // Python entry point of fastdd._C. The kernels register themselves with the dispatcher
 // (TORCH_LIBRARY_FRAGMENT(fastdd_C, ...) in csrc/cpu/*.cpp and csrc/cuda/*.cu) when this
-// library is loaded; Python reaches them as torch.ops.fastdd_C.<name>.
+// library is loaded, as torch.ops.fastdd_C.<name>: the "cpp" / "cuda" implementations that the
+// CPU / CUDA kernels of the fastdd:: ops run (fastdd/ops/_backend.py, OP_BACKENDS).
 #include <Python.h>
 
 #ifndef FASTDD_WITH_CUDA

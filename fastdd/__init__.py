@@ -8,6 +8,7 @@
 `sample_batch`); `fastdd.guidance` has each method's math for other sampling loops. The names below are imported on
 first use, so `import fastdd.ops` (or the CLI) does not load the whole pipeline.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -16,13 +17,41 @@ from typing import TYPE_CHECKING
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "distill": "pipeline", "prepare": "pipeline", "RunResult": "pipeline", "PreparedRun": "pipeline",
+    "distill": "pipeline",
+    "prepare": "pipeline",
+    "RunResult": "pipeline",
+    "PreparedRun": "pipeline",
     "evaluate": "evaluation",
-    "RunSpec": "methods", "METHODS": "methods", "Method": "methods", "register_method": "methods",
-    "DiTOptions": "methods", "IGDOptions": "methods", "DAPOptions": "methods", "MGD3Options": "methods",
-    "D3HROptions": "methods", "SAMOptions": "methods", "IGDSOptions": "methods",
-}  # fmt: skip
-__all__ = sorted(_EXPORTS)
+    "RunSpec": "methods",
+    "METHODS": "methods",
+    "Method": "methods",
+    "register_method": "methods",
+    "DiTOptions": "methods",
+    "IGDOptions": "methods",
+    "DAPOptions": "methods",
+    "MGD3Options": "methods",
+    "D3HROptions": "methods",
+    "SAMOptions": "methods",
+    "IGDSOptions": "methods",
+}
+__all__ = [
+    "D3HROptions",
+    "DAPOptions",
+    "DiTOptions",
+    "IGDOptions",
+    "IGDSOptions",
+    "METHODS",
+    "MGD3Options",
+    "Method",
+    "PreparedRun",
+    "RunResult",
+    "RunSpec",
+    "SAMOptions",
+    "distill",
+    "evaluate",
+    "prepare",
+    "register_method",
+]
 
 if TYPE_CHECKING:
     from .evaluation import evaluate
@@ -33,8 +62,8 @@ if TYPE_CHECKING:
         DiTOptions,
         IGDOptions,
         IGDSOptions,
-        MGD3Options,
         Method,
+        MGD3Options,
         RunSpec,
         SAMOptions,
         register_method,

@@ -32,11 +32,12 @@ and, where a loop says so, `GaussianDiffusion`'s float64 tables. Every loop runs
   CFG on all eps channels from one [cond; uncond] forward (`d3hr_eps`), tables computed in the loop.
   `authors_d3hr_generate`.
 """
+
 from __future__ import annotations
 
 import gc
 import math
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
@@ -108,15 +109,21 @@ class RespacedDiffusion:
         max_log = self.gather(self.log_betas, t, x)
         frac = (var_values + 1) / 2
         log_variance = frac * max_log + (1 - frac) * min_log
-        pred_xstart = self.gather(self.sqrt_recip_alphas_cumprod, t, x) * x - self.gather(
-            self.sqrt_recipm1_alphas_cumprod, t, x
-        ) * eps
-        mean = self.gather(self.posterior_mean_coef1, t, x) * pred_xstart + self.gather(self.posterior_mean_coef2, t, x) * x
+        pred_xstart = (
+            self.gather(self.sqrt_recip_alphas_cumprod, t, x) * x
+            - self.gather(self.sqrt_recipm1_alphas_cumprod, t, x) * eps
+        )
+        mean = (
+            self.gather(self.posterior_mean_coef1, t, x) * pred_xstart
+            + self.gather(self.posterior_mean_coef2, t, x) * x
+        )
         return {"mean": mean, "log_variance": log_variance, "pred_xstart": pred_xstart, "eps": eps}
 
 
 # --------------------------------------------------------------------------- model call (official CFG)
-def forward_with_cfg(model: nn.Module, x: Tensor, timesteps: Tensor, y: Tensor, cfg_scale: float, cfg_channels: int = 3) -> Tensor:
+def forward_with_cfg(
+    model: nn.Module, x: Tensor, timesteps: Tensor, y: Tensor, cfg_scale: float, cfg_channels: int = 3
+) -> Tensor:
     """The official DiT `forward_with_cfg`: x [2B] = [cond; uncond], only x[:B] is fed (to both halves);
     CFG on the first cfg_channels output channels (both halves get the guided value), the rest row-wise."""
     half = x[: len(x) // 2]
@@ -265,11 +272,24 @@ def authors_igd_sample(
             y = torch.tensor([label, null_class], device=x.device)
             for loop_step, t in enumerate(reversed(range(num_steps))):
                 x = p_sample_igd(
-                    model, diffusion, x, t, y, step_noise[loop_step] if t > 0 else None,
-                    guided=low <= t <= high, memory=memory, decode=decode, surrogate=surrogate,
-                    flat_params=flat_params, class_real_grads=real_grads[label], label=label,
-                    k=k, gamma=gamma, cfg_scale=cfg_scale, cfg_channels=cfg_channels,
-                )  # fmt: skip
+                    model,
+                    diffusion,
+                    x,
+                    t,
+                    y,
+                    step_noise[loop_step] if t > 0 else None,
+                    guided=low <= t <= high,
+                    memory=memory,
+                    decode=decode,
+                    surrogate=surrogate,
+                    flat_params=flat_params,
+                    class_real_grads=real_grads[label],
+                    label=label,
+                    k=k,
+                    gamma=gamma,
+                    cfg_scale=cfg_scale,
+                    cfg_channels=cfg_channels,
+                )
                 if housekeeping:
                     gc.collect()
                     if torch.cuda.is_available():
@@ -427,8 +447,9 @@ def authors_dap_sample(
         if t_mode == "zero":
             reals = real_features
         else:
-            reals = dap_real_features(model, latents, labels, label, block_index, t_mode, diffusion=diffusion, index=i,
-                                      seed=seed)  # fmt: skip
+            reals = dap_real_features(
+                model, latents, labels, label, block_index, t_mode, diffusion=diffusion, index=i, seed=seed
+            )
         x_t = x.clone().requires_grad_(True)
         with torch.enable_grad():
             energy = dap_energy(dap_block_features(model, x_t, timestep, label, block_index), reals, kernel)
@@ -512,8 +533,9 @@ def authors_igds_sample(
 
 
 # --------------------------------------------------------------------------- D3HR
-def d3hr_eps(model: nn.Module, x: Tensor, timestep: int, label: int, *, cfg_scale: float = 4.0,
-             null_class: int = 1000) -> Tensor:  # fmt: skip
+def d3hr_eps(
+    model: nn.Module, x: Tensor, timestep: int, label: int, *, cfg_scale: float = 4.0, null_class: int = 1000
+) -> Tensor:
     """diffusers' DiTPipeline CFG: one forward of [x; x] with labels [label; null_class], CFG on all eps channels
     (the variance channels are dropped). x: [1, C, H, W] -> eps [1, C, H, W]."""
     timesteps = torch.tensor([timestep] * 2, device=x.device)

@@ -1,4 +1,5 @@
 """Versions of fastdd and its main dependencies, as the manifest and `fastdd info` record them."""
+
 from __future__ import annotations
 
 import importlib.metadata

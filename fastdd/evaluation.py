@@ -4,25 +4,29 @@ Hard-label protocol of IGD (SPEC "Evaluation protocol"): AdamW lr 1e-3, wd 0.01,
 5/6 of the epochs (×0.2), batch 64, CutMix (β = 1, p = 1), epochs by IPC (1 → 3000, ≤10 → 2000,
 ≤50 → 1500, ≤200 → 1000, else 500), best top-1 on the validation split, mean ± std over seeds.
 """
+
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
 import statistics
+import sys
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import nn
-from tqdm.auto import tqdm
+from torch import Tensor, nn
 
+from .data.atomic import write_bytes_atomic
 from .data.digits import DIGITS_CLASSES, load_digits_split
-from .data.imagefolder import load_image_folder
+from .data.imagefolder import load_image, load_image_folder
 from .models import ConvNet, ResNet, ResNetAP
+from .progress import progress_bar
 
 ARCHS = ("convnet6", "convnet3", "resnetap10", "resnet18")
 
@@ -91,8 +95,10 @@ def train_and_evaluate(
     eval_every: int | None = None,
     device: torch.device | str = "cpu",
     progress: bool = True,
+    bar=None,
 ) -> EvalResult:
-    """Train make_model() from seed on (train_images [N,C,H,W], train_labels [N]); best and final val top-1."""
+    """Train make_model() from seed on (train_images [N,C,H,W], train_labels [N]); best and final val top-1.
+    bar: a progress bar to advance by one per epoch (default: one of its own when progress)."""
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     device = torch.device(device)
@@ -103,7 +109,9 @@ def train_and_evaluate(
     val_images, val_labels = val_images.to(device), val_labels.to(device)
     eval_every = eval_every or max(1, epochs // 20)
     best = 0.0
-    for epoch in tqdm(range(epochs), desc=f"eval seed {seed}", disable=not progress, leave=False):
+    own_bar = bar is None
+    bar = progress_bar(total=epochs, desc=f"eval seed {seed}", disable=not progress, leave=False) if own_bar else bar
+    for epoch in range(epochs):
         model.train()
         order = torch.as_tensor(rng.permutation(len(train_labels)), device=device)
         for start in range(0, len(order), batch_size):
@@ -117,6 +125,9 @@ def train_and_evaluate(
         scheduler.step()
         if (epoch + 1) % eval_every == 0 or epoch + 1 == epochs:
             best = max(best, accuracy(model, val_images, val_labels))
+        bar.update(1)
+    if own_bar:
+        bar.close()
     final = accuracy(model, val_images, val_labels)
     return EvalResult(best_top1=max(best, final), final_top1=final, epochs=epochs)
 
@@ -145,10 +156,59 @@ def make_model_factory(arch: str, channels: int, num_classes: int, image_size: i
     raise ValueError(f"--arch must be one of {ARCHS}, got {arch!r}")
 
 
-def read_manifest(folder: Path) -> dict:
-    """The run config of a distilled folder's manifest.json ({} without one)."""
+def read_manifest(folder: Path) -> dict | None:
+    """The manifest `fastdd distill` wrote in folder (None without one); ValueError naming it when unreadable."""
     path = folder / "manifest.json"
-    return json.loads(path.read_text())["config"] if path.exists() else {}
+    if not path.exists():
+        return None
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise ValueError(f"{path} is not a readable fastdd manifest ({type(err).__name__}: {err})") from None
+    if (
+        not isinstance(manifest, dict)
+        or not isinstance(manifest.get("config"), dict)
+        or not all(isinstance(value, list) for value in (manifest["config"].get("classes"), manifest.get("images")))
+    ):
+        raise ValueError(f"{path} is not a readable fastdd manifest (no config.classes or images list)")
+    return manifest
+
+
+def manifest_training_set(folder: Path, manifest: dict, image_size: int, channels: int) -> tuple[Tensor, Tensor]:
+    """(images [N, C, S, S], labels [N]) of exactly the manifest's images, each checked against its sha256; files
+    in the class folders that the manifest does not list are left out and named on stderr."""
+    records = manifest["images"]
+    listed = {r["path"] for r in records}
+    for record in records:
+        path = folder / record["path"]
+        if not path.is_file() or hashlib.sha256(path.read_bytes()).hexdigest() != record["sha256"]:
+            raise ValueError(
+                f"{path} is missing or not the image the manifest records; resume the run with "
+                "`fastdd distill` (same command) to repair it"
+            )
+    extra = sorted(
+        str(p.relative_to(folder))
+        for name in manifest["config"]["classes"]
+        for p in (folder / name).glob("*")
+        if p.is_file() and str(p.relative_to(folder)) not in listed
+    )
+    if extra:
+        print(
+            f"eval: left out {len(extra)} file(s) that the manifest does not list: {', '.join(extra[:5])}"
+            f"{' ...' if len(extra) > 5 else ''}",
+            file=sys.stderr,
+        )
+    if not records:
+        raise ValueError(f"{folder / 'manifest.json'} lists no images")
+    images = torch.stack([load_image(folder / r["path"], image_size, channels) for r in records])
+    return images, torch.tensor([r["class_index"] for r in records], dtype=torch.int64)
+
+
+def check_writable(path: Path) -> None:
+    """ValueError naming --json when path cannot be written (checked before any training)."""
+    target = path if path.exists() else path.parent
+    if not target.exists() or not os.access(target, os.W_OK) or (path.exists() and path.is_dir()):
+        raise ValueError(f"--json {path}: cannot write there (missing folder, a folder, or no permission)")
 
 
 def evaluate(
@@ -161,33 +221,52 @@ def evaluate(
     image_size: int | None = None,
     device: str | torch.device | None = None,
     json_path: str | os.PathLike | None = None,
+    allow_incomplete: bool = False,
     quiet: bool = False,
 ) -> dict:
     """`fastdd eval` from Python: train `arch` from each seed on a distilled ImageFolder, test on real images.
 
     Args:
-        folder: the distilled set (DIR/<class>/<i>.png, with the manifest `fastdd distill` writes).
+        folder: the distilled set (DIR/<class>/<i>.png with the manifest `fastdd distill` writes: exactly its images
+            are used, each checked against its sha256; or a plain ImageFolder with image_size given).
         real_val: real validation ImageFolder (default for digits sets: the digits test split).
-        arch: one of ARCHS. seeds: one training run per seed. epochs: default by IPC (`epochs_for_ipc`).
+        arch: one of ARCHS. seeds: one training run per seed. epochs: >= 1, default by IPC (`epochs_for_ipc`).
         image_size: default from the manifest. device: default cuda when available, else cpu.
-        json_path: where the summary is written (default DIR/eval_<arch>.json). quiet: no progress bars.
+        json_path: where the summary is written (default DIR/eval_<arch>.json), after every seed.
+        allow_incomplete: evaluate a run whose manifest says it is not complete. quiet: no progress bar.
 
     Returns:
-        {"dir", "arch", "ipc", "epochs", "seeds", "top1_mean", "top1_std", "per_seed"} (top-1 in percent), also
-        written to json_path. Raises ValueError (naming the CLI option) on bad input.
+        {"dir", "arch", "ipc", "epochs", "seeds", "top1_mean", "top1_std", "per_seed", "complete"} (top-1 in
+        percent). Raises ValueError (naming the CLI option) on bad input, before any training.
     """
     folder = Path(folder)
     if not folder.is_dir():
         raise ValueError(f"distilled folder {folder} does not exist")
-    config = read_manifest(folder)
+    if arch not in ARCHS:
+        raise ValueError(f"--arch must be one of {ARCHS}, got {arch!r}")
     seeds = list(seeds)
     if not seeds:
         raise ValueError("--seeds is empty")
+    if epochs is not None and epochs < 1:
+        raise ValueError(f"--epochs must be >= 1, got {epochs}")
+    manifest = read_manifest(folder)
+    config = manifest["config"] if manifest else {}
+    if manifest is not None and not manifest.get("complete") and not allow_incomplete:
+        raise ValueError(
+            f"{folder} is an unfinished run (manifest: complete false); finish it with the same "
+            "`fastdd distill` command, or pass --allow-incomplete"
+        )
     image_size = image_size or config.get("image_size")
     channels = config.get("channels", 3)
     if image_size is None:
         raise ValueError(f"{folder} has no manifest.json: pass --image-size")
-    train_x, train_y, classes = load_image_folder(folder, image_size, channels, classes=config.get("classes"))
+    out = Path(json_path) if json_path else folder / f"eval_{arch}.json"
+    check_writable(out)
+    if manifest is not None:
+        classes = config["classes"]
+        train_x, train_y = manifest_training_set(folder, manifest, image_size, channels)
+    else:
+        train_x, train_y, classes = load_image_folder(folder, image_size, channels)
     if real_val is None:
         if config.get("dataset") != "digits" or classes != DIGITS_CLASSES:
             raise ValueError("--real-val is required unless the set was distilled from the digits default")
@@ -198,12 +277,26 @@ def evaluate(
     epochs = epochs or epochs_for_ipc(ipc)
     factory = make_model_factory(arch, channels, len(classes), image_size)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    results = [
-        train_and_evaluate(factory, train_x, train_y, val_x, val_y, seed=s, epochs=epochs, device=device,
-                           progress=not quiet)  # fmt: skip
-        for s in seeds
-    ]
-    summary = {"dir": str(folder), "arch": arch, "ipc": ipc, "epochs": epochs, "seeds": seeds, **summarize(results)}
-    out = Path(json_path) if json_path else folder / f"eval_{arch}.json"
-    out.write_text(json.dumps(summary, indent=2))
+    results: list[EvalResult] = []
+    summary: dict = {}
+    with progress_bar(total=epochs * len(seeds), desc=f"eval {arch}", unit="epoch", disable=quiet) as bar:
+        for seed in seeds:
+            bar.set_postfix_str(f"seed {seed}")
+            results.append(
+                train_and_evaluate(
+                    factory, train_x, train_y, val_x, val_y, seed=seed, epochs=epochs, device=device, bar=bar
+                )
+            )
+            summary = {
+                "dir": str(folder),
+                "arch": arch,
+                "ipc": ipc,
+                "epochs": epochs,
+                "seeds": seeds[: len(results)],
+                **summarize(results),
+                "complete": len(results) == len(seeds),
+            }
+            write_bytes_atomic((json.dumps(summary, indent=2) + "\n").encode(), out)  # a killed eval keeps it
+            if not quiet:
+                bar.write(f"eval seed {seed}: top-1 {100 * results[-1].best_top1:.2f}%", file=sys.stdout)
     return summary

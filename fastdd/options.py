@@ -5,11 +5,11 @@ A field made with `option(default, help, flag=..., choices=...)` carries its CLI
 cannot drift apart. `documented` appends an "Attributes:" section built from the same help to the class
 docstring. Range fields ("low,high" on the command line) are `tuple[int, int]`.
 """
+
 from __future__ import annotations
 
 import dataclasses
 from typing import Any
-
 
 REQUIRED = dataclasses.MISSING
 

@@ -22,20 +22,23 @@ A batch counts as done only when its record exists; an interrupted batch is gene
 so a resumed run ends byte-identical to an uninterrupted one. Left-over temp files of a killed run are
 removed when the run starts again. The manifest holds no timestamps, so it is byte-identical too.
 """
+
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import io
 import json
 import os
+import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from safetensors.torch import load_file
-from tqdm.auto import tqdm
 
 from .data.atomic import save_safetensors_atomic, write_bytes_atomic
 from .data.classes import resolve_classes
@@ -43,14 +46,16 @@ from .data.imagefolder import save_png_atomic
 from .data.real import RealData, real_data
 from .environment import versions
 from .methods import Method, MethodSetup, Models, RunSpec, get_method
-from .methods.base import STATE_DIR, default_device
+from .methods.base import MAX_IMAGES, STATE_DIR, check_finite, default_device
 from .models.loading import load_generator
+from .progress import progress_bar
 from .sampling import GaussianDiffusion, GuidedSampler
 from .sampling.labels import LocalLabels, label_map
 from .sampling.seeds import image_seed
 
 DIGITS_CFG_SCALE = 2.0
 DIT_CFG_SCALE = 4.0
+_HELD_LOCKS: dict[str, Any] = {}  # run folders this process writes: lock file path -> open, flock-ed handle
 
 
 @dataclass(frozen=True)
@@ -126,46 +131,105 @@ class RunDirectory:
         if self.root.is_dir() and not self.manifest_path.exists():
             foreign = sorted(p.name for p in self.root.iterdir() if p.name != STATE_DIR)
             if foreign:
-                raise ValueError(f"--out {self.root} is not empty and holds no fastdd manifest (found {', '.join(foreign[:3])})")
+                raise ValueError(
+                    f"--out {self.root} is not empty and holds no fastdd manifest (found {', '.join(foreign[:3])})"
+                )
         if self.manifest_path.exists():
             try:
                 existing = json.loads(self.manifest_path.read_text())["config"]
             except (ValueError, KeyError) as err:
                 raise ValueError(f"{self.manifest_path} is not a fastdd manifest ({err})") from err
             if existing != self.run_config:
-                changed = sorted(k for k in set(existing) | set(self.run_config) if existing.get(k) != self.run_config.get(k))
+                changed = sorted(
+                    k for k in set(existing) | set(self.run_config) if existing.get(k) != self.run_config.get(k)
+                )
                 raise ValueError(
                     f"{self.root} holds another run's manifest (differs in: {', '.join(changed)}); "
                     "resume it with the same options, choose another --out or delete it"
                 )
 
     def start(self) -> None:
-        """Check the folder, create it, remove temp files left by a killed run, write the manifest if new."""
+        """Create the folder, take its lock (a second process on it is refused), check it again under the lock,
+        remove temp files left by a killed run, write the manifest if new."""
         self.check_compatible()
         self.state.mkdir(parents=True, exist_ok=True)
-        for folder in [self.root, self.state, *(self.state / d for d in ("batches", "latents")),
-                       *(self.root / n for n in self.class_names)]:  # fmt: skip
+        self.lock()
+        self.check_compatible()
+        leftovers = [*self.state.rglob("*.tmp*")]  # everything under the state folder is fastdd's own
+        for folder in [self.root, *(self.root / n for n in self.class_names)]:
             if folder.is_dir():
-                for tmp in folder.glob(".*.tmp"):
-                    tmp.unlink()
+                leftovers += folder.glob(".*.tmp")
+        for tmp in leftovers:
+            if tmp.is_file():
+                tmp.unlink()
         if not self.manifest_path.exists():
             self.write_manifest()
+
+    def lock(self) -> None:
+        """Hold an exclusive lock on DIR/.fastdd/lock for the rest of the process (ValueError naming the holder's
+        pid if another process holds it; this process may start the same folder again)."""
+        import fcntl
+
+        path = (self.state / "lock").resolve()
+        if str(path) in _HELD_LOCKS:
+            return
+        handle = open(path, "a+")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "unknown"
+            handle.close()
+            raise ValueError(
+                f"--out {self.root}: another fastdd process (pid {holder}) is writing this run; wait for "
+                "it to finish or stop it"
+            ) from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"{os.getpid()}\n")
+        handle.flush()
+        _HELD_LOCKS[str(path)] = handle  # released when the process ends
 
     def image_path(self, class_index: int, image: int) -> Path:
         return self.root / self.class_names[class_index] / f"{image}.png"
 
     def batch_done(self, batch: Batch) -> bool:
-        return (self.state / "batches" / f"{batch.index}.json").exists()
+        """Whether the batch's record exists (it is written last; `batch_intact` also checks its files)."""
+        return self.record_path(batch).exists()
+
+    def record_path(self, batch: Batch) -> Path:
+        return self.state / "batches" / f"{batch.index}.json"
+
+    def latents_path(self, batch: Batch) -> Path:
+        return self.state / "latents" / f"{batch.index}.safetensors"
 
     def batch_latents(self, batch: Batch) -> torch.Tensor:
-        return load_file(str(self.state / "latents" / f"{batch.index}.safetensors"))["latents"]
+        return load_file(str(self.latents_path(batch)))["latents"]
+
+    def batch_intact(self, batch: Batch) -> bool:
+        """Whether a finished batch's record parses and names its images, its latents load with one row per image,
+        and every PNG exists with the size and sha256 the record holds (a batch that is not is generated again)."""
+        try:
+            records = json.loads(self.record_path(batch).read_text())
+            expected = [(c, i) for c, i in batch.items]
+            if [(r["class_index"], r["index"]) for r in records] != expected:
+                return False
+            if self.batch_latents(batch).shape[0] != len(expected):
+                return False
+            for (c, i), record in zip(expected, records):
+                data = self.image_path(c, i).read_bytes()
+                if hashlib.sha256(data).hexdigest() != record["sha256"]:
+                    return False
+        except Exception:  # missing, unreadable or malformed (safetensors raises its own error type)
+            return False
+        return True
 
     def finish_batch(self, batch: Batch, images: torch.Tensor, latents: torch.Tensor, records: list[dict]) -> None:
         """Write the batch's PNGs and latents, then its record (which marks it done). Adds each PNG's sha256."""
         for (class_index, image_index), image, record in zip(batch.items, images, records):
             record["sha256"] = save_png_atomic(image, self.image_path(class_index, image_index))
-        save_safetensors_atomic({"latents": latents.float()}, self.state / "latents" / f"{batch.index}.safetensors")
-        write_json_atomic(self.state / "batches" / f"{batch.index}.json", records)
+        save_safetensors_atomic({"latents": latents.float()}, self.latents_path(batch))
+        write_json_atomic(self.record_path(batch), records)
 
     def records(self) -> list[dict]:
         folder = self.state / "batches"
@@ -200,7 +264,9 @@ class RunDirectory:
             for col, path in enumerate(paths):
                 if path.exists():
                     with Image.open(path) as img:
-                        grid.paste(img.resize((tile_w, tile_h), Image.NEAREST), (col * (tile_w + gap), row * (tile_h + gap)))
+                        grid.paste(
+                            img.resize((tile_w, tile_h), Image.NEAREST), (col * (tile_w + gap), row * (tile_h + gap))
+                        )
         buffer = io.BytesIO()
         grid.save(buffer, format="PNG")
         write_bytes_atomic(buffer.getvalue(), self.root / "preview.png")
@@ -225,11 +291,28 @@ def generate(
     restore(batch, latents) replays a finished batch into stateful guidances (memories) on resume.
     """
     mine = batches_for_rank(plan, rank, world)
-    done_images = sum(len(b.items) for b in mine if run.batch_done(b))
-    bar = tqdm(total=sum(len(b.items) for b in mine), initial=done_images, unit="img", disable=not progress, desc="distill" if world == 1 else f"rank {rank}")
+    intact = {b.index for b in mine if run.batch_done(b) and run.batch_intact(b)}
+    repaired = [b for b in mine if run.batch_done(b) and b.index not in intact]
+    for batch in repaired:  # generated again below, in plan order, so restored memories stay exact
+        run.record_path(batch).unlink()
+    if repaired:
+        count = sum(len(b.items) for b in repaired)
+        print(
+            f"resume: {count} image(s) of {len(repaired)} finished batch(es) were missing or did not match the "
+            "manifest; they are generated again",
+            file=sys.stderr,
+        )
+    done_images = sum(len(b.items) for b in mine if b.index in intact)
+    bar = progress_bar(
+        total=sum(len(b.items) for b in mine),
+        initial=done_images,
+        unit="img",
+        disable=not progress,
+        desc="distill" if world == 1 else f"rank {rank}",
+    )
     made = 0
     for batch in mine:
-        if run.batch_done(batch):
+        if batch.index in intact:
             if restore is not None:
                 restore(batch, run.batch_latents(batch))
             continue
@@ -278,14 +361,32 @@ def resolve_device(name: str | None, local_rank: int, world: int) -> torch.devic
 def run_config(spec: RunSpec, models: Models, data: RealData, method_args: dict) -> dict:
     """Everything that determines the images (compared on resume; the manifest's "config")."""
     return {
-        "method": spec.method, "ipc": spec.ipc, "seed": spec.seed, "steps": spec.steps, "sampler": spec.sampler,
-        "eta": spec.eta, "cfg_scale": spec.cfg_scale, "compat": spec.compat, "precision": spec.precision,
-        "model_jacobian": not spec.fast, "class_batch": spec.class_batch, "images_per_batch": spec.images_per_batch,
-        "classes": data.class_names, "class_labels": models.class_labels, "dataset": data.dataset, "data": spec.data,
-        "model": models.description["model"], "model_sha256": models.description.get("model_sha256"),
-        "vae": models.description.get("vae", "none"), "image_size": models.image_shape[1],
-        "channels": models.image_shape[0], "method_args": method_args,
-    }  # fmt: skip
+        "method": spec.method,
+        "ipc": spec.ipc,
+        "seed": spec.seed,
+        "steps": spec.steps,
+        "sampler": spec.sampler,
+        "eta": spec.eta,
+        "cfg_scale": spec.cfg_scale,
+        "compat": spec.compat,
+        "precision": spec.precision,
+        "model_jacobian": not spec.fast,
+        "class_batch": spec.class_batch,
+        "images_per_batch": spec.images_per_batch,
+        "classes": data.class_names,
+        "class_labels": models.class_labels,
+        "dataset": data.dataset,
+        "data": spec.data,
+        "model": models.description["model"],
+        "model_sha256": models.description.get("model_sha256"),
+        "missing_keys": models.description.get("missing_keys"),
+        "vae": models.description.get("vae", "none"),
+        "vae_sha256": models.description.get("vae_sha256"),
+        "data_fingerprint": data.fingerprint,
+        "image_size": models.image_shape[1],
+        "channels": models.image_shape[0],
+        "method_args": method_args,
+    }
 
 
 def options_record(options: Any) -> dict:
@@ -322,12 +423,15 @@ class PreparedRun:
         if self.setup.sample is not None:
             latents = self.setup.sample(self.sampler, labels, ids, models.latent_shape, models.device)
         elif spec.sampler == "ddim":
-            latents = self.sampler.ddim_sample(labels, ids, models.latent_shape, models.device, eta=spec.eta,
-                                               progress=False)  # fmt: skip
+            latents = self.sampler.ddim_sample(
+                labels, ids, models.latent_shape, models.device, eta=spec.eta, progress=False
+            )
         else:
             latents = self.sampler.sample(labels, ids, models.latent_shape, models.device, progress=False)
+        check_final_latents(latents, batch, self.data.class_names)
         with torch.no_grad():
             images = models.codec.decode(latents).float().cpu()
+        check_images(images, batch, self.data.class_names)
         records = [{"seed": image_seed(spec.seed, c, i), "label": models.class_labels[c]} for c, i in batch.items]
         return images, latents, records
 
@@ -342,6 +446,36 @@ class PreparedRun:
         return max((min(g.high, steps - 1) - g.low + 1 for g in self.sampler.guidances if g.requires_grad), default=0)
 
 
+def check_final_latents(latents: torch.Tensor, batch: Batch, class_names: list[str]) -> None:
+    """ValueError naming the first image whose final latents hold NaN or Inf (nothing of the batch is written)."""
+    finite = torch.isfinite(latents).flatten(1).all(1).tolist()
+    if not all(finite):
+        c, i = batch.items[finite.index(False)]
+        raise ValueError(
+            f"image {i} of class {class_names[c]!r}: the sampler produced NaN or Inf (likely causes: a "
+            "guidance scale too large for this model, or broken weights); nothing of its batch was "
+            "written"
+        )
+
+
+def check_images(images: torch.Tensor, batch: Batch, class_names: list[str]) -> None:
+    """ValueError naming the first decoded image [C, H, W] that is one flat colour (e.g. all black)."""
+    flat = (images.flatten(1).amax(1) == images.flatten(1).amin(1)).tolist()
+    if any(flat):
+        c, i = batch.items[flat.index(True)]
+        raise ValueError(
+            f"image {i} of class {class_names[c]!r} decoded to one flat colour (likely causes: broken "
+            "model or VAE weights); nothing of its batch was written"
+        )
+
+
+def check_weights(model: torch.nn.Module, option: str) -> None:
+    """ValueError naming the first parameter of `model` that holds NaN or Inf."""
+    for name, parameter in model.named_parameters():
+        if not torch.isfinite(parameter).all():
+            raise ValueError(f"{option}: parameter {name} holds NaN or Inf; these weights cannot make images")
+
+
 def prepare(spec: RunSpec, options: Any = None) -> PreparedRun:
     """Validate, load the generator and the data, build the method and its sampler (ValueError naming the CLI
     option on bad input; nothing is written). options: the method's options dataclass (default: its defaults)."""
@@ -350,30 +484,59 @@ def prepare(spec: RunSpec, options: Any = None) -> PreparedRun:
     options = method.options() if options is None else options
     if not isinstance(options, method.options):
         raise ValueError(f"options: {spec.method} takes {method.options.__name__}, got {type(options).__name__}")
+    check_finite(options)
     rank, world, local_rank = distributed_env()
     device = resolve_device(spec.device, local_rank, world)
-    prior, codec, description = load_generator(spec.model, spec.vae, spec.data, device, spec.precision)
-    class_names, class_labels, dataset = resolve_classes(spec.classes, spec.data, prior.num_classes,
-                                                         description.get("prior_extra", {}))  # fmt: skip
+    prior, codec, description = load_generator(
+        spec.model, spec.vae, spec.data, device, spec.precision, spec.allow_missing_keys
+    )
+    check_weights(prior, "--model")
+    if getattr(codec, "vae", None) is not None:
+        check_weights(codec.vae, "--vae")
+    class_names, class_labels, dataset = resolve_classes(
+        spec.classes, spec.data, prior.num_classes, description.get("prior_extra", {})
+    )
     if spec.cfg_scale is None:
         spec = dataclasses.replace(spec, cfg_scale=DIGITS_CFG_SCALE if dataset == "digits" else DIT_CFG_SCALE)
     latent = (prior.in_channels, prior.input_size, prior.input_size)
     image = (codec.image_channels, prior.input_size * codec.downsample, prior.input_size * codec.downsample)
-    models = Models(prior, codec, GaussianDiffusion(spec.steps, learn_sigma=prior.learn_sigma), latent, image,
-                    class_labels, prior.num_classes, device, description)  # fmt: skip
+    models = Models(
+        prior,
+        codec,
+        GaussianDiffusion(spec.steps, learn_sigma=prior.learn_sigma),
+        latent,
+        image,
+        class_labels,
+        prior.num_classes,
+        device,
+        description,
+    )
     data = real_data(spec.data, dataset, class_names, image, verify=not method.needs_data)
     if method.needs_data:
         data.load()
+    if len(class_names) * spec.ipc > MAX_IMAGES:
+        raise ValueError(
+            f"--ipc {spec.ipc}: {len(class_names)} classes × {spec.ipc} images is more than fastdd's limit "
+            f"of {MAX_IMAGES:,} images per run"
+        )
     plan = plan_batches(len(class_names), spec.ipc, spec.class_batch, spec.images_per_batch)
     directory = RunDirectory(spec.out, run_config(spec, models, data, options_record(options)), class_names)
     directory.check_compatible()
     setup = method.build(options, spec if rank == 0 else dataclasses.replace(spec, quiet=True), models, data)
     table = label_map(class_labels, prior.num_classes)
-    sampler = GuidedSampler(prior, models.diffusion, [LocalLabels(g, table) for g in setup.guidances],
-                            cfg_scale=spec.cfg_scale, compat=spec.compat,
-                            cfg_channels=min(3, prior.in_channels) if spec.compat else None,
-                            num_classes=prior.num_classes, precision=spec.precision, compile=spec.compile,
-                            cuda_graphs=spec.cuda_graphs, model_jacobian=not spec.fast)  # fmt: skip
+    sampler = GuidedSampler(
+        prior,
+        models.diffusion,
+        [LocalLabels(g, table) for g in setup.guidances],
+        cfg_scale=spec.cfg_scale,
+        compat=spec.compat,
+        cfg_channels=min(3, prior.in_channels) if spec.compat else None,
+        num_classes=prior.num_classes,
+        precision=spec.precision,
+        compile=spec.compile,
+        cuda_graphs=spec.cuda_graphs,
+        model_jacobian=not spec.fast,
+    )
     return PreparedRun(spec, method, options, models, data, setup, sampler, plan, directory, rank, world)
 
 
@@ -405,19 +568,27 @@ def print_plan(run: PreparedRun) -> None:
     print(f"method      {spec.method}: {run.method.help}")
     print(f"method args {json.dumps(run.setup.params, sort_keys=True)}")
     print(f"classes     {len(names)} ({data.dataset}): {', '.join(names[:10])}{' ...' if len(names) > 10 else ''}")
-    print(f"generator   {models.description['model']} ({parameters:,} parameters), latent {list(models.latent_shape)}, "
-          f"images {list(models.image_shape)}")  # fmt: skip
-    print(f"sampling    {spec.sampler}, {spec.steps} steps, CFG {spec.cfg_scale}{' (compat)' if spec.compat else ''}, "
-          f"{run.guided_steps()} guided steps, {spec.precision}{', fast (no DiT Jacobian)' if spec.fast else ''}, "
-          f"device {models.device}")  # fmt: skip
+    print(
+        f"generator   {models.description['model']} ({parameters:,} parameters), latent {list(models.latent_shape)}, "
+        f"images {list(models.image_shape)}"
+    )
+    print(
+        f"sampling    {spec.sampler}, {spec.steps} steps, CFG {spec.cfg_scale}{' (compat)' if spec.compat else ''}, "
+        f"{run.guided_steps()} guided steps, {spec.precision}{', fast (no DiT Jacobian)' if spec.fast else ''}, "
+        f"device {models.device}"
+    )
     print(f"data        {data.description}")
-    print(f"plan        {len(names) * spec.ipc} images in {len(plan)} batches of ≤{batch_size} "
-          f"(≤{spec.class_batch} classes × ≤{spec.images_per_batch} images); "
-          f"this process (rank {run.rank} of {run.world}): {len(mine)} batches")  # fmt: skip
+    print(
+        f"plan        {len(names) * spec.ipc} images in {len(plan)} batches of ≤{batch_size} "
+        f"(≤{spec.class_batch} classes × ≤{spec.images_per_batch} images); "
+        f"this process (rank {run.rank} of {run.world}): {len(mine)} batches"
+    )
     done = sum(1 for b in mine if run.directory.batch_done(b))
     print(f"output      {spec.out} ({done} of {len(mine)} batches already done)")
-    print(f"estimate    ~{estimate_seconds(run, len(mine)):.0f} s for this process (timed model call × steps, "
-          "guided steps ×4)")  # fmt: skip
+    print(
+        f"estimate    ~{estimate_seconds(run, len(mine)):.0f} s for this process (timed model call × steps, "
+        "guided steps ×4)"
+    )
 
 
 @dataclass(frozen=True)
@@ -449,15 +620,28 @@ def run(spec: RunSpec, options: Any = None) -> RunResult:
         directory.start()
     if world > 1:
         dist.barrier()
-    made = generate(directory, prepared.plan, prepared.sample_batch, prepared.restore, rank=rank, world=world,
-                    progress=spec.progress and rank == 0, update_manifest=rank == 0)  # fmt: skip
+    made = generate(
+        directory,
+        prepared.plan,
+        prepared.sample_batch,
+        prepared.restore,
+        rank=rank,
+        world=world,
+        progress=spec.progress and rank == 0,
+        update_manifest=rank == 0,
+    )
     if world > 1:
         dist.barrier()
     if rank == 0:
         directory.write_manifest(complete=True)
         preview = directory.write_preview(spec.ipc)
-        print(f"wrote {total} images to {spec.out} ({made} generated now by this process), manifest.json and "
-              f"{preview.name}")  # fmt: skip
+        if made == 0 and world == 1:
+            print(f"{spec.out} is already complete: {total} images, manifest.json and {preview.name}")
+        else:
+            print(
+                f"wrote {total} images to {spec.out} ({made} generated now by this process), manifest.json and "
+                f"{preview.name}"
+            )
     if world > 1:
         dist.destroy_process_group()
     return RunResult(Path(spec.out), total, made)

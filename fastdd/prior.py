@@ -20,6 +20,7 @@ counts change float rounding).
 Weights are saved as safetensors in the official DiT state-dict layout with the config in the metadata,
 so `load_prior` (and `fastdd.models.load_dit_checkpoint`) read them back.
 """
+
 from __future__ import annotations
 
 import copy
@@ -30,14 +31,16 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from .data.atomic import save_safetensors_atomic
 from .models.dit import DiT
+from .progress import progress_bar
 from .sampling.diffusion import GaussianDiffusion
 
 
-def hybrid_loss(model: DiT, diffusion: GaussianDiffusion, x0: Tensor, labels: Tensor, generator: torch.Generator) -> Tensor:
+def hybrid_loss(
+    model: DiT, diffusion: GaussianDiffusion, x0: Tensor, labels: Tensor, generator: torch.Generator
+) -> Tensor:
     """IDDPM hybrid loss of one batch. x0: [B, C, H, W] (pixels in [-1, 1] or scaled latents); labels: [B]."""
     batch, channels = x0.shape[:2]
     t = torch.randint(0, diffusion.num_train_steps, (batch,), generator=generator).to(x0.device)
@@ -80,7 +83,7 @@ def train_prior(
         optimizer, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps))
     )
     data, labels = data.to(device), labels.to(device)
-    bar = tqdm(range(steps), desc="prior", disable=not progress)
+    bar = progress_bar(range(steps), desc="prior", disable=not progress)
     for step in bar:
         idx = torch.randint(0, len(labels), (batch_size,), generator=generator).to(device)
         loss = hybrid_loss(model, diffusion, data[idx], labels[idx], generator)
@@ -113,7 +116,9 @@ def load_prior(path: str | Path, device: torch.device | str = "cpu") -> tuple[Di
     with safe_open(str(path), framework="pt") as f:
         metadata = f.metadata() or {}
     if "fastdd_dit_config" not in metadata:
-        raise ValueError(f"{path} has no fastdd DiT config; load official checkpoints with fastdd.models.load_dit_checkpoint")
+        raise ValueError(
+            f"{path} has no fastdd DiT config; load official checkpoints with fastdd.models.load_dit_checkpoint"
+        )
     model = DiT(**json.loads(metadata["fastdd_dit_config"]))
     from .models.dit import load_dit_checkpoint
 

@@ -4,6 +4,7 @@ TRITON_INTERPRET=1 is set here, before any test module imports torch or fastdd: 
 own @triton.jit helpers (tl.max, tl.argmax, ...) are decorated at import, and importing fastdd.guidance pulls
 Triton in through torch, so setting it later in a test module leaves those helpers uncallable in the interpreter.
 """
+
 from __future__ import annotations
 
 import os

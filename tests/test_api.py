@@ -2,6 +2,7 @@
 before the layout redesign), no module below fastdd/cli imports argparse, every module imports on its own, the
 module import graph has no cycle, the CLI's method flags are the options dataclasses' fields, and every ```python
 block of the README runs as written."""
+
 from __future__ import annotations
 
 import ast
@@ -12,6 +13,7 @@ import os
 import re
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -36,9 +38,14 @@ SMALL_OPTIONS = {
     "igds": fastdd.IGDSOptions(epochs=1, classifier_epochs=3),
 }
 SMALL_FLAGS = {
-    "dit": [], "igd": ["--igd-k", "3.0"], "dap": ["--dap-gamma", "0.1"], "mgd3": [], "d3hr": ["--d3hr-candidates", "50"],
-    "sam": ["--sam-epochs", "1", "--sam-batch", "16"], "igds": ["--igds-epochs", "1", "--igds-classifier-epochs", "3"],
-}  # fmt: skip
+    "dit": [],
+    "igd": ["--igd-k", "3.0"],
+    "dap": ["--dap-gamma", "0.1"],
+    "mgd3": [],
+    "d3hr": ["--d3hr-candidates", "50"],
+    "sam": ["--sam-epochs", "1", "--sam-batch", "16"],
+    "igds": ["--igds-epochs", "1", "--igds-classifier-epochs", "3"],
+}
 
 
 def folder_bytes(root: Path) -> dict[str, str]:
@@ -83,7 +90,20 @@ def test_cli_method_flags_are_generated_from_the_dataclasses():
 @pytest.mark.parametrize("method", sorted(SMALL_OPTIONS))
 def test_python_api_writes_the_bytes_of_the_cli(tmp_path, method):
     by_cli, by_api = tmp_path / "cli", tmp_path / "api"
-    args = ["distill", "--method", method, "--ipc", "2", "--out", str(by_cli), "--steps", "5", "--quiet", "--device", "cpu"]
+    args = [
+        "distill",
+        "--method",
+        method,
+        "--ipc",
+        "2",
+        "--out",
+        str(by_cli),
+        "--steps",
+        "5",
+        "--quiet",
+        "--device",
+        "cpu",
+    ]
     assert main(args + SMALL_FLAGS[method]) == 0
     result = fastdd.distill(method, 2, by_api, SMALL_OPTIONS[method], steps=5, quiet=True, device="cpu")
     assert result == fastdd.RunResult(by_api, 20, 20)
@@ -143,23 +163,29 @@ def module_level_imports(path: Path, name: str) -> set[str]:
     return {m for m in found if m.split(".")[0] == "fastdd"}
 
 
+def module_path(name: str) -> Path:
+    folder = ROOT / name.replace(".", "/")
+    return folder / "__init__.py" if folder.is_dir() else folder.with_suffix(".py")
+
+
 def test_module_import_graph_has_no_cycle():
+    """Edges: module M imports X (at module level) -> M needs X and X's parent packages, except M's own parents
+    (Python initialises those before M, whatever M imports)."""
     names = set(module_names())
-    graph = {
-        name: module_level_imports(ROOT / (name.replace(".", "/") + ("/__init__.py" if (ROOT / name.replace(".", "/")).is_dir() else ".py")), name) & names
-        for name in names
-    }  # fmt: skip
-    # a module depends on its parent packages' __init__ too (Python runs them first)
+    graph: dict[str, set[str]] = {}
     for name in names:
-        parts = name.split(".")
-        graph[name] |= {".".join(parts[:i]) for i in range(1, len(parts))} & names
-        graph[name].discard(name)
+        own_parents = {".".join(name.split(".")[:i]) for i in range(1, name.count(".") + 1)}
+        needed = set()
+        for imported in module_level_imports(module_path(name), name) & names:
+            parts = imported.split(".")
+            needed |= {".".join(parts[:i]) for i in range(1, len(parts) + 1)}
+        graph[name] = (needed & names) - own_parents - {name}
     state: dict[str, int] = {}
 
     def visit(node: str, stack: list[str]) -> None:
         state[node] = 1
         for nxt in sorted(graph[node]):
-            if state.get(nxt) == 1 and not node.startswith(nxt + "."):  # a package's own submodule is no cycle
+            if state.get(nxt) == 1:
                 raise AssertionError("import cycle: " + " -> ".join(stack + [node, nxt]))
             if nxt not in state:
                 visit(nxt, stack + [node])
@@ -174,13 +200,13 @@ def test_every_module_imports_on_its_own():
     """Each module in a fresh interpreter (fails on a cycle that only shows when a module is imported first)."""
     script = "import importlib, sys; importlib.import_module(sys.argv[1])"
     env = {**os.environ, "PYTHONPATH": str(ROOT), "FASTDD_NO_EXT": os.environ.get("FASTDD_NO_EXT", "")}
-    failures = []
-    for name in module_names():
-        if name.endswith("__main__"):
-            continue
+
+    def import_alone(name: str) -> str | None:
         proc = subprocess.run([sys.executable, "-c", script, name], env=env, capture_output=True, text=True)
-        if proc.returncode != 0:
-            failures.append(f"{name}: {proc.stderr.strip().splitlines()[-1]}")
+        return f"{name}: {proc.stderr.strip().splitlines()[-1]}" if proc.returncode != 0 else None
+
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        failures = [f for f in pool.map(import_alone, [n for n in module_names() if not n.endswith("__main__")]) if f]
     assert not failures, failures
 
 
@@ -197,5 +223,7 @@ def test_readme_python_block_runs_as_written(tmp_path, index):
     """Each block in a fresh interpreter in an empty folder, on the shipped digits assets."""
     code = readme_blocks()[index]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600
+    )
     assert proc.returncode == 0, f"README block {index}:\n{code}\n{proc.stderr[-3000:]}"

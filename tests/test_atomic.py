@@ -1,4 +1,5 @@
 """fastdd.data.atomic: temp file + rename writes leave either the old file or the complete new one, never a temp file."""
+
 from __future__ import annotations
 
 import os

@@ -1,5 +1,6 @@
 """`fastdd bench` (fastdd.bench.sampler) on the tiny config: files, one record per (method, path), derived columns
 consistent with the measured times, and bad options refused with exit code 2 naming the option."""
+
 from __future__ import annotations
 
 import json
@@ -21,8 +22,22 @@ BATCH = 2
 @pytest.fixture(scope="module")
 def bench_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
-    argv = ["bench", "--config", "tiny", "--device", "cpu", "--steps", "4", "--repeats", "1", "--batch", str(BATCH),
-            "--no-compile", "--out", str(out)]  # fmt: skip
+    argv = [
+        "bench",
+        "--config",
+        "tiny",
+        "--device",
+        "cpu",
+        "--steps",
+        "4",
+        "--repeats",
+        "1",
+        "--batch",
+        str(BATCH),
+        "--no-compile",
+        "--out",
+        str(out),
+    ]
     assert main(argv) == 0
     return out
 
@@ -67,8 +82,24 @@ def test_d3hr_authors_and_fastdd_calls_run_the_same_ddim_stage():
 
 
 def test_a_subset_of_methods_runs_dit_too_and_names_its_files(tmp_path):
-    argv = ["bench", "--device", "cpu", "--methods", "igds", "--steps", "3", "--repeats", "1", "--batch", "1",
-            "--no-compile", "--bf16", "--fast", "--out", str(tmp_path)]  # fmt: skip
+    argv = [
+        "bench",
+        "--device",
+        "cpu",
+        "--methods",
+        "igds",
+        "--steps",
+        "3",
+        "--repeats",
+        "1",
+        "--batch",
+        "1",
+        "--no-compile",
+        "--bf16",
+        "--fast",
+        "--out",
+        str(tmp_path),
+    ]
     assert main(argv) == 0
     records = json.loads((tmp_path / "sampler_tiny_cpu_dit-igds.json").read_text())
     keys = [(r["method"], r["path"]) for r in records]
@@ -76,7 +107,8 @@ def test_a_subset_of_methods_runs_dit_too_and_names_its_files(tmp_path):
     igds = {r["path"]: r for r in records if r["method"] == "igds"}
     # the approximate paths are not fastdd's best path: the authors' record compares with eager
     assert igds["authors"]["speedup_vs_reference"] == pytest.approx(
-        igds["authors"]["seconds_per_image"] / igds["eager"]["seconds_per_image"])
+        igds["authors"]["seconds_per_image"] / igds["eager"]["seconds_per_image"]
+    )
 
 
 def run_cli(argv, capsys) -> tuple[int, str]:
@@ -89,9 +121,15 @@ def run_cli(argv, capsys) -> tuple[int, str]:
 
 @pytest.mark.parametrize(
     "options, named",
-    [(["--methods", "igd,nope"], "--methods"), (["--repeats", "0"], "--repeats"), (["--config", "dit-b"], "--config"),
-     (["--batch", "0"], "--batch"), (["--steps", "1"], "--steps"), (["--device", "tpu"], "--device")],
-)  # fmt: skip
+    [
+        (["--methods", "igd,nope"], "--methods"),
+        (["--repeats", "0"], "--repeats"),
+        (["--config", "dit-b"], "--config"),
+        (["--batch", "0"], "--batch"),
+        (["--steps", "1"], "--steps"),
+        (["--device", "tpu"], "--device"),
+    ],
+)
 def test_bad_options_exit_2_naming_the_option(options, named, capsys, tmp_path):
     code, err = run_cli(["bench", "--out", str(tmp_path), *options], capsys)
     assert code == 2 and named in err, err

@@ -1,5 +1,6 @@
 """`fastdd distill` end to end at tiny settings: outputs, IGD, several images per batch, resume after SIGKILL, bad
 input, dry run, 2 processes."""
+
 from __future__ import annotations
 
 import hashlib
@@ -20,10 +21,10 @@ from safetensors.torch import load_file
 import fastdd.pipeline as pipeline
 from fastdd.cli.main import main
 from fastdd.data.digits import DIGITS_CLASSES
+from fastdd.guidance.igd import SurrogateBundle, SurrogateConfig
 from fastdd.models.dit import DiT
 from fastdd.prior import save_prior
 from fastdd.sampling import acceleration
-from fastdd.guidance.igd import SurrogateBundle, SurrogateConfig
 
 TINY_DIT = dict(input_size=16, patch_size=4, in_channels=1, hidden_size=32, depth=1, num_heads=2)
 
@@ -34,7 +35,9 @@ def tiny_prior(path: Path, classes: list[str], dataset: str) -> Path:
     with torch.no_grad():  # DiT zero-initialises its output layers: give them weights so the output depends on x
         for p in model.parameters():
             p.add_(0.05 * torch.randn_like(p))
-    save_prior(model, path, {"dataset": dataset, "classes": classes, "image_size": 16, "channels": 1, "latent": "pixel"})
+    save_prior(
+        model, path, {"dataset": dataset, "classes": classes, "image_size": 16, "channels": 1, "latent": "pixel"}
+    )
     return path
 
 
@@ -50,7 +53,7 @@ def tiny_bundle(path: Path, num_classes: int, k: int = 2) -> Path:
 def assets(tmp_path_factory):
     root = tmp_path_factory.mktemp("assets")
     data = root / "data"
-    for c, name in enumerate("abc"):
+    for name in "abc":
         (data / name).mkdir(parents=True)
         for i in range(4):
             pixels = (torch.rand(16, 16) * 255).to(torch.uint8).numpy()
@@ -64,17 +67,33 @@ def assets(tmp_path_factory):
 
 
 def distill_args(out: Path, assets, *extra: str, method: str = "igd", ipc: int = 2) -> list[str]:
-    args = ["distill", "--method", method, "--ipc", str(ipc), "--out", str(out), "--model", str(assets["digits_prior"]),
-            "--steps", "5", "--quiet", "--device", "cpu"]  # fmt: skip
+    args = [
+        "distill",
+        "--method",
+        method,
+        "--ipc",
+        str(ipc),
+        "--out",
+        str(out),
+        "--model",
+        str(assets["digits_prior"]),
+        "--steps",
+        "5",
+        "--quiet",
+        "--device",
+        "cpu",
+    ]
     if method == "igd" and "--surrogate" not in extra:
         args += ["--surrogate", str(assets["bundle"])]
     return args + list(extra)
 
 
 def tree(root: Path) -> dict[str, str]:
-    """relative path -> sha256 of every file under root."""
+    """relative path -> sha256 of every file under root but the run's lock (it holds the pid of its last writer)."""
     return {
-        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(root.rglob("*")) if p.is_file()
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file() and p.relative_to(root) != Path(".fastdd", "lock")
     }
 
 
@@ -146,8 +165,26 @@ def test_speed_flags_run_and_the_approximations_are_recorded(tmp_path, assets, m
 
 def test_igd_computes_and_caches_the_surrogate_from_data(tmp_path, assets):
     out = tmp_path / "run"
-    args = ["distill", "--method", "igd", "--ipc", "1", "--out", str(out), "--model", str(assets["abc_prior"]),
-            "--data", str(assets["data"]), "--steps", "5", "--surrogate-epochs", "1", "--quiet", "--device", "cpu"]  # fmt: skip
+    args = [
+        "distill",
+        "--method",
+        "igd",
+        "--ipc",
+        "1",
+        "--out",
+        str(out),
+        "--model",
+        str(assets["abc_prior"]),
+        "--data",
+        str(assets["data"]),
+        "--steps",
+        "5",
+        "--surrogate-epochs",
+        "1",
+        "--quiet",
+        "--device",
+        "cpu",
+    ]
     assert main(args) == 0
     cache = list((out / ".fastdd").glob("surrogate*.safetensors"))
     assert len(cache) == 1
@@ -159,7 +196,9 @@ def test_igd_computes_and_caches_the_surrogate_from_data(tmp_path, assets):
 # ----------------------------------------------------------------------------------------- several images per batch
 def image_records(out: Path) -> list[dict]:
     """The manifest's per-image records without the batch number."""
-    return [{k: v for k, v in r.items() if k != "batch"} for r in json.loads((out / "manifest.json").read_text())["images"]]
+    return [
+        {k: v for k, v in r.items() if k != "batch"} for r in json.loads((out / "manifest.json").read_text())["images"]
+    ]
 
 
 def pngs(out: Path) -> dict[str, str]:
@@ -181,9 +220,18 @@ def test_several_images_per_batch_make_the_same_images_as_one(tmp_path, assets, 
 def test_igd_memory_refuses_several_images_per_batch(tmp_path, assets, capsys):
     out = tmp_path / "out"
     for extra in ([], ["--dry-run"]):
-        fails_cleanly(capsys, distill_args(out, assets, "--images-per-batch", "2", *extra), out,
-                      "--images-per-batch 2: igd: its deviation guidance (--igd-gamma > 0)")  # fmt: skip
-    fails_cleanly(capsys, distill_args(out, assets, "--images-per-batch", "0", method="dit"), out, "--images-per-batch must be > 0")
+        fails_cleanly(
+            capsys,
+            distill_args(out, assets, "--images-per-batch", "2", *extra),
+            out,
+            "--images-per-batch 2: igd: its deviation guidance (--igd-gamma > 0)",
+        )
+    fails_cleanly(
+        capsys,
+        distill_args(out, assets, "--images-per-batch", "0", method="dit"),
+        out,
+        "--images-per-batch must be > 0",
+    )
     assert main(distill_args(tmp_path / "no_memory", assets, "--images-per-batch", "2", "--igd-gamma", "0")) == 0
     assert main(distill_args(out, assets, "--images-per-batch", "2", ipc=1)) == 0  # one image per class anyway
     # the resume state is kept per batch: a run resumes with the value it began with
@@ -213,8 +261,14 @@ def test_interrupted_run_with_several_images_per_batch_resumes_byte_identical(tm
 # ----------------------------------------------------------------------------------------- resume
 def run_cli(args: list[str], env_extra: dict[str, str] | None = None, **kwargs) -> subprocess.Popen:
     env = {**os.environ, "OMP_NUM_THREADS": "1", **(env_extra or {})}
-    return subprocess.Popen([sys.executable, "-m", "fastdd", *args], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, **kwargs)  # fmt: skip
+    return subprocess.Popen(
+        [sys.executable, "-m", "fastdd", *args],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        **kwargs,
+    )
 
 
 def test_sigkill_then_resume_is_byte_identical_to_an_uninterrupted_run(tmp_path, assets):
@@ -257,8 +311,25 @@ def fails_cleanly(capsys, args: list[str], out: Path, expected: str, created: bo
 
 
 def abc_args(out: Path, assets, data: Path, *extra: str) -> list[str]:
-    return ["distill", "--method", "dit", "--ipc", "1", "--out", str(out), "--model", str(assets["abc_prior"]),
-            "--data", str(data), "--steps", "3", "--quiet", "--device", "cpu", *extra]  # fmt: skip
+    return [
+        "distill",
+        "--method",
+        "dit",
+        "--ipc",
+        "1",
+        "--out",
+        str(out),
+        "--model",
+        str(assets["abc_prior"]),
+        "--data",
+        str(data),
+        "--steps",
+        "3",
+        "--quiet",
+        "--device",
+        "cpu",
+        *extra,
+    ]
 
 
 def copy_data(src: Path, dst: Path) -> Path:
@@ -277,7 +348,9 @@ def test_missing_empty_and_unreadable_class_data(tmp_path, assets, capsys):
         p.unlink()
     fails_cleanly(capsys, abc_args(out, assets, data, "--classes", str(classes)), out, "holds no images")
     (data / "c").rmdir()
-    fails_cleanly(capsys, abc_args(out, assets, data, "--classes", str(classes)), out, f"class folder {data / 'c'} does not exist")
+    fails_cleanly(
+        capsys, abc_args(out, assets, data, "--classes", str(classes)), out, f"class folder {data / 'c'} does not exist"
+    )
     data = copy_data(assets["data"], tmp_path / "data2")
     (data / "b" / "9.png").write_bytes(b"not a png")
     fails_cleanly(capsys, abc_args(out, assets, data), out, "cannot read image")  # checked before sampling
@@ -291,7 +364,9 @@ def test_bad_arguments_fail_with_one_line_and_write_nothing(tmp_path, assets, ca
     fails_cleanly(capsys, distill_args(out, assets, method="dit", ipc=0), out, "--ipc must be > 0")
     fails_cleanly(capsys, distill_args(out, assets, method="dit", ipc=-3), out, "--ipc must be > 0")
     fails_cleanly(capsys, distill_args(out, assets, method="nope"), out, "unknown method 'nope'")
-    fails_cleanly(capsys, distill_args(out, assets, "--classes", "imagenet-foo", method="dit"), out, "--classes must be one of")
+    fails_cleanly(
+        capsys, distill_args(out, assets, "--classes", "imagenet-foo", method="dit"), out, "--classes must be one of"
+    )
     args = distill_args(out, assets, method="dit")
     args[args.index("--model") + 1] = str(out.parent / "missing.safetensors")
     fails_cleanly(capsys, args, out, "missing.safetensors does not exist")
@@ -300,14 +375,20 @@ def test_bad_arguments_fail_with_one_line_and_write_nothing(tmp_path, assets, ca
 def test_checkpoints_of_the_wrong_shape(tmp_path, assets, capsys):
     out = tmp_path / "out"
     # surrogate made for 3 classes, digits have 10
-    fails_cleanly(capsys, distill_args(out, assets, "--surrogate", str(tiny_bundle(tmp_path / "s3.safetensors", 3))), out,
-                  "made for 3 classes")  # fmt: skip
+    fails_cleanly(
+        capsys,
+        distill_args(out, assets, "--surrogate", str(tiny_bundle(tmp_path / "s3.safetensors", 3))),
+        out,
+        "made for 3 classes",
+    )
     # surrogate whose parameter vector does not fit its ConvNet
     bundle = SurrogateBundle.load(assets["bundle"])
     bundle.flat_params = bundle.flat_params[:, :-5]
     bundle.real_grads = bundle.real_grads[:, :, :-5]
     bundle.save(tmp_path / "short.safetensors")
-    fails_cleanly(capsys, distill_args(out, assets, "--surrogate", str(tmp_path / "short.safetensors")), out, "flat_params")
+    fails_cleanly(
+        capsys, distill_args(out, assets, "--surrogate", str(tmp_path / "short.safetensors")), out, "flat_params"
+    )
     # prior whose tensors do not match the config in its metadata
     big = DiT(**{**TINY_DIT, "hidden_size": 48}, num_classes=10)
     save_prior(big, tmp_path / "bad.safetensors", {"dataset": "digits", "classes": DIGITS_CLASSES})
@@ -347,8 +428,15 @@ def test_dry_run_prints_plan_and_estimate_and_writes_nothing(tmp_path, assets, c
     text = capsys.readouterr().out
     assert "20 images in 6 batches" in text and "estimate" in text and "guided steps" in text
     assert not out.exists()
-    assert main(distill_args(out, assets, "--dry-run", "--class-batch", "4", "--images-per-batch", "3", method="dit", ipc=4)) == 0
-    assert "40 images in 6 batches of ≤12 (≤4 classes × ≤3 images)" in capsys.readouterr().out  # chunks of 4, 4, 2 × images 0-2, 3
+    assert (
+        main(
+            distill_args(out, assets, "--dry-run", "--class-batch", "4", "--images-per-batch", "3", method="dit", ipc=4)
+        )
+        == 0
+    )
+    assert (
+        "40 images in 6 batches of ≤12 (≤4 classes × ≤3 images)" in capsys.readouterr().out
+    )  # chunks of 4, 4, 2 × images 0-2, 3
     assert not out.exists()
 
 
@@ -367,7 +455,13 @@ def test_two_gloo_processes_make_the_same_dataset_as_one(tmp_path, assets):
     port = free_port()
     procs = []
     for rank in range(2):
-        env = {"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+        env = {
+            "RANK": str(rank),
+            "LOCAL_RANK": str(rank),
+            "WORLD_SIZE": "2",
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(port),
+        }
         procs.append(run_cli(distill_args(double, assets, *extra), env_extra=env))
     for p in procs:
         assert p.wait(timeout=300) == 0, p.stderr.read()

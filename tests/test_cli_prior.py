@@ -1,4 +1,5 @@
 """`fastdd prior train` at tiny settings, and the prior shipped for the offline digits default."""
+
 from __future__ import annotations
 
 import torch
@@ -13,7 +14,9 @@ TINY = ["--hidden-size", "32", "--depth", "1", "--num-heads", "2", "--batch-size
 
 def test_prior_train_writes_a_loadable_digits_prior_that_learned(tmp_path):
     out = tmp_path / "prior.safetensors"
-    assert main(["prior", "train", "--out", str(out), "--steps", "40", "--lr", "3e-3", "--ema-decay", "0.5", *TINY]) == 0
+    assert (
+        main(["prior", "train", "--out", str(out), "--steps", "40", "--lr", "3e-3", "--ema-decay", "0.5", *TINY]) == 0
+    )
     model, extra = load_prior(out)
     assert extra["dataset"] == "digits" and extra["classes"] == DIGITS_CLASSES and extra["training"]["steps"] == 40
     assert model.config()["hidden_size"] == 32 and model.in_channels == 1 and model.input_size == 16
@@ -26,7 +29,10 @@ def test_prior_train_writes_a_loadable_digits_prior_that_learned(tmp_path):
     diffusion = GaussianDiffusion(1000, 1000, learn_sigma=True)
     fresh = DiT(**{k: v for k, v in model.config().items()}).eval()
     with torch.no_grad():
-        losses = [hybrid_loss(m, diffusion, images[:256], labels[:256], torch.Generator().manual_seed(0)) for m in (model, fresh)]
+        losses = [
+            hybrid_loss(m, diffusion, images[:256], labels[:256], torch.Generator().manual_seed(0))
+            for m in (model, fresh)
+        ]
     assert losses[0] < 0.8 * losses[1], losses
 
 
@@ -35,7 +41,24 @@ def test_prior_train_rejects_bad_options(tmp_path, capsys):
     assert main(["prior", "train", "--out", str(out), "--steps", "0", *TINY]) == 2
     assert "--steps must be > 0" in capsys.readouterr().err
     tiny_but_heads = TINY[2:4] + TINY[6:]  # depth 1 and the rest; hidden 36 passes DiT's multiple-of-4 check
-    assert main(["prior", "train", "--out", str(out), "--steps", "1", "--hidden-size", "36", "--num-heads", "8", *tiny_but_heads]) == 2
+    assert (
+        main(
+            [
+                "prior",
+                "train",
+                "--out",
+                str(out),
+                "--steps",
+                "1",
+                "--hidden-size",
+                "36",
+                "--num-heads",
+                "8",
+                *tiny_but_heads,
+            ]
+        )
+        == 2
+    )
     assert "num_heads: 8 does not divide hidden_size 36" in capsys.readouterr().err
     assert not out.exists()
     assert main(["prior", "train", "--out", str(out), "--data", str(tmp_path / "none"), *TINY]) == 2
@@ -43,8 +66,8 @@ def test_prior_train_rejects_bad_options(tmp_path, capsys):
 
 
 def test_the_shipped_digits_prior_is_small_and_loads():
-    from fastdd.models.loading import DIGITS_PRIOR_PATH
     from fastdd.cli.prior import DIGITS_PRIOR_DEFAULTS
+    from fastdd.models.loading import DIGITS_PRIOR_PATH
 
     assert DIGITS_PRIOR_PATH.is_file() and DIGITS_PRIOR_PATH.stat().st_size <= 10 * 2**20
     model, extra = load_prior(DIGITS_PRIOR_PATH)

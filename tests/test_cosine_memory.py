@@ -4,6 +4,7 @@ Backends are compared with the PyTorch reference (fastdd.ops.reference); CosineM
 plain Python-list memory. Triton runs in its CPU interpreter here and is compiled ahead of time for
 sm_80 / sm_90 in a subprocess (the interpreter cannot compile for a GPU).
 """
+
 import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -15,10 +16,10 @@ from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from backends import assert_exact_ties_go_to_the_lowest_index, cpu_backend_params  # noqa: E402
 
 from fastdd import ops  # noqa: E402
 from fastdd.ops import CosineMemory, reference  # noqa: E402
-from backends import cpu_backend_params  # noqa: E402
 from fastdd.ops._backend import compiled_kernel  # noqa: E402
 
 BACKENDS = cpu_backend_params(("max_cosine", "most_similar_index"), "max_cosine", "the cosine-memory ops")
@@ -86,6 +87,49 @@ def test_max_cosine_ties_go_to_the_lowest_index(backend):
     ref_values, ref_indices = reference.max_cosine(query, memory)
     assert indices.tolist() == ref_indices.tolist() == [1, 1, 2]
     torch.testing.assert_close(values, ref_values)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_exact_ties_go_to_the_lowest_index(backend, dtype):
+    assert_exact_ties_go_to_the_lowest_index(backend, dtype)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_most_similar_index_depends_on_the_valid_rows_only(backend):
+    """Rows past count change no score, not even by rounding: a 2-row memory, whose two scores tie in exact
+    arithmetic, keeps its pick whatever follows (zeros as in CosineMemory's free slots, or stale rows)."""
+    g = torch.Generator().manual_seed(12)
+    for _ in range(12):
+        memory = torch.randn(2, 16, generator=g)
+        index = int(ops.most_similar_index(memory, backend=backend))
+        for rows in (4, 8, 16, 40):
+            for fill in (torch.zeros(rows - 2, 16), torch.randn(rows - 2, 16, generator=g)):
+                padded = torch.cat([memory, fill])
+                assert int(ops.most_similar_index(padded, 2, backend=backend)) == index, rows
+
+
+def test_exact_ties_without_the_extension():
+    """FASTDD_NO_EXT=1 leaves fastdd._C unloaded: "auto" then runs the reference, with the same tie-breaking."""
+    script = textwrap.dedent(
+        """
+        import warnings
+        warnings.filterwarnings("ignore")
+        import torch
+        from backends import assert_exact_ties_go_to_the_lowest_index
+        from fastdd.ops._backend import extension, resolve_backend
+
+        assert extension() is None
+        for op in ("max_cosine", "most_similar_index"):
+            assert resolve_backend(op, "auto", torch.device("cpu")) == "reference"
+        assert_exact_ties_go_to_the_lowest_index("auto")
+        """
+    )
+    root = Path(__file__).parents[1]
+    env = {**os.environ, "FASTDD_NO_EXT": "1"}
+    env["PYTHONPATH"] = os.pathsep.join([str(root), str(root / "tests"), env.get("PYTHONPATH", "")])
+    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -173,6 +217,20 @@ def test_bad_inputs_name_the_argument():
         mem.add(torch.full((6,), float("nan")))
     with pytest.raises(ValueError, match="query"):
         mem.max_cosine(torch.randn(6))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_custom_ops_pass_opcheck(backend):
+    from fastdd.ops._backend import forced_backend
+    from fastdd.ops.cosine_memory import _max_cosine_op, _most_similar_index_op
+
+    query, memory = _inputs(3, 7, 33)
+    count = torch.tensor(5)
+    checks = ("test_schema", "test_faketensor")
+    with forced_backend("max_cosine", backend):
+        torch.library.opcheck(_max_cosine_op, (query, memory, count), test_utils=checks)
+    with forced_backend("most_similar_index", backend):
+        torch.library.opcheck(_most_similar_index_op, (memory, count), test_utils=checks)
 
 
 def test_torch_compile_fullgraph_of_ops_and_memory_add():
@@ -274,12 +332,18 @@ def test_cosine_memory_follows_a_python_list_memory(policy):
         assert int(memory.count) == len(rows)
         query = torch.randn(3, dim, generator=g)
         values, indices = memory.max_cosine(query)
-        list_cos = torch.stack([torch.nn.functional.cosine_similarity(query.double(), r.double()[None], eps=1e-6) for r in rows])
+        list_cos = torch.stack(
+            [torch.nn.functional.cosine_similarity(query.double(), r.double()[None], eps=1e-6) for r in rows]
+        )
         list_values, list_best = list_cos.max(0)
         torch.testing.assert_close(values.double(), list_values, rtol=1e-5, atol=1e-6)
         assert torch.equal(stored[indices], expected[list_best]), step
         popped = memory.most_similar_index()
-        assert torch.equal(stored[popped], expected[_list_cosine_matrix(rows).sum(1).argmax()]), step
+        scores = _list_cosine_matrix(rows).sum(1)
+        # scores equal to the best up to float32 rounding tie in exact arithmetic (e.g. both rows of a 2-row
+        # memory): rounding picks among them, here in float64 as in any backend's float32
+        tied = expected[scores >= scores.max() - 1e-5]
+        assert any(torch.equal(stored[popped], row) for row in tied), step
     if policy == "most_similar":
         drift = (memory.unit_sum.double() - reference.normalize_rows(memory.view().double()).sum(0)).abs().max()
         assert drift < 1e-5

@@ -3,12 +3,14 @@
 Needs a GPU and fastdd._C built with CUDA (`pip install .` with a CUDA build of torch); skipped otherwise.
 On machines without a GPU, tests/test_cuda_sources.py still compiles the sources for sm_80 / sm_90.
 """
+
 import pytest
 import torch
+from backends import assert_exact_ties_go_to_the_lowest_index
 
 from fastdd import ops
 from fastdd.ops import CosineMemory, reference
-from fastdd.ops._backend import compiled_kernel
+from fastdd.ops._backend import backend_usable, compiled_kernel
 
 pytestmark = pytest.mark.skipif(
     not torch.cuda.is_available() or not compiled_kernel("max_cosine", "CUDA"),
@@ -95,6 +97,14 @@ def test_max_cosine_ties_go_to_the_lowest_index():
     torch.testing.assert_close(values, ref_values)
 
 
+@pytest.mark.parametrize("backend", ["cuda", "triton", "reference"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_exact_ties_go_to_the_lowest_index_on_the_gpu(backend, dtype):
+    if not backend_usable(backend, CUDA, "max_cosine"):
+        pytest.skip(f"{backend} cannot run on CUDA tensors here")
+    assert_exact_ties_go_to_the_lowest_index(backend, dtype, CUDA)
+
+
 def test_max_cosine_unaligned_and_non_contiguous_inputs():
     g = torch.Generator().manual_seed(11)
     wide = torch.randn(70, 66, generator=g).to(CUDA)
@@ -142,7 +152,9 @@ def test_most_similar_index_ties_and_empty():
     assert int(ops.most_similar_index(doubled, backend="cuda")) < 150
     assert int(ops.most_similar_index(memory, 0, backend="cuda")) == 0
     unaligned = torch.cat([memory, memory], dim=1)[:, 3:27]  # rows 12 bytes past 16-byte boundaries
-    assert int(ops.most_similar_index(unaligned, 100, backend="cuda")) == int(reference.most_similar_index(unaligned, 100))
+    assert int(ops.most_similar_index(unaligned, 100, backend="cuda")) == int(
+        reference.most_similar_index(unaligned, 100)
+    )
 
 
 # --------------------------------------------------------------------------- capture safety
@@ -152,7 +164,10 @@ def test_ops_replay_in_a_cuda_graph_with_the_count_read_on_device():
     count = torch.tensor(10, device=CUDA)
 
     def step():
-        return (*ops.max_cosine(query, memory, count, backend="cuda"), ops.most_similar_index(memory, count, backend="cuda"))
+        return (
+            *ops.max_cosine(query, memory, count, backend="cuda"),
+            ops.most_similar_index(memory, count, backend="cuda"),
+        )
 
     with ops.value_checks(False):
         side = torch.cuda.Stream()

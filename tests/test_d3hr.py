@@ -2,6 +2,7 @@
 inversion here and DDIM sampling in fastdd.authors_reference (`authors_d3hr_generate`), on diffusers' "leading"
 50-step schedule (timesteps 20k, tables computed there), CFG 4 on all eps channels (`d3hr_eps`), the class
 Gaussian with torch.mean / torch.var, the group score of SPEC."""
+
 from __future__ import annotations
 
 import math
@@ -10,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import save_file
+from tiny_dit import relative_error, tiny_denoising_dit
 
 from fastdd.authors_reference import authors_d3hr_generate, d3hr_eps, linear_betas
 from fastdd.guidance.d3hr import (
@@ -18,15 +20,14 @@ from fastdd.guidance.d3hr import (
     distill_class,
     generate_from_group,
     group_seed,
-    inverted_class_statistics,
     invert_class_latents,
+    inverted_class_statistics,
     load_class_statistics,
     select_group,
     statistics_path,
 )
 from fastdd.ops import reference
 from fastdd.sampling import GaussianDiffusion, GuidedSampler
-from tiny_dit import relative_error, tiny_denoising_dit
 
 NUM_CLASSES, NULL_CLASS = 3, 3
 LATENT_SHAPE = (4, 8, 8)
@@ -51,8 +52,13 @@ def class_latents():
 
 
 def make_sampler(model):
-    return GuidedSampler(model, GaussianDiffusion(NUM_STEPS, timestep_spacing="leading"), cfg_scale=CFG_SCALE,
-                         null_class=NULL_CLASS, num_classes=NUM_CLASSES)  # fmt: skip
+    return GuidedSampler(
+        model,
+        GaussianDiffusion(NUM_STEPS, timestep_spacing="leading"),
+        cfg_scale=CFG_SCALE,
+        null_class=NULL_CLASS,
+        num_classes=NUM_CLASSES,
+    )
 
 
 # ------------------------------------------------------------------------------------ reference (SPEC)
@@ -82,8 +88,16 @@ def reference_score(group, mean, std):
 
 # ------------------------------------------------------------------------------------ inversion, statistics
 def test_batched_inversion_matches_reference(model, class_latents):
-    inverted = invert_class_latents(model, make_sampler(model).diffusion, class_latents, 1, TARGET,
-                                    null_class=NULL_CLASS, batch_size=3, progress=False)  # fmt: skip
+    inverted = invert_class_latents(
+        model,
+        make_sampler(model).diffusion,
+        class_latents,
+        1,
+        TARGET,
+        null_class=NULL_CLASS,
+        batch_size=3,
+        progress=False,
+    )
     for n, latent in enumerate(class_latents):
         expected = reference_invert(model, latent, 1)
         assert relative_error(inverted[n], expected) <= RTOL, n
@@ -126,7 +140,7 @@ def test_statistics_are_saved_and_reused(model, class_latents, tmp_path):
     loaded = load_class_statistics(statistics_path(tmp_path, 0))
     assert torch.equal(loaded.mean, first.mean)
     # a file made with another config is refused, not reused or overwritten
-    with pytest.raises(ValueError, match="class_00000.safetensors was computed with"):
+    with pytest.raises(ValueError, match="class_00000.safetensors was made with other settings"):
         inverted_class_statistics(sampler, class_latents, 0, TARGET - 1, stats_dir=tmp_path, progress=False)
     # missing entries / files name the file
     broken = tmp_path / "broken.safetensors"
@@ -179,15 +193,39 @@ def test_distill_class_matches_reference_pipeline(model, class_latents, tmp_path
     mean, std = inverted.mean(0).flatten(), inverted.var(0).sqrt().flatten()
     generator = torch.Generator().manual_seed(group_seed(seed, label))
     group, _ = reference.group_sampling(mean, std, ipc, n, generator=generator)
-    expected = torch.stack([authors_d3hr_generate(model, latent.view(LATENT_SHAPE), label, TARGET, cfg_scale=CFG_SCALE,
-                                                  null_class=NULL_CLASS) for latent in group])  # fmt: skip
-    finals = distill_class(make_sampler(model), class_latents, label, ipc, n_candidates=n, seed=seed,
-                           stats_dir=tmp_path, backend="reference", progress=False)  # fmt: skip
+    expected = torch.stack(
+        [
+            authors_d3hr_generate(
+                model, latent.view(LATENT_SHAPE), label, TARGET, cfg_scale=CFG_SCALE, null_class=NULL_CLASS
+            )
+            for latent in group
+        ]
+    )
+    finals = distill_class(
+        make_sampler(model),
+        class_latents,
+        label,
+        ipc,
+        n_candidates=n,
+        seed=seed,
+        stats_dir=tmp_path,
+        backend="reference",
+        progress=False,
+    )
     assert finals.shape == (ipc, *LATENT_SHAPE) and torch.isfinite(finals).all()
     assert relative_error(finals, expected) <= RTOL
     # a second run reuses the saved statistics and gives the same images without the real latents
-    again = distill_class(make_sampler(model), None, label, ipc, n_candidates=n, seed=seed, stats_dir=tmp_path,
-                          backend="reference", progress=False)  # fmt: skip
+    again = distill_class(
+        make_sampler(model),
+        None,
+        label,
+        ipc,
+        n_candidates=n,
+        seed=seed,
+        stats_dir=tmp_path,
+        backend="reference",
+        progress=False,
+    )
     assert torch.equal(again, finals)
 
 

@@ -2,12 +2,13 @@
 shipped prior, ipc 2, 5 steps, small method settings): images + manifest with the method's parameters, images
 differ from the unguided prior with the same seed, caches make a resumed run skip the expensive step, bad
 options exit 2 naming the option."""
+
 from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import pytest
@@ -16,9 +17,9 @@ from PIL import Image
 
 import fastdd.methods.igds as igds_wiring
 import fastdd.methods.sam as sam_wiring
-from fastdd.models.loading import DIGITS_PRIOR_PATH
 from fastdd.cli.main import main
 from fastdd.data.digits import load_digits_split
+from fastdd.models.loading import DIGITS_PRIOR_PATH
 
 IPC = 2
 SMALL = {
@@ -32,7 +33,14 @@ EXPECTED_PARAMS = {
     "dap": {"gamma": 0.1, "kernel": "linear", "block": 2, "t_mode": "zero", "guided_range": [0, 4]},
     "mgd3": {"lambda": 0.1, "stop_index": 2, "kmeans_seed": 0},
     "d3hr": {"n_candidates": 50, "target_index": 3},
-    "sam": {"epochs": 1, "batch_size": 16, "lambda_real": 0.002, "lambda_gen": 0.008, "ema_decay": 0.99, "policy": "most_similar"},
+    "sam": {
+        "epochs": 1,
+        "batch_size": 16,
+        "lambda_real": 0.002,
+        "lambda_gen": 0.008,
+        "ema_decay": 0.99,
+        "policy": "most_similar",
+    },
     "igds": {"eta": 2.0, "beta": pytest.approx(0.5 * np.log(2) / np.log(50))},
 }
 
@@ -42,14 +50,29 @@ def no_training(*args, **kwargs):
 
 
 def distill(out: Path, method: str, *extra: str, ipc: int = IPC) -> list[str]:
-    return ["distill", "--method", method, "--ipc", str(ipc), "--out", str(out), "--steps", "5", "--quiet",
-            "--device", "cpu", *extra]  # fmt: skip
+    return [
+        "distill",
+        "--method",
+        method,
+        "--ipc",
+        str(ipc),
+        "--out",
+        str(out),
+        "--steps",
+        "5",
+        "--quiet",
+        "--device",
+        "cpu",
+        *extra,
+    ]
 
 
 def images(out: Path, classes: int | Sequence[str] = 10, ipc: int = IPC) -> np.ndarray:
     """The PNGs of the class folders (0..classes-1, or the named folders), [classes·ipc, H, W] float64."""
     folders = [str(c) for c in range(classes)] if isinstance(classes, int) else classes
-    return np.stack([np.asarray(Image.open(out / c / f"{i}.png"), dtype=np.float64) for c in folders for i in range(ipc)])
+    return np.stack(
+        [np.asarray(Image.open(out / c / f"{i}.png"), dtype=np.float64) for c in folders for i in range(ipc)]
+    )
 
 
 @pytest.fixture(scope="module")
@@ -85,7 +108,9 @@ def test_dap_and_mgd3_on_a_class_subset_use_the_model_labels(tmp_path):
     for digit in (3, 7):
         (data / str(digit)).mkdir(parents=True)
         for i, image in enumerate(pixels[labels == digit][:12]):
-            Image.fromarray(((image[0] + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).numpy()).save(data / str(digit) / f"{i}.png")
+            Image.fromarray(((image[0] + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).numpy()).save(
+                data / str(digit) / f"{i}.png"
+            )
     prior = DIGITS_PRIOR_PATH
     runs = {}
     for method, extra in (("dit", []), ("dap", SMALL["dap"]), ("mgd3", [])):
@@ -154,13 +179,18 @@ def test_igds_needs_an_explicit_step_size_off_digits(tmp_path, capsys):
     for name in "ab":
         (data / name).mkdir(parents=True)
         for i in range(3):
-            Image.fromarray((np.random.default_rng(i).random((16, 16)) * 255).astype(np.uint8)).save(data / name / f"{i}.png")
+            Image.fromarray((np.random.default_rng(i).random((16, 16)) * 255).astype(np.uint8)).save(
+                data / name / f"{i}.png"
+            )
     prior = tmp_path / "prior.safetensors"
     from fastdd.models.dit import DiT
     from fastdd.prior import save_prior
 
-    save_prior(DiT(input_size=16, patch_size=4, in_channels=1, hidden_size=32, depth=1, num_heads=2, num_classes=2), prior,
-               {"dataset": "custom", "classes": ["a", "b"], "image_size": 16, "channels": 1})  # fmt: skip
+    save_prior(
+        DiT(input_size=16, patch_size=4, in_channels=1, hidden_size=32, depth=1, num_heads=2, num_classes=2),
+        prior,
+        {"dataset": "custom", "classes": ["a", "b"], "image_size": 16, "channels": 1},
+    )
     assert main(distill(tmp_path / "run", "igds", "--data", str(data), "--model", str(prior), ipc=1)) == 2
     assert "--igds-eta" in capsys.readouterr().err
 
@@ -171,7 +201,12 @@ def test_dap_noised_projected_and_rbf_variants_run_and_differ(tmp_path):
     runs = {}
     for name, extra in (("zero", []), ("noised", ["--dap-t-mode", "noised"]), ("rbf", ["--dap-kernel", "rbf"])):
         runs[name] = tmp_path / name
-        assert main(distill(runs[name], "dap", "--dap-gamma", "0.3", "--dap-proj-dim", "64", "--dap-range", "40,49", *extra)) == 0
+        assert (
+            main(
+                distill(runs[name], "dap", "--dap-gamma", "0.3", "--dap-proj-dim", "64", "--dap-range", "40,49", *extra)
+            )
+            == 0
+        )
     params = json.loads((runs["noised"] / "manifest.json").read_text())["method_params"]
     assert params["t_mode"] == "noised" and params["projection_dim"] == 64
     assert json.loads((runs["rbf"] / "manifest.json").read_text())["method_params"]["kernel"] == "rbf"
@@ -179,7 +214,10 @@ def test_dap_noised_projected_and_rbf_variants_run_and_differ(tmp_path):
     assert np.abs(images(runs["zero"]) - images(runs["rbf"])).mean() > 0
 
 
-@pytest.mark.parametrize("method,module,function", [("sam", sam_wiring, "finetune_sam"), ("igds", igds_wiring, "train_information_estimator")])
+@pytest.mark.parametrize(
+    "method,module,function",
+    [("sam", sam_wiring, "finetune_sam"), ("igds", igds_wiring, "train_information_estimator")],
+)
 def test_dry_run_prints_the_parameters_without_training(tmp_path, capsys, monkeypatch, method, module, function):
     monkeypatch.setattr(module, function, no_training)
     out = tmp_path / "run"

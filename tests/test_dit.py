@@ -81,8 +81,9 @@ def reference_forward(sd, x, t, y, *, depth, heads, patch, num_blocks=None, freq
 
 
 def reference_for(model: DiT, x, t, y, **kwargs):
-    return reference_forward(model.state_dict(), x, t, y, depth=model.depth, heads=model.num_heads,
-                             patch=model.patch_size, **kwargs)
+    return reference_forward(
+        model.state_dict(), x, t, y, depth=model.depth, heads=model.num_heads, patch=model.patch_size, **kwargs
+    )
 
 
 # ------------------------------------------------------------------------------------ architecture
@@ -169,8 +170,9 @@ def test_forward_features_equals_hooked_block_output(block_index):
     handle.remove()
     assert features.shape == (2, 16, 64)
     torch.testing.assert_close(features, captured["h"], atol=0, rtol=0)
-    torch.testing.assert_close(features, reference_for(model, x, t, y, num_blocks=block_index + 1),
-                               atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        features, reference_for(model, x, t, y, num_blocks=block_index + 1), atol=1e-5, rtol=1e-5
+    )
 
 
 @pytest.mark.parametrize("cfg_channels", [3, 4])
@@ -199,8 +201,9 @@ def test_diffit_gammas_placement_ones_and_random():
     diffit = DiT(**SMALL, diffit=True)
     missing, unexpected = diffit.load_state_dict(plain.state_dict(), strict=False)
     assert unexpected == []
-    assert sorted(missing) == sorted(f"blocks.{i}.{name}" for i in range(2)
-                                     for name in ("gamma1", "gamma2", "attn.gamma1", "attn.gamma2"))
+    assert sorted(missing) == sorted(
+        f"blocks.{i}.{name}" for i in range(2) for name in ("gamma1", "gamma2", "attn.gamma1", "attn.gamma2")
+    )
     assert diffit.blocks[0].attn.gamma1.shape == (192,) and diffit.blocks[2].gamma1 is None
     diffit.eval()
     x, t, y = inputs()
@@ -222,8 +225,7 @@ def test_all_loading_paths_agree(tmp_path):
     model = small_dit()
     sd = model.state_dict()
     torch.save(sd, tmp_path / "plain.pt")
-    torch.save({"ema": sd, "model": {k: torch.zeros_like(v) for k, v in sd.items()}, "steps": 7},
-               tmp_path / "ema.pt")
+    torch.save({"ema": sd, "model": {k: torch.zeros_like(v) for k, v in sd.items()}, "steps": 7}, tmp_path / "ema.pt")
     torch.save({f"module.{k}": v for k, v in sd.items()}, tmp_path / "ddp.pt")
     save_file({k: v.contiguous() for k, v in sd.items()}, tmp_path / "weights.safetensors")
     x, t, y = inputs()
@@ -309,8 +311,16 @@ def diffusers_dit(seed: int = 3, share_embedders: bool = True):
     from diffusers import DiTTransformer2DModel
 
     torch.manual_seed(seed)
-    model = DiTTransformer2DModel(num_attention_heads=4, attention_head_dim=16, in_channels=4, out_channels=8,
-                                  num_layers=4, sample_size=8, patch_size=2, num_embeds_ada_norm=10)
+    model = DiTTransformer2DModel(
+        num_attention_heads=4,
+        attention_head_dim=16,
+        in_channels=4,
+        out_channels=8,
+        num_layers=4,
+        sample_size=8,
+        patch_size=2,
+        num_embeds_ada_norm=10,
+    )
     randomized(model, seed)
     if share_embedders:  # as in the converted facebook/DiT-XL-2-256 weights
         first = model.transformer_blocks[0].norm1.emb.state_dict()
@@ -343,8 +353,9 @@ def test_from_diffusers_official_numerics_option():
     x, t, y = inputs()
     with torch.no_grad():
         torch.testing.assert_close(official(x, t, y), reference_for(official, x, t, y), atol=1e-5, rtol=1e-5)
-        torch.testing.assert_close(exact(x, t, y), reference_for(exact, x, t, y, freq_shift=1.0, mlp_eps=1e-5),
-                                   atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(
+            exact(x, t, y), reference_for(exact, x, t, y, freq_shift=1.0, mlp_eps=1e-5), atol=1e-5, rtol=1e-5
+        )
 
 
 def test_from_diffusers_rejects_unshared_embedders(tmp_path):

@@ -3,6 +3,7 @@ against per-sample gradients from torch.func (vmap of grad, computed here) and a
 the input gradient IGD needs (double backward), second order (gradcheck / gradgradcheck, float64), both
 branches of the ghost-vs-materialise choice, more layer types, the torch.func fallback, torch.compile, and
 bad input."""
+
 from __future__ import annotations
 
 import contextlib
@@ -81,7 +82,9 @@ def make_case(depth, width, im_size, K, B, channels, groups, layout, dtype=torch
     return model, flat, x, y, ref, groups, count
 
 
-@pytest.mark.parametrize("case", CASES, ids=[f"d{c[0]}w{c[1]}s{c[2]}K{c[3]}B{c[4]}c{c[5]}{'g' if c[6] else ''}{c[7]}" for c in CASES])
+@pytest.mark.parametrize(
+    "case", CASES, ids=[f"d{c[0]}w{c[1]}s{c[2]}K{c[3]}B{c[4]}c{c[5]}{'g' if c[6] else ''}{c[7]}" for c in CASES]
+)
 def test_matches_vmap_grad_and_reference(case):
     model, flat, x, y, ref, groups, count = make_case(*case)
     x.requires_grad_(True)
@@ -161,9 +164,13 @@ def test_cpu_chunks_give_the_unchunked_values_and_gradients(monkeypatch, budget_
     weights = torch.randn_like(cos)
     assert_rel(torch.autograd.grad((cos * weights).sum(), x)[0], torch.autograd.grad((expected * weights).sum(), x)[0])
     expected_chunks = {  # (rows, checkpoints) per chunk: 5 rows, 3 checkpoints
-        (1, False): [(1, 1)] * 15, (3, False): [(3, 1)] * 3 + [(2, 1)] * 3, (8, False): [(5, 1)] * 3,
-        (1, True): [(5, 1)] * 3, (3, True): [(5, 1)] * 3, (8, True): [(5, 1)] * 3,
-    }  # fmt: skip
+        (1, False): [(1, 1)] * 15,
+        (3, False): [(3, 1)] * 3 + [(2, 1)] * 3,
+        (8, False): [(5, 1)] * 3,
+        (1, True): [(5, 1)] * 3,
+        (3, True): [(5, 1)] * 3,
+        (8, True): [(5, 1)] * 3,
+    }
     assert chunks == expected_chunks[budget_pairs, grouped]
 
 
@@ -196,15 +203,28 @@ class Scale(nn.Module):
 def layer_zoo(kind: str) -> nn.Module:
     if kind == "instance_affine_maxpool":
         return nn.Sequential(
-            nn.Conv2d(3, 6, 3, padding=1, bias=False), nn.InstanceNorm2d(6, affine=True), nn.LeakyReLU(0.1),
-            nn.MaxPool2d(2), nn.Conv2d(6, 8, 3, stride=2, padding=1), nn.GroupNorm(2, 8, affine=False), nn.ReLU(),
-            nn.AvgPool2d(2), nn.Flatten(), nn.Linear(8, 5),
-        )  # fmt: skip
+            nn.Conv2d(3, 6, 3, padding=1, bias=False),
+            nn.InstanceNorm2d(6, affine=True),
+            nn.LeakyReLU(0.1),
+            nn.MaxPool2d(2),
+            nn.Conv2d(6, 8, 3, stride=2, padding=1),
+            nn.GroupNorm(2, 8, affine=False),
+            nn.ReLU(),
+            nn.AvgPool2d(2),
+            nn.Flatten(),
+            nn.Linear(8, 5),
+        )
     if kind == "nonaffine_grouped_conv":
         return nn.Sequential(
-            nn.Conv2d(3, 4, 3), nn.InstanceNorm2d(4), nn.Tanh(), nn.Conv2d(4, 6, 3, padding=1, groups=2),
-            nn.GroupNorm(3, 6), nn.SiLU(), nn.Sequential(nn.AvgPool2d(2), nn.Flatten()), nn.Linear(6 * 3 * 3, 5, bias=False),
-        )  # fmt: skip
+            nn.Conv2d(3, 4, 3),
+            nn.InstanceNorm2d(4),
+            nn.Tanh(),
+            nn.Conv2d(4, 6, 3, padding=1, groups=2),
+            nn.GroupNorm(3, 6),
+            nn.SiLU(),
+            nn.Sequential(nn.AvgPool2d(2), nn.Flatten()),
+            nn.Linear(6 * 3 * 3, 5, bias=False),
+        )
     if kind == "unsupported":
         return nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), Scale(4), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 8 * 8, 5))
     raise AssertionError(kind)
@@ -306,7 +326,9 @@ def test_torch_compile_fullgraph(grouping, backend):
     """One graph (fullgraph=True fails on any graph break), values and input gradients equal eager."""
     torch._dynamo.reset()
     groups = None if grouping == "none" else [0, 1, 0, 1]
-    model, flat, x, y, ref, groups, count = make_case(2, 4, 8, 2, 4, 3, groups, "GKP" if grouping == "per_group_refs" else "KP")
+    model, flat, x, y, ref, groups, count = make_case(
+        2, 4, 8, 2, 4, 3, groups, "GKP" if grouping == "per_group_refs" else "KP"
+    )
     num_groups = count if grouping == "num_groups" else None
     fn = lambda x: grad_cosine(model, flat, x, y, ref, groups, num_groups=num_groups)  # noqa: E731
     x.requires_grad_(True)
@@ -314,7 +336,9 @@ def test_torch_compile_fullgraph(grouping, backend):
     eager = fn(x)
     assert_rel(compiled, eager)
     weights = torch.randn_like(eager)
-    assert_rel(torch.autograd.grad((compiled * weights).sum(), x)[0], torch.autograd.grad((eager * weights).sum(), x)[0])
+    assert_rel(
+        torch.autograd.grad((compiled * weights).sum(), x)[0], torch.autograd.grad((eager * weights).sum(), x)[0]
+    )
 
 
 # --------------------------------------------------------------------------- bad input

@@ -5,6 +5,7 @@ the C++ backend against the reference (same draws, so the same group); the Trito
 candidates in-kernel with Philox, by materialising those candidates and scoring them with the reference.
 Triton runs in its CPU interpreter here and is compiled ahead of time for sm_80 / sm_90 in a subprocess.
 """
+
 import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -290,23 +291,32 @@ def test_triton_ipc_limit():
         ops.group_sampling(mean, std, 65, 2, backend="triton")
 
 
-def test_custom_ops_have_working_fake_kernels_and_compile_fullgraph():
-    from fastdd.ops.group_sampling import _group_score_op, _philox_group_sampling_op
+def test_custom_ops_have_working_fake_kernels_and_compile_fullgraph(monkeypatch):
+    from fastdd.ops._backend import OP_BACKENDS, forced_backend
+    from fastdd.ops.group_sampling import _group_sampling_op, _group_score_op
 
     checks = ("test_schema", "test_faketensor")
     mean, std = _distribution(16, seed=16)
     groups = torch.randn(4, 3, 16) * std + mean
     backends = ("reference", "cpp") if HAS_CPP else ("reference",)
     for backend in backends:
-        torch.library.opcheck(_group_score_op, (groups, mean, std, 1.0, 1.0, 0.1, backend), test_utils=checks)
-    compiled_score = torch.compile(lambda g, m, s: group_score(g, m, s, backend=backends[-1]), fullgraph=True)
+        with forced_backend("group_score", backend):
+            torch.library.opcheck(_group_score_op, (groups, mean, std, 1.0, 1.0, 0.1), test_utils=checks)
+        with forced_backend("group_sampling", backend):
+            args = (mean, std, torch.Generator().manual_seed(3), None, 3, 5, 1.0, 1.0, 0.1, 2)
+            torch.library.opcheck(_group_sampling_op, args, test_utils=checks)
+    compiled_score = torch.compile(lambda g, m, s: group_score(g, m, s), fullgraph=True)
     torch.testing.assert_close(compiled_score(groups, mean, std), reference.group_score(groups, mean, std))
     if backend_usable("triton", CPU, "group_sampling"):
         seed = torch.tensor(21)
-        torch.library.opcheck(_philox_group_sampling_op, (mean, std, seed, 3, 5, 1.0, 1.0, 0.1), test_utils=checks)
-        sample = lambda m, s, sd: ops.group_sampling(m, s, 3, 5, seed=sd, backend="triton")  # noqa: E731
+        with forced_backend("group_sampling", "triton"):
+            args = (mean, std, None, seed, 3, 5, 1.0, 1.0, 0.1, 1024)
+            torch.library.opcheck(_group_sampling_op, args, test_utils=checks)
+        eager_group, eager_score = ops.group_sampling(mean, std, 3, 5, seed=seed, backend="triton")
+        # torch.compile traces the dispatcher's choice: make triton auto's choice on CPU through the registry
+        monkeypatch.setitem(OP_BACKENDS, "group_sampling", {"cpu": ("triton",), "cuda": ("triton",)})
+        sample = lambda m, s, sd: ops.group_sampling(m, s, 3, 5, seed=sd)  # noqa: E731
         group, score = torch.compile(sample, fullgraph=True)(mean, std, seed)
-        eager_group, eager_score = sample(mean, std, seed)
         assert torch.equal(group, eager_group) and torch.equal(score, eager_score)
 
 

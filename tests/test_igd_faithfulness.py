@@ -5,19 +5,19 @@ guidance on respaced indices [30, 45], on the same tiny random models and the sa
 trajectory noise, fed to the authors' loop in its own order). The final latents must agree to 1e-4 relative
 (fp32) for several classes in sequence (memories carried over) and with fastdd batching classes.
 """
+
 from __future__ import annotations
 
 import numpy as np
 import pytest
 import torch
+from tiny_dit import relative_error, tiny_denoising_dit, tiny_vae
 from torch.nn.utils import parameters_to_vector
 
 from fastdd.authors_reference import RespacedDiffusion, authors_igd_sample, linear_betas, space_timesteps
-from fastdd.guidance.igd import DeviationGuidance
-from fastdd.guidance.igd import InfluenceGuidance
+from fastdd.guidance.igd import DeviationGuidance, InfluenceGuidance
 from fastdd.models import ConvNet, LatentCodec
 from fastdd.sampling import GaussianDiffusion, GuidedSampler, trajectory_noise
-from tiny_dit import relative_error, tiny_denoising_dit, tiny_vae
 
 NUM_CLASSES, NULL_CLASS = 5, 5
 LATENT_SHAPE = (4, 8, 8)
@@ -63,24 +63,45 @@ def authors_noise(class_index: int, image_index: int):
 def run_authors(models, classes, ipc, k=K_SCALE, gamma=GAMMA):
     dit, codec, surrogate, flat_params, real_grads = models
     return authors_igd_sample(
-        dit, codec.decode, surrogate, flat_params, real_grads, classes, ipc, NUM_STEPS, authors_noise,
-        k=k, gamma=gamma, low=LOW, high=HIGH, cfg_scale=CFG_SCALE, null_class=NULL_CLASS,
-    )  # fmt: skip
+        dit,
+        codec.decode,
+        surrogate,
+        flat_params,
+        real_grads,
+        classes,
+        ipc,
+        NUM_STEPS,
+        authors_noise,
+        k=k,
+        gamma=gamma,
+        low=LOW,
+        high=HIGH,
+        cfg_scale=CFG_SCALE,
+        null_class=NULL_CLASS,
+    )
 
 
 def fastdd_sampler(models, compat: bool, k=K_SCALE, gamma=GAMMA, influence=True, cfg_channels=None):
     dit, codec, surrogate, flat_params, real_grads = models
     guidances = [
-        DeviationGuidance(NUM_CLASSES, int(np.prod(LATENT_SHAPE)), gamma=gamma, capacity=64, low=LOW, high=HIGH, compat=compat)
+        DeviationGuidance(
+            NUM_CLASSES, int(np.prod(LATENT_SHAPE)), gamma=gamma, capacity=64, low=LOW, high=HIGH, compat=compat
+        )
     ]
     if influence:
         guidances.append(
             InfluenceGuidance(codec.decode, surrogate, flat_params, real_grads, k=k, low=LOW, high=HIGH, compat=compat)
         )
     return GuidedSampler(
-        dit, GaussianDiffusion(NUM_STEPS), guidances, cfg_scale=CFG_SCALE, null_class=NULL_CLASS,
-        cfg_channels=cfg_channels, compat=compat, num_classes=NUM_CLASSES,
-    )  # fmt: skip
+        dit,
+        GaussianDiffusion(NUM_STEPS),
+        guidances,
+        cfg_scale=CFG_SCALE,
+        null_class=NULL_CLASS,
+        cfg_channels=cfg_channels,
+        compat=compat,
+        num_classes=NUM_CLASSES,
+    )
 
 
 def run_fastdd_sequential(sampler, classes, ipc):
@@ -125,9 +146,17 @@ def test_authors_tables_are_iddpm():
     # fastdd's tables (float64 masters) agree with the authors' restatement
     fastdd_tables = GaussianDiffusion(50)
     assert fastdd_tables.timestep_list == kept
-    for name in ("betas", "posterior_log_variance_clipped", "posterior_mean_coef1", "posterior_mean_coef2",
-                 "sqrt_recip_alphas_cumprod", "sqrt_recipm1_alphas_cumprod"):  # fmt: skip
-        np.testing.assert_allclose(getattr(fastdd_tables, name).numpy(), getattr(tables, name), rtol=1e-12, err_msg=name)
+    for name in (
+        "betas",
+        "posterior_log_variance_clipped",
+        "posterior_mean_coef1",
+        "posterior_mean_coef2",
+        "sqrt_recip_alphas_cumprod",
+        "sqrt_recipm1_alphas_cumprod",
+    ):
+        np.testing.assert_allclose(
+            getattr(fastdd_tables, name).numpy(), getattr(tables, name), rtol=1e-12, err_msg=name
+        )
 
 
 def test_authors_guidances_are_not_vacuous(models, authors_latents):
@@ -145,6 +174,7 @@ def test_authors_guidances_are_not_vacuous(models, authors_latents):
 def test_setup_is_well_conditioned(models, authors_latents):
     """A 1e-4 comparison is meaningful only if the algorithm itself does not amplify fp32 rounding:
     perturbing the authors' x_T by 1e-7 relative must move their final latents by far less than RTOL."""
+
     def perturbed_noise(class_index, image_index):
         initial, steps = authors_noise(class_index, image_index)
         generator = torch.Generator().manual_seed(1000 + class_index * IPC + image_index)
@@ -152,9 +182,22 @@ def test_setup_is_well_conditioned(models, authors_latents):
 
     dit, codec, surrogate, flat_params, real_grads = models
     perturbed = authors_igd_sample(
-        dit, codec.decode, surrogate, flat_params, real_grads, CLASSES, IPC, NUM_STEPS, perturbed_noise,
-        k=K_SCALE, gamma=GAMMA, low=LOW, high=HIGH, cfg_scale=CFG_SCALE, null_class=NULL_CLASS,
-    )  # fmt: skip
+        dit,
+        codec.decode,
+        surrogate,
+        flat_params,
+        real_grads,
+        CLASSES,
+        IPC,
+        NUM_STEPS,
+        perturbed_noise,
+        k=K_SCALE,
+        gamma=GAMMA,
+        low=LOW,
+        high=HIGH,
+        cfg_scale=CFG_SCALE,
+        null_class=NULL_CLASS,
+    )
     errors = {key: relative_error(perturbed[key], authors_latents[key]) for key in authors_latents}
     assert max(errors.values()) < RTOL / 20, errors
 

@@ -1,5 +1,6 @@
 """IGD's building blocks as drop-in functions: the influence and deviation gradients a user calls from their
 own loop, the per-class real gradients and the checkpoint selection of Algorithm 2."""
+
 from __future__ import annotations
 
 import pytest
@@ -18,7 +19,9 @@ from fastdd.ops.reference import unflatten_params
 def tiny_setup(seed: int = 0, K: int = 3, classes: int = 4):
     torch.manual_seed(seed)
     surrogate = ConvNet(3, classes, width=6, depth=2, im_size=8).eval()
-    flat_params = torch.stack([parameters_to_vector(ConvNet(3, classes, width=6, depth=2, im_size=8).parameters()) for _ in range(K)]).detach()
+    flat_params = torch.stack(
+        [parameters_to_vector(ConvNet(3, classes, width=6, depth=2, im_size=8).parameters()) for _ in range(K)]
+    ).detach()
     real_grads = torch.randn(classes, K, flat_params.shape[1]) * 0.01
     return surrogate, flat_params, real_grads
 
@@ -38,12 +41,20 @@ def test_influence_gradient_drop_in_matches_the_authors_per_checkpoint_loop():
     label = 2
     # the authors decode [cond; uncond] and average CE over both rows: fastdd's groups argument says so
     x_t = torch.randn(2, 4, 4, 4, requires_grad=True)
-    expected = authors_igd.influence_gradient(x_t, predicted_xstart(x_t), decode, surrogate, flat_params, real_grads[label], label)
+    expected = authors_igd.influence_gradient(
+        x_t, predicted_xstart(x_t), decode, surrogate, flat_params, real_grads[label], label
+    )
     x_t2 = x_t.detach().clone().requires_grad_(True)
     actual = influence_gradient(
-        x_t2, predicted_xstart(x_t2), decode, surrogate, flat_params, real_grads[label], torch.tensor([label, label]),
+        x_t2,
+        predicted_xstart(x_t2),
+        decode,
+        surrogate,
+        flat_params,
+        real_grads[label],
+        torch.tensor([label, label]),
         groups=torch.tensor([0, 0]),
-    )  # fmt: skip
+    )
     torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-7)
     assert expected.abs().max() > 0
 
@@ -56,7 +67,9 @@ def test_influence_gradient_rows_are_independent_images():
     batched = influence_gradient(x_t, predicted_xstart(x_t), decode, surrogate, flat_params, real_grads[labels], labels)
     for b in range(3):
         row = x_t[b : b + 1].detach().clone().requires_grad_(True)
-        alone = influence_gradient(row, predicted_xstart(row), decode, surrogate, flat_params, real_grads[labels[b]], labels[b : b + 1])
+        alone = influence_gradient(
+            row, predicted_xstart(row), decode, surrogate, flat_params, real_grads[labels[b]], labels[b : b + 1]
+        )
         torch.testing.assert_close(batched[b : b + 1], alone, rtol=1e-4, atol=1e-8)
 
 
@@ -87,7 +100,9 @@ def test_class_mean_gradient_is_the_mean_over_chunks_of_the_first_images():
     chunk_grads = []
     for chunk in (images[0:4], images[4:8], images[8:10]):
         theta = flat_params[0].clone().requires_grad_(True)
-        loss = F.cross_entropy(functional_call(surrogate, unflatten_params(surrogate, theta), (chunk,)), torch.full((len(chunk),), label))
+        loss = F.cross_entropy(
+            functional_call(surrogate, unflatten_params(surrogate, theta), (chunk,)), torch.full((len(chunk),), label)
+        )
         chunk_grads.append(torch.autograd.grad(loss, theta)[0])
     torch.testing.assert_close(got, torch.stack(chunk_grads).mean(0))
     with pytest.raises(ValueError, match="class 1 has no images"):
@@ -99,7 +114,9 @@ def test_real_gradients_shape_and_per_class_selection():
     images, labels = torch.randn(9, 3, 8, 8), torch.tensor([0, 1, 2] * 3)
     grads = real_gradients(surrogate, flat_params, images, labels, num_classes=3, chunk=2)
     assert grads.shape == (3, 2, flat_params.shape[1])
-    torch.testing.assert_close(grads[2, 1], class_mean_gradient(surrogate, flat_params[1], images[labels == 2], 2, chunk=2))
+    torch.testing.assert_close(
+        grads[2, 1], class_mean_gradient(surrogate, flat_params[1], images[labels == 2], 2, chunk=2)
+    )
 
 
 def test_select_checkpoints_algorithm_2():

@@ -6,12 +6,14 @@ an ancestral DDPM loop written from the ADM formulas with GaussianDiffusion's fl
 and x_{t-1} = x'_{t-1} + η·∇_{x_t}(B·L). fastdd's GuidedSampler + InformationGuidance must agree to 1e-4
 relative over a full 50-step run on a tiny random DiT and VAE.
 """
+
 from __future__ import annotations
 
 import math
 
 import pytest
 import torch
+from tiny_dit import relative_error, tiny_denoising_dit, tiny_vae
 
 from fastdd.authors_reference import authors_igds_sample, igds_loss
 from fastdd.data.digits import load_digits_split
@@ -27,7 +29,6 @@ from fastdd.guidance.igds import (
 )
 from fastdd.models import LatentCodec
 from fastdd.sampling import GaussianDiffusion, GuidedSampler
-from tiny_dit import relative_error, tiny_denoising_dit, tiny_vae
 
 NUM_CLASSES, NULL_CLASS = 4, 4
 LATENT_SHAPE = (4, 8, 8)
@@ -61,8 +62,14 @@ def models():
 
 def fastdd_igds_sample(dit, decode, estimator, image_ids, eta, beta, source="xstart", num_steps=NUM_STEPS):
     guidance = InformationGuidance(decode, estimator, eta, beta, source=source)
-    sampler = GuidedSampler(dit, GaussianDiffusion(num_steps), [guidance], cfg_scale=CFG_SCALE,
-                            null_class=NULL_CLASS, num_classes=NUM_CLASSES)  # fmt: skip
+    sampler = GuidedSampler(
+        dit,
+        GaussianDiffusion(num_steps),
+        [guidance],
+        cfg_scale=CFG_SCALE,
+        null_class=NULL_CLASS,
+        num_classes=NUM_CLASSES,
+    )
     return sampler.sample([c for c, _, _ in image_ids], image_ids, LATENT_SHAPE, "cpu", progress=False)
 
 
@@ -143,8 +150,9 @@ def test_guidance_is_not_vacuous_and_setup_is_well_conditioned(models, reference
     assert relative_error(unguided, reference_latents) > 100 * RTOL
     no_kl = fastdd_igds_sample(dit, codec.decode, estimator, IMAGE_IDS, ETA, 0.0)
     assert relative_error(no_kl, reference_latents) > 10 * RTOL
-    moved = authors_igds_sample(dit, codec.decode, estimator, IMAGE_IDS, ETA, BETA, LATENT_SHAPE, perturbation=1e-7,
-                                **AUTHORS_OPTIONS)  # fmt: skip
+    moved = authors_igds_sample(
+        dit, codec.decode, estimator, IMAGE_IDS, ETA, BETA, LATENT_SHAPE, perturbation=1e-7, **AUTHORS_OPTIONS
+    )
     assert relative_error(moved, reference_latents) < RTOL / 20
 
 
@@ -152,8 +160,9 @@ def test_guided_run_matches_reference_with_the_paper_literal_source(models):
     """source="sample": the VE on the decoded ancestral sample x'_{t-1} (through mean and learned std)."""
     dit, codec, estimator = models
     ids = IMAGE_IDS[:2]
-    expected = authors_igds_sample(dit, codec.decode, estimator, ids, ETA, BETA, LATENT_SHAPE, source="sample", num_steps=20,
-                                   **AUTHORS_OPTIONS)  # fmt: skip
+    expected = authors_igds_sample(
+        dit, codec.decode, estimator, ids, ETA, BETA, LATENT_SHAPE, source="sample", num_steps=20, **AUTHORS_OPTIONS
+    )
     latents = fastdd_igds_sample(dit, codec.decode, estimator, ids, ETA, BETA, source="sample", num_steps=20)
     assert relative_error(latents, expected) <= RTOL
     xstart = fastdd_igds_sample(dit, codec.decode, estimator, ids, ETA, BETA, num_steps=20)
@@ -168,8 +177,16 @@ def test_compat_layout_guides_only_conditional_rows(models):
     results = []
     for compat in (False, True):
         guidance = InformationGuidance(codec.decode, estimator, ETA, BETA)
-        sampler = GuidedSampler(dit, GaussianDiffusion(10), [guidance], cfg_scale=CFG_SCALE, null_class=NULL_CLASS,
-                                cfg_channels=3, compat=compat, num_classes=NUM_CLASSES)  # fmt: skip
+        sampler = GuidedSampler(
+            dit,
+            GaussianDiffusion(10),
+            [guidance],
+            cfg_scale=CFG_SCALE,
+            null_class=NULL_CLASS,
+            cfg_channels=3,
+            compat=compat,
+            num_classes=NUM_CLASSES,
+        )
         results.append(sampler.sample([c for c, _, _ in ids], ids, LATENT_SHAPE, "cpu", progress=False))
     torch.testing.assert_close(results[1], results[0], rtol=1e-5, atol=1e-5)
 
@@ -190,8 +207,19 @@ def digits():
 
 
 def train_digits(images, labels, epochs):
-    return train_information_estimator(images, labels, dim=32, width=16, epochs=epochs, batch_size=128, momentum=0.9,
-                                       classifier_epochs=30, flip=False, seed=0, progress=False)  # fmt: skip
+    return train_information_estimator(
+        images,
+        labels,
+        dim=32,
+        width=16,
+        epochs=epochs,
+        batch_size=128,
+        momentum=0.9,
+        classifier_epochs=30,
+        flip=False,
+        seed=0,
+        progress=False,
+    )
 
 
 def test_estimator_training_decreases_info_nce_and_classifier_beats_chance(digits):

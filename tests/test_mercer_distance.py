@@ -4,6 +4,7 @@ Values and x-gradients for the linear, rbf and poly kernels, float32 / bfloat16 
 feature-block and tile boundaries; gradcheck; torch.compile(fullgraph=True); bad inputs. Triton runs in its CPU
 interpreter here and is compiled ahead of time for sm_80 / sm_90 in a subprocess.
 """
+
 import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -15,10 +16,10 @@ from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from backends import cpu_backend_params  # noqa: E402
 
 from fastdd import ops  # noqa: E402
 from fastdd.ops import mercer, reference  # noqa: E402
-from backends import cpu_backend_params  # noqa: E402
 from fastdd.ops._backend import compiled_kernel  # noqa: E402
 
 KERNELS = ("linear", "rbf", "poly")
@@ -91,7 +92,9 @@ def test_bfloat16_y_accumulates_in_float32(backend, kernel):
     x, y = _inputs(5, 40, 70, seed=3)
     y16 = y.bfloat16()
     for x_in in (x, x.bfloat16()):
-        out, grad = _value_and_grad(lambda v: ops.mercer_distance(v, y16, kernel, backend=backend, **PARAMS[kernel]), x_in)
+        out, grad = _value_and_grad(
+            lambda v: ops.mercer_distance(v, y16, kernel, backend=backend, **PARAMS[kernel]), x_in
+        )
         exact = lambda v: reference.mercer_distance(v.float(), y16.float(), kernel, **PARAMS[kernel])  # noqa: E731
         ref, ref_grad = _value_and_grad(exact, x_in)
         assert out.dtype == torch.float32 and grad.dtype == x_in.dtype
@@ -115,7 +118,9 @@ def test_zero_distance_rows_have_finite_gradients(backend, kernel):
     # order) into √δ: ≈ 1e-7 per pair in float64, ≈ 1e-3 in float32
     torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-8)
     _assert_grad_close(grad, ref_grad, rtol=1e-8)
-    out32, grad32 = _value_and_grad(lambda v: ops.mercer_distance(v, y.float(), kernel, backend=backend, **PARAMS[kernel]), x.float())
+    out32, grad32 = _value_and_grad(
+        lambda v: ops.mercer_distance(v, y.float(), kernel, backend=backend, **PARAMS[kernel]), x.float()
+    )
     assert torch.isfinite(grad32).all() and torch.isfinite(out32).all()
     torch.testing.assert_close(out32, ref.float(), rtol=1e-4, atol=1e-3)
     _assert_grad_close(grad32[[1, 3]], ref_grad.float()[[1, 3]], rtol=1e-4)
@@ -128,7 +133,9 @@ def test_y_sqnorm_is_a_cache(backend):
     y_sqnorm = (y16.float() ** 2).sum(1)
     for kernel in KERNELS:
         with_cache = ops.mercer_distance(x, y16, kernel, y_sqnorm=y_sqnorm, backend=backend)
-        torch.testing.assert_close(with_cache, ops.mercer_distance(x, y16, kernel, backend=backend), rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(
+            with_cache, ops.mercer_distance(x, y16, kernel, backend=backend), rtol=1e-6, atol=1e-6
+        )
     # the fast backends read it instead of recomputing ‖y_n‖² (so a wrong cache shows)
     shifted = ops.mercer_distance(x, y16, "linear", y_sqnorm=y_sqnorm + 10, backend=backend)
     assert (shifted > ops.mercer_distance(x, y16, "linear", backend=backend)).all()
@@ -162,14 +169,36 @@ def test_op_gradcheck_float64_and_second_order_through_the_reference(backend):
     assert torch.autograd.gradgradcheck(fn, (x,))
 
 
-# --------------------------------------------------------------------------- compile and validation
+# --------------------------------------------------------------------------- custom ops, compile and validation
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_custom_ops_pass_opcheck_and_agree_on_the_coefficients(backend):
+    """Schema and fake kernels of both ops; every implementation returns the reference's backward coefficients."""
+    from fastdd.ops._backend import forced_backend
+
+    x, y = _inputs(3, 7, 10, seed=10)
+    checks = ("test_schema", "test_faketensor")
+    for kernel, params in PARAMS.items():
+        args = (x, y, None, kernel, params.get("sigma", 1.0), params.get("degree", 2), params.get("coef0", 1.0), 1e-12)
+        with forced_backend("mercer_distance", backend):
+            torch.library.opcheck(mercer._mercer_distance_op, args, test_utils=checks)
+            _, coef, alpha = mercer._mercer_distance_op(*args)
+            backward_args = (torch.rand(3), x, y, coef, alpha)
+            torch.library.opcheck(mercer._mercer_distance_backward_op, backward_args, test_utils=checks)
+        ref_coef, ref_alpha = reference.mercer_coefficients(x, y, kernel, **params)
+        torch.testing.assert_close(coef, ref_coef, rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(alpha, ref_alpha, rtol=1e-5, atol=1e-7)
+
+
 def test_torch_compile_fullgraph_forward_and_backward():
     backend = "cpp" if compiled_kernel("mercer_distance", "CPU") else "reference"
     x, y = _inputs(3, 40, 20, seed=9)
     y16 = y.bfloat16()
 
     def energy(v):
-        return ops.mercer_distance(v, y16, "rbf", backend=backend).sum() + ops.mercer_distance(v, y16, backend=backend).sum()
+        return (
+            ops.mercer_distance(v, y16, "rbf", backend=backend).sum()
+            + ops.mercer_distance(v, y16, backend=backend).sum()
+        )
 
     compiled = torch.compile(energy, fullgraph=True)
     out, grad = _value_and_grad(compiled, x)

@@ -1,17 +1,18 @@
 """DAP (fastdd.guidance.dap) against a plain restatement of the paper's Algorithm 1 (fastdd.authors_reference):
 batch 1, loops over the real samples, D_K written from its kernel, the DiT blocks run by hand, over full
 sampling runs."""
+
 from __future__ import annotations
 
 import math
 
 import pytest
 import torch
+from tiny_dit import relative_error, tiny_denoising_dit  # random DiT + the exact N(0, I) denoiser
 
 from fastdd.authors_reference import authors_dap_sample, dap_block_features, dap_energy, dap_real_features
 from fastdd.guidance.dap import JLProjection, MercerGuidance, RealFeatures, jl_min_dim, real_features
 from fastdd.sampling import GaussianDiffusion, GuidedSampler, StepContext
-from tiny_dit import relative_error, tiny_denoising_dit  # random DiT + the exact N(0, I) denoiser
 
 NUM_CLASSES, NULL = 3, 3
 C, H = 4, 8
@@ -26,8 +27,9 @@ pytestmark = pytest.mark.usefixtures("single_thread")
 
 @pytest.fixture(scope="module")
 def model():
-    return tiny_denoising_dit(NUM_CLASSES, input_size=H, depth=3, restore_rng=False, final_adaln_bias=False,
-                              final_linear_bias=False)  # fmt: skip
+    return tiny_denoising_dit(
+        NUM_CLASSES, input_size=H, depth=3, restore_rng=False, final_adaln_bias=False, final_linear_bias=False
+    )
 
 
 @pytest.fixture(scope="module")
@@ -45,8 +47,10 @@ def fastdd_sample(model, diffusion, guidances, labels, image_ids):
 
 
 # ------------------------------------------------------------------------------------------------ tests
-@pytest.mark.parametrize("kernel, t_mode, gamma", [("linear", "zero", 0.5), ("rbf", "zero", 40.0), ("poly", "zero", 2.0),
-                                                   ("linear", "noised", 0.5)])  # fmt: skip
+@pytest.mark.parametrize(
+    "kernel, t_mode, gamma",
+    [("linear", "zero", 0.5), ("rbf", "zero", 40.0), ("poly", "zero", 2.0), ("linear", "noised", 0.5)],
+)
 def test_full_run_matches_reference(model, reals, kernel, t_mode, gamma):
     latents, labels = reals
     diffusion = GaussianDiffusion(STEPS)
@@ -57,9 +61,21 @@ def test_full_run_matches_reference(model, reals, kernel, t_mode, gamma):
     guided = fastdd_sample(model, diffusion, [guidance], batch_labels, image_ids)
     unguided = fastdd_sample(model, diffusion, [], batch_labels, image_ids)
     for b, (label, image_index, _) in enumerate(image_ids):
-        expected = authors_dap_sample(model, diffusion, label, image_index, latents, labels, block_index=BLOCK,
-                                      kernel=kernel, gamma=gamma, t_mode=t_mode, seed=SEED, cfg_scale=CFG,
-                                      null_class=NULL)  # fmt: skip
+        expected = authors_dap_sample(
+            model,
+            diffusion,
+            label,
+            image_index,
+            latents,
+            labels,
+            block_index=BLOCK,
+            kernel=kernel,
+            gamma=gamma,
+            t_mode=t_mode,
+            seed=SEED,
+            cfg_scale=CFG,
+            null_class=NULL,
+        )
         assert relative_error(guided[b], expected) < 1e-4
         assert relative_error(unguided[b], expected) > 1e-2  # the guidance does change the image
 
@@ -144,9 +160,21 @@ def test_compat_rows_and_class_cache(model, reals):
     index = 4
 
     zeros = torch.zeros_like(x)
-    fields = dict(x_t=x, index=index, timestep=diffusion.timestep_list[index], alpha_bar=diffusion.alpha_bar(index), y=y,
-                  model_output=zeros, eps=zeros, pred_xstart=zeros, mean=zeros, log_variance=zeros, sample=zeros, rows=2,
-                  image_ids=[(0, 0, SEED), (1, 0, SEED)])  # fmt: skip
+    fields = dict(
+        x_t=x,
+        index=index,
+        timestep=diffusion.timestep_list[index],
+        alpha_bar=diffusion.alpha_bar(index),
+        y=y,
+        model_output=zeros,
+        eps=zeros,
+        pred_xstart=zeros,
+        mean=zeros,
+        log_variance=zeros,
+        sample=zeros,
+        rows=2,
+        image_ids=[(0, 0, SEED), (1, 0, SEED)],
+    )
     compat = guidance.step(StepContext(**fields))
     first = bank.get(0, index)[0].clone()
     assert list(bank._cache) == [0]  # class 1 was evicted when class 0 came back

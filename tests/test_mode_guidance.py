@@ -1,9 +1,11 @@
 """MGD3 (fastdd.guidance.mgd3): torch k-means against a plain Lloyd loop, and ModeGuidance on the sampler
 against the MGD3 ancestral loop restated from SPEC in fastdd.authors_reference (batch 1)."""
+
 from __future__ import annotations
 
 import pytest
 import torch
+from tiny_dit import relative_error, tiny_denoising_dit
 
 from fastdd.authors_reference import authors_dit_sample
 from fastdd.guidance.mgd3 import (
@@ -17,7 +19,6 @@ from fastdd.guidance.mgd3 import (
 )
 from fastdd.models import PixelCodec
 from fastdd.sampling import GaussianDiffusion, GuidedSampler
-from tiny_dit import relative_error, tiny_denoising_dit
 
 NUM_CLASSES, NULL_CLASS = 4, 4
 LATENT_SHAPE = (4, 8, 8)
@@ -34,7 +35,9 @@ def reference_kmeans_plus_plus(points, k, generator):
     """k-means++ written out: uniform first pick, then D²-weighted picks (same generator calls)."""
     chosen = [int(torch.randint(points.shape[0], (1,), generator=generator))]
     for _ in range(1, k):
-        d2 = torch.tensor([min(float(((p - points[c]) ** 2).sum()) for c in chosen) for p in points], dtype=torch.float64)
+        d2 = torch.tensor(
+            [min(float(((p - points[c]) ** 2).sum()) for c in chosen) for p in points], dtype=torch.float64
+        )
         chosen.append(int(torch.multinomial(d2, 1, generator=generator)))
     return chosen
 
@@ -170,8 +173,16 @@ def modes():
 
 def fastdd_run(model, modes, compat, lam=LAM, stop=STOP_INDEX, cfg_channels=None):
     guidance = ModeGuidance(modes, lam=lam, stop_index=stop, compat=compat)
-    sampler = GuidedSampler(model, GaussianDiffusion(NUM_STEPS), [guidance], cfg_scale=CFG_SCALE,
-                            null_class=NULL_CLASS, cfg_channels=cfg_channels, compat=compat, num_classes=NUM_CLASSES)  # fmt: skip
+    sampler = GuidedSampler(
+        model,
+        GaussianDiffusion(NUM_STEPS),
+        [guidance],
+        cfg_scale=CFG_SCALE,
+        null_class=NULL_CLASS,
+        cfg_channels=cfg_channels,
+        compat=compat,
+        num_classes=NUM_CLASSES,
+    )
     # one batch mixing classes and mode indices, in no particular order
     image_ids = [(2, 1, SEED), (0, 0, SEED), (3, 2, SEED), (0, 2, SEED)]
     finals = sampler.sample([c for c, _, _ in image_ids], image_ids, LATENT_SHAPE, "cpu", progress=False)
@@ -182,9 +193,20 @@ def fastdd_run(model, modes, compat, lam=LAM, stop=STOP_INDEX, cfg_channels=None
 def test_mode_guidance_matches_reference_loop(model, modes, compat):
     finals = fastdd_run(model, modes, compat)
     for (c, j), final in finals.items():
-        expected = authors_dit_sample(model, c, j, LATENT_SHAPE, num_steps=NUM_STEPS, cfg_scale=CFG_SCALE,
-                                      null_class=NULL_CLASS, seed=SEED, compat=compat, mode=modes[c][j], lam=LAM,
-                                      stop_index=STOP_INDEX)  # fmt: skip
+        expected = authors_dit_sample(
+            model,
+            c,
+            j,
+            LATENT_SHAPE,
+            num_steps=NUM_STEPS,
+            cfg_scale=CFG_SCALE,
+            null_class=NULL_CLASS,
+            seed=SEED,
+            compat=compat,
+            mode=modes[c][j],
+            lam=LAM,
+            stop_index=STOP_INDEX,
+        )
         assert torch.isfinite(final).all()
         assert relative_error(final, expected) <= RTOL, (c, j, relative_error(final, expected))
 
@@ -217,12 +239,18 @@ def test_mode_guidance_rejects_bad_settings(model, modes):
     with pytest.raises(ValueError, match="NaN"):
         ModeGuidance({0: torch.full((2, 4, 8, 8), float("nan"))})
     stacked = torch.stack([modes[c] for c in range(NUM_CLASSES)])
-    sampler = GuidedSampler(model, GaussianDiffusion(NUM_STEPS), [ModeGuidance(stacked)], null_class=NULL_CLASS,
-                            num_classes=NUM_CLASSES)  # fmt: skip
+    sampler = GuidedSampler(
+        model, GaussianDiffusion(NUM_STEPS), [ModeGuidance(stacked)], null_class=NULL_CLASS, num_classes=NUM_CLASSES
+    )
     with pytest.raises(ValueError, match="image 3 of class 1 has no mode"):
         sampler.sample([1], [(1, IPC, SEED)], LATENT_SHAPE, "cpu", progress=False)
-    sampler = GuidedSampler(model, GaussianDiffusion(NUM_STEPS), [ModeGuidance({0: modes[0]})], null_class=NULL_CLASS,
-                            num_classes=NUM_CLASSES)  # fmt: skip
+    sampler = GuidedSampler(
+        model,
+        GaussianDiffusion(NUM_STEPS),
+        [ModeGuidance({0: modes[0]})],
+        null_class=NULL_CLASS,
+        num_classes=NUM_CLASSES,
+    )
     with pytest.raises(ValueError, match="class 2 has no modes"):
         sampler.sample([2], [(2, 0, SEED)], LATENT_SHAPE, "cpu", progress=False)
 
@@ -235,9 +263,21 @@ def test_compat_shadow_rows_get_the_conditional_difference_with_their_own_sigma(
     generator = torch.Generator().manual_seed(0)
     x_t, pred_xstart, log_variance = (torch.randn(4, *LATENT_SHAPE, generator=generator) for _ in range(3))
     zeros = torch.zeros_like(x_t)
-    ctx = StepContext(x_t=x_t, index=40, timestep=800, alpha_bar=0.1, y=torch.tensor([1, 3, NULL_CLASS, NULL_CLASS]),
-                      model_output=zeros, eps=zeros, pred_xstart=pred_xstart, mean=zeros, log_variance=log_variance,
-                      sample=zeros, rows=2, image_ids=image_ids)  # fmt: skip
+    ctx = StepContext(
+        x_t=x_t,
+        index=40,
+        timestep=800,
+        alpha_bar=0.1,
+        y=torch.tensor([1, 3, NULL_CLASS, NULL_CLASS]),
+        model_output=zeros,
+        eps=zeros,
+        pred_xstart=pred_xstart,
+        mean=zeros,
+        log_variance=log_variance,
+        sample=zeros,
+        rows=2,
+        image_ids=image_ids,
+    )
     targets = torch.stack([modes[1][0], modes[3][2]])
     guidance = ModeGuidance(modes, compat=True)
     guidance.begin_batch(torch.tensor([1, 3]), image_ids)

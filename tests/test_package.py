@@ -1,4 +1,5 @@
 """Package-level behaviour: the compiled extension, its fallback, `fastdd info`, the ConvNet surrogate."""
+
 import os
 import subprocess
 import sys

@@ -1,4 +1,5 @@
 """fastdd.pipeline: the batch plan, rank sharding, the run folder's resume state and manifest."""
+
 from __future__ import annotations
 
 import json
@@ -11,7 +12,11 @@ from fastdd.pipeline import RunDirectory, batches_for_rank, generate, plan_batch
 
 def test_plan_keeps_each_class_in_image_order_and_does_not_depend_on_ranks():
     plan = plan_batches(num_classes=7, ipc=3, class_batch=3)
-    assert [b.classes for b in plan[:3]] == [(0, 1, 2)] * 3 and [b.image_indices for b in plan[:3]] == [(0,), (1,), (2,)]
+    assert [b.classes for b in plan[:3]] == [(0, 1, 2)] * 3 and [b.image_indices for b in plan[:3]] == [
+        (0,),
+        (1,),
+        (2,),
+    ]
     assert plan[-1].classes == (6,) and [b.index for b in plan] == list(range(9))
     pairs = [item for b in plan for item in b.items]
     assert sorted(pairs) == [(c, i) for c in range(7) for i in range(3)]
@@ -58,11 +63,20 @@ def test_generate_skips_finished_batches_and_restores_them_in_order(tmp_path):
     run.start()
     assert generate(run, plan[:2], fake_batch, progress=False) == 4
     restored = []
-    made = generate(run, plan, fake_batch, lambda b, latents: restored.append((b.index, latents.shape[0])), progress=False)
+    made = generate(
+        run, plan, fake_batch, lambda b, latents: restored.append((b.index, latents.shape[0])), progress=False
+    )
     assert made == 2 and restored == [(0, 2), (1, 2)]
     run.write_manifest(complete=True)
     manifest = json.loads(run.manifest_path.read_text())
-    assert manifest["complete"] and [r["path"] for r in manifest["images"]] == ["x/0.png", "x/1.png", "y/0.png", "y/1.png", "z/0.png", "z/1.png"]
+    assert manifest["complete"] and [r["path"] for r in manifest["images"]] == [
+        "x/0.png",
+        "x/1.png",
+        "y/0.png",
+        "y/1.png",
+        "z/0.png",
+        "z/1.png",
+    ]
     assert all(len(r["sha256"]) == 64 for r in manifest["images"])
 
 

@@ -1,5 +1,6 @@
 """SAM / Minimax fine-tuning (fastdd.guidance.sam) against a plain restatement of the authors' training step:
 rows one at a time, python-list memories with the O(M²) most-similar pop, the ADM loss terms written out."""
+
 from __future__ import annotations
 
 import copy
@@ -8,6 +9,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from tiny_dit import randomised_dit, relative_error
 
 from fastdd.guidance.sam import (
     LatentMemory,
@@ -21,7 +23,6 @@ from fastdd.guidance.sam import (
 )
 from fastdd.models import DiT
 from fastdd.sampling import GaussianDiffusion
-from tiny_dit import randomised_dit, relative_error
 
 NUM_CLASSES = 3
 C, H = 4, 8
@@ -38,8 +39,16 @@ pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def build_model(diffit: bool = True) -> DiT:
-    dit = randomised_dit(NUM_CLASSES, model_class=DiT, input_size=H, hidden_size=16, restore_rng=False,
-                         final_adaln_bias=False, class_dropout_prob=0.1, diffit=diffit)  # fmt: skip
+    dit = randomised_dit(
+        NUM_CLASSES,
+        model_class=DiT,
+        input_size=H,
+        hidden_size=16,
+        restore_rng=False,
+        final_adaln_bias=False,
+        class_dropout_prob=0.1,
+        diffit=diffit,
+    )
     return dit.double().eval()
 
 
@@ -85,16 +94,25 @@ def reference_row_loss(model, x0, t, noise, y):
     if t > 0:
         true_mean = coef1 * x0 + coef2 * x_t
         true_log_var = POSTERIOR_LOG_VARIANCE[t]
-        kl = 0.5 * (-1 + model_log_var - true_log_var + torch.exp(true_log_var - model_log_var)
-                    + (true_mean - model_mean) ** 2 * torch.exp(-model_log_var))  # fmt: skip
+        kl = 0.5 * (
+            -1
+            + model_log_var
+            - true_log_var
+            + torch.exp(true_log_var - model_log_var)
+            + (true_mean - model_mean) ** 2 * torch.exp(-model_log_var)
+        )
         vb = kl.mean() / math.log(2)
     else:
         inv_std = torch.exp(-0.5 * model_log_var)
         upper = normal_cdf_tanh(inv_std * (x0 - model_mean + 1 / 255))
         lower = normal_cdf_tanh(inv_std * (x0 - model_mean - 1 / 255))
-        log_p = torch.where(x0 < -0.999, torch.log(upper.clamp(min=1e-12)),
-                            torch.where(x0 > 0.999, torch.log((1 - lower).clamp(min=1e-12)),
-                                        torch.log((upper - lower).clamp(min=1e-12))))  # fmt: skip
+        log_p = torch.where(
+            x0 < -0.999,
+            torch.log(upper.clamp(min=1e-12)),
+            torch.where(
+                x0 > 0.999, torch.log((1 - lower).clamp(min=1e-12)), torch.log((upper - lower).clamp(min=1e-12))
+            ),
+        )
         vb = -log_p.mean() / math.log(2)
     return mse + vb, z_hat.flatten()
 
@@ -165,8 +183,17 @@ def reference_finetune(model, latents, labels, policy, compat):
 
 
 def fastdd_finetune(model, latents, labels, policy, compat, **overrides):
-    kwargs = dict(epochs=EPOCHS, batch_size=BATCH, capacity=CAPACITY, policy=policy, class_dropout_prob=DROPOUT,
-                  ema_decay=EMA_DECAY, compat=compat, seed=SEED, progress=False)  # fmt: skip
+    kwargs = dict(
+        epochs=EPOCHS,
+        batch_size=BATCH,
+        capacity=CAPACITY,
+        policy=policy,
+        class_dropout_prob=DROPOUT,
+        ema_decay=EMA_DECAY,
+        compat=compat,
+        seed=SEED,
+        progress=False,
+    )
     return finetune_sam(model, GaussianDiffusion(1000), latents, labels, **{**kwargs, **overrides})
 
 
@@ -297,11 +324,18 @@ def test_bad_hyper_parameters(data):
     model = build_model()
     diffusion = GaussianDiffusion(1000)
     bad = [
-        (dict(lambda_real=-0.1), "lambda_real"), (dict(lambda_gen=-1.0), "lambda_gen"), (dict(capacity=0), "capacity"),
-        (dict(capacity=-3), "capacity"), (dict(policy="lru"), "policy"), (dict(epochs=0), "epochs"),
-        (dict(batch_size=0), "batch_size"), (dict(batch_size=11), "batch_size"), (dict(lr=0.0), "lr"),
-        (dict(ema_decay=1.5), "ema_decay"), (dict(class_dropout_prob=1.0), "class_dropout_prob"),
-    ]  # fmt: skip
+        (dict(lambda_real=-0.1), "lambda_real"),
+        (dict(lambda_gen=-1.0), "lambda_gen"),
+        (dict(capacity=0), "capacity"),
+        (dict(capacity=-3), "capacity"),
+        (dict(policy="lru"), "policy"),
+        (dict(epochs=0), "epochs"),
+        (dict(batch_size=0), "batch_size"),
+        (dict(batch_size=11), "batch_size"),
+        (dict(lr=0.0), "lr"),
+        (dict(ema_decay=1.5), "ema_decay"),
+        (dict(class_dropout_prob=1.0), "class_dropout_prob"),
+    ]
     for kwargs, name in bad:
         with pytest.raises(ValueError, match=name):
             finetune_sam(model, diffusion, latents, labels, progress=False, **kwargs)

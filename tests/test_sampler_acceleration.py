@@ -2,21 +2,29 @@
 torch.compile of the model, and whole steps replayed from recorded graphs (here with a CPU recorder that
 traces each step once, so a per-batch value that does not travel through the step's inputs or in-place
 device state goes stale exactly as in a CUDA graph)."""
+
 from __future__ import annotations
 
 import warnings
 
 import pytest
 import torch
+from tiny_dit import relative_error, tiny_denoising_dit
 from torch.fx.experimental.proxy_tensor import make_fx
 from torch.nn.utils import parameters_to_vector
 
 from fastdd import ops
 from fastdd.guidance import DeviationGuidance, InfluenceGuidance, ModeGuidance
 from fastdd.models import ConvNet
-from fastdd.sampling import GaussianDiffusion, Guidance, GuidedSampler, StepGraphs, mixed_precision, sample_step
-from fastdd.sampling import acceleration
-from tiny_dit import relative_error, tiny_denoising_dit
+from fastdd.sampling import (
+    GaussianDiffusion,
+    Guidance,
+    GuidedSampler,
+    StepGraphs,
+    acceleration,
+    mixed_precision,
+    sample_step,
+)
 
 CLASSES, STEPS, LATENT = 3, 10, (4, 8, 8)
 
@@ -30,7 +38,9 @@ def decode(latents):
 def igd_parts():
     torch.manual_seed(0)
     surrogate = ConvNet(3, CLASSES, width=6, depth=2, im_size=8).eval()
-    flat = torch.stack([parameters_to_vector(ConvNet(3, CLASSES, width=6, depth=2, im_size=8).parameters()) for _ in range(2)])
+    flat = torch.stack(
+        [parameters_to_vector(ConvNet(3, CLASSES, width=6, depth=2, im_size=8).parameters()) for _ in range(2)]
+    )
     real_grads = torch.randn(CLASSES, *flat.shape) * 0.01
     return surrogate, flat.detach(), real_grads
 
@@ -79,7 +89,9 @@ def test_bf16_sampler_keeps_guidance_reductions_fp32_and_stays_close(igd_parts, 
 
     def sampler(precision):
         guidances = igd_guidances(igd_parts, mixed_precision(decode, precision))
-        return GuidedSampler(model, GaussianDiffusion(STEPS), guidances, cfg_scale=2.0, num_classes=CLASSES, precision=precision)
+        return GuidedSampler(
+            model, GaussianDiffusion(STEPS), guidances, cfg_scale=2.0, num_classes=CLASSES, precision=precision
+        )
 
     fp32 = run_batches(sampler("fp32"), batches=2)
     bf16 = run_batches(sampler("bf16"), batches=2)
@@ -120,7 +132,9 @@ def test_fast_mode_changes_only_guided_steps(igd_parts):
     model = tiny_denoising_dit(CLASSES)
 
     def sampler(guidances, exact):
-        return GuidedSampler(model, GaussianDiffusion(STEPS), guidances, cfg_scale=2.0, num_classes=CLASSES, model_jacobian=exact)
+        return GuidedSampler(
+            model, GaussianDiffusion(STEPS), guidances, cfg_scale=2.0, num_classes=CLASSES, model_jacobian=exact
+        )
 
     torch.testing.assert_close(run_batches(sampler([], False), 1), run_batches(sampler([], True), 1), rtol=0, atol=0)
     exact = run_batches(sampler(igd_guidances(igd_parts), True), 2)
@@ -137,7 +151,9 @@ def test_replace_keeps_every_setting_but_the_swapped_part(igd_parts):
         warnings.simplefilter("ignore", RuntimeWarning)  # CUDA graphs on CPU: eager, said once
         base = GuidedSampler(model, GaussianDiffusion(STEPS), igd_guidances(igd_parts), **options)
         replaced = base.replace(model=other_model, diffusion=GaussianDiffusion(STEPS, timestep_spacing="leading"))
-        direct = GuidedSampler(other_model, GaussianDiffusion(STEPS, timestep_spacing="leading"), igd_guidances(igd_parts), **options)
+        direct = GuidedSampler(
+            other_model, GaussianDiffusion(STEPS, timestep_spacing="leading"), igd_guidances(igd_parts), **options
+        )
         assert (replaced.precision, replaced.model_jacobian, replaced.graphs is not None) == ("bf16", False, True)
         assert replaced.guidances == base.guidances and replaced.model is other_model
         torch.testing.assert_close(run_batches(replaced, 1), run_batches(direct, 1), rtol=0, atol=0)
@@ -147,7 +163,9 @@ def test_replace_keeps_every_setting_but_the_swapped_part(igd_parts):
 def test_compiled_model_gives_the_eager_result(igd_parts):
     model = tiny_denoising_dit(CLASSES)
     eager = GuidedSampler(model, GaussianDiffusion(STEPS), igd_guidances(igd_parts), cfg_scale=2.0, num_classes=CLASSES)
-    compiled = GuidedSampler(model, GaussianDiffusion(STEPS), igd_guidances(igd_parts), cfg_scale=2.0, num_classes=CLASSES, compile=True)
+    compiled = GuidedSampler(
+        model, GaussianDiffusion(STEPS), igd_guidances(igd_parts), cfg_scale=2.0, num_classes=CLASSES, compile=True
+    )
     torch.testing.assert_close(run_batches(compiled, 2), run_batches(eager, 2), rtol=1e-4, atol=1e-5)
 
 
@@ -213,8 +231,13 @@ def test_mode_guidance_replays_with_each_batch_targets():
     modes = torch.randn(CLASSES, 3, *LATENT)
 
     def sampler():
-        return GuidedSampler(model, GaussianDiffusion(STEPS), [ModeGuidance(modes, lam=0.1, stop_index=4)],
-                             cfg_scale=2.0, num_classes=CLASSES)  # fmt: skip
+        return GuidedSampler(
+            model,
+            GaussianDiffusion(STEPS),
+            [ModeGuidance(modes, lam=0.1, stop_index=4)],
+            cfg_scale=2.0,
+            num_classes=CLASSES,
+        )
 
     torch.testing.assert_close(run_batches(recorded(sampler())), run_batches(sampler()), rtol=0, atol=0)
 
@@ -237,7 +260,9 @@ def test_guidance_that_is_not_capturable_runs_eagerly_and_is_named(monkeypatch):
     model = tiny_denoising_dit(CLASSES)
 
     def sampler(**options):
-        return GuidedSampler(model, GaussianDiffusion(STEPS), [HostState()], cfg_scale=2.0, num_classes=CLASSES, **options)
+        return GuidedSampler(
+            model, GaussianDiffusion(STEPS), [HostState()], cfg_scale=2.0, num_classes=CLASSES, **options
+        )
 
     with pytest.warns(RuntimeWarning, match="HostState cannot be recorded"):
         replayed = recorded(sampler(cuda_graphs=True))
@@ -249,7 +274,9 @@ def test_cuda_graphs_on_cpu_fall_back_to_eager_and_say_so_once(monkeypatch, igd_
     monkeypatch.setattr(acceleration, "_said", set())
     model = tiny_denoising_dit(CLASSES)
     eager = GuidedSampler(model, GaussianDiffusion(STEPS), igd_guidances(igd_parts), cfg_scale=2.0, num_classes=CLASSES)
-    graphs = GuidedSampler(model, GaussianDiffusion(STEPS), igd_guidances(igd_parts), cfg_scale=2.0, num_classes=CLASSES, cuda_graphs=True)
+    graphs = GuidedSampler(
+        model, GaussianDiffusion(STEPS), igd_guidances(igd_parts), cfg_scale=2.0, num_classes=CLASSES, cuda_graphs=True
+    )
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         result = run_batches(graphs, 2)
@@ -279,8 +306,14 @@ def test_cuda_graph_replay_matches_eager_on_gpu(igd_parts):
     model = tiny_denoising_dit(CLASSES).to(device)
 
     def sampler(graphs):
-        return GuidedSampler(model, GaussianDiffusion(STEPS), igd_guidances(igd_parts, device=device), cfg_scale=2.0,
-                             num_classes=CLASSES, cuda_graphs=graphs)  # fmt: skip
+        return GuidedSampler(
+            model,
+            GaussianDiffusion(STEPS),
+            igd_guidances(igd_parts, device=device),
+            cfg_scale=2.0,
+            num_classes=CLASSES,
+            cuda_graphs=graphs,
+        )
 
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)  # a fallback would hide a capture failure

@@ -1,5 +1,6 @@
 """fastdd.sampling against independent float64 restatements of the ADM/IDDPM formulas, diffusers' DDIM
 schedulers, the official forward_with_cfg formula and analytic probability-flow solutions."""
+
 from __future__ import annotations
 
 import math
@@ -214,7 +215,10 @@ def test_p_mean_variance_matches_reference():
     generator = torch.Generator().manual_seed(0)
     x = torch.randn(3, C, H, H, generator=generator, dtype=torch.float64)
     model_output = torch.cat(
-        [torch.randn(3, C, H, H, generator=generator, dtype=torch.float64), torch.rand(3, C, H, H, generator=generator, dtype=torch.float64) * 2 - 1],
+        [
+            torch.randn(3, C, H, H, generator=generator, dtype=torch.float64),
+            torch.rand(3, C, H, H, generator=generator, dtype=torch.float64) * 2 - 1,
+        ],
         dim=1,
     )
     for i in (0, 1, 17, 49):
@@ -234,9 +238,12 @@ def test_p_mean_variance_matches_reference():
     # ddpm_step: no noise at index 0, per row with tensor indices
     noise = torch.randn(3, C, H, H, generator=generator, dtype=torch.float64)
     stepped = diffusion.ddpm_step(out, noise, indices)
-    expected = out["mean"] + torch.tensor([1.0, 1.0, 0.0], dtype=torch.float64).view(3, 1, 1, 1) * torch.exp(
-        0.5 * out["log_variance"]
-    ) * noise
+    expected = (
+        out["mean"]
+        + torch.tensor([1.0, 1.0, 0.0], dtype=torch.float64).view(3, 1, 1, 1)
+        * torch.exp(0.5 * out["log_variance"])
+        * noise
+    )
     torch.testing.assert_close(stepped, expected, rtol=1e-14, atol=1e-14)
     # clip_denoised clamps x̂0 before the mean
     clipped = diffusion.p_mean_variance(model_output, x, 30, clip_denoised=True)
@@ -262,9 +269,14 @@ def test_ddim_step_matches_diffusers_ddim_scheduler():
 
     diffusion = GaussianDiffusion(50, timestep_spacing="leading")
     scheduler = DDIMScheduler(
-        num_train_timesteps=1000, trained_betas=np.linspace(1e-4, 0.02, 1000), clip_sample=False,
-        set_alpha_to_one=True, steps_offset=0, timestep_spacing="leading", prediction_type="epsilon",
-    )  # fmt: skip
+        num_train_timesteps=1000,
+        trained_betas=np.linspace(1e-4, 0.02, 1000),
+        clip_sample=False,
+        set_alpha_to_one=True,
+        steps_offset=0,
+        timestep_spacing="leading",
+        prediction_type="epsilon",
+    )
     scheduler.set_timesteps(50)
     assert scheduler.timesteps.tolist() == diffusion.timestep_list[::-1]
     generator = torch.Generator().manual_seed(1)
@@ -284,9 +296,13 @@ def test_ddim_inversion_step_matches_diffusers_inverse_scheduler():
 
     diffusion = GaussianDiffusion(50, timestep_spacing="leading")
     scheduler = DDIMInverseScheduler(
-        num_train_timesteps=1000, trained_betas=np.linspace(1e-4, 0.02, 1000), clip_sample=False,
-        steps_offset=0, timestep_spacing="leading", prediction_type="epsilon",
-    )  # fmt: skip
+        num_train_timesteps=1000,
+        trained_betas=np.linspace(1e-4, 0.02, 1000),
+        clip_sample=False,
+        steps_offset=0,
+        timestep_spacing="leading",
+        prediction_type="epsilon",
+    )
     scheduler.set_timesteps(50)
     generator = torch.Generator().manual_seed(2)
     x = torch.randn(2, C, H, H, generator=generator)
@@ -307,7 +323,9 @@ def test_cfg_model_output_matches_two_forwards():
     t, y = torch.tensor([999, 500, 3]), torch.tensor([0, 2, 4])
     for channels in (None, 3):
         expected = reference_cfg(model, x, t, y, 4.0, C if channels is None else channels)
-        torch.testing.assert_close(cfg_model_output(model, x, t, y, 4.0, NULL, channels), expected, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(
+            cfg_model_output(model, x, t, y, 4.0, NULL, channels), expected, rtol=1e-12, atol=1e-12
+        )
     with pytest.raises(ValueError, match="cfg_channels"):
         cfg_model_output(model, x, t, y, 4.0, NULL, 9)
 
@@ -496,7 +514,11 @@ def test_ddim_and_dpm_solver_converge_to_probability_flow_solution():
 
     def ddim_error(num_steps):
         sampler = GuidedSampler(model, GaussianDiffusion(num_steps), cfg_scale=1.0, num_classes=NUM_CLASSES)
-        return (sampler.ddim_sample(labels, ids, (C, H, H), "cpu", progress=False, dtype=torch.float64) - expected).abs().max()
+        return (
+            (sampler.ddim_sample(labels, ids, (C, H, H), "cpu", progress=False, dtype=torch.float64) - expected)
+            .abs()
+            .max()
+        )
 
     # DDIM is first order: 4x the steps, about 1/4 of the error
     error_50, error_200 = ddim_error(50), ddim_error(200)
@@ -533,7 +555,9 @@ def test_ddim_invert_then_sample_round_trips(cfg_scale):
         diffusion = GaussianDiffusion(num_steps, timestep_spacing="leading")
         inverted = ddim_invert(model, diffusion, x0, labels, target, cfg_scale, NULL)
         sampler = GuidedSampler(model, diffusion, cfg_scale=cfg_scale, num_classes=NUM_CLASSES)
-        restored = sampler.ddim_sample(labels, start_index=target, x_start=inverted, progress=False, dtype=torch.float64)
+        restored = sampler.ddim_sample(
+            labels, start_index=target, x_start=inverted, progress=False, dtype=torch.float64
+        )
         # sampling ends with the step from index 0 (ᾱ at timestep 0) to ᾱ = 1, i.e. x̂0 of x0 at timestep 0
         eps = reference_cfg(model, x0, torch.zeros(2, dtype=torch.long), labels, cfg_scale, C)[:, :C]
         final = (x0 - math.sqrt(1 - ab[0]) * eps) / math.sqrt(ab[0])
@@ -549,7 +573,9 @@ def test_ddim_invert_then_sample_round_trips(cfg_scale):
     model, diffusion = SmoothToy(0.05), GaussianDiffusion(50, timestep_spacing="leading")
     trajectory = ddim_invert(model, diffusion, x0, labels, 31, cfg_scale, NULL, return_intermediates=True)
     assert trajectory.shape == (32, 2, C, H, H) and torch.equal(trajectory[0], x0)
-    torch.testing.assert_close(ddim_invert(model, diffusion, x0, labels, 31, cfg_scale, NULL), trajectory[-1], rtol=0, atol=0)
+    torch.testing.assert_close(
+        ddim_invert(model, diffusion, x0, labels, 31, cfg_scale, NULL), trajectory[-1], rtol=0, atol=0
+    )
     # one inversion step by hand: model at the target timestep on the current latent (D3HR convention)
     eps = reference_cfg(model, trajectory[4], torch.full((2,), 100), labels, cfg_scale, C)[:, :C]
     x0_pred = (trajectory[4] - math.sqrt(1 - ab[80]) * eps) / math.sqrt(ab[80])
@@ -582,5 +608,6 @@ def test_ddim_sample_loop_with_eta_and_compat():
     torch.testing.assert_close(
         compat.ddim_sample(labels, start_index=12, x_start=start, progress=False, dtype=torch.float64),
         clean3.ddim_sample(labels, start_index=12, x_start=start, progress=False, dtype=torch.float64),
-        rtol=0, atol=1e-12,
-    )  # fmt: skip
+        rtol=0,
+        atol=1e-12,
+    )

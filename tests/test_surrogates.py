@@ -33,17 +33,20 @@ def num_params(model):
 
 @pytest.mark.parametrize("im_size, stem_kernel", [(224, 7), (128, 3), (32, 3)])
 def test_param_counts(im_size, stem_kernel):
-    assert num_params(ResNetAP(3, 10, depth=10, width=64, im_size=im_size)) == \
-        expected_param_count(3, 10, 64, (1, 1, 1, 1), stem_kernel)
-    assert num_params(ResNet(3, 100, depth=18, im_size=im_size)) == \
-        expected_param_count(3, 100, 64, (2, 2, 2, 2), stem_kernel)
+    assert num_params(ResNetAP(3, 10, depth=10, width=64, im_size=im_size)) == expected_param_count(
+        3, 10, 64, (1, 1, 1, 1), stem_kernel
+    )
+    assert num_params(ResNet(3, 100, depth=18, im_size=im_size)) == expected_param_count(
+        3, 100, 64, (2, 2, 2, 2), stem_kernel
+    )
 
 
 def stage_shapes(model, x):
     shapes = []
     hooks = [model.stem.register_forward_hook(lambda m, a, out: shapes.append(tuple(out.shape[1:])))]
-    hooks += [stage.register_forward_hook(lambda m, a, out: shapes.append(tuple(out.shape[1:])))
-              for stage in model.layers]
+    hooks += [
+        stage.register_forward_hook(lambda m, a, out: shapes.append(tuple(out.shape[1:]))) for stage in model.layers
+    ]
     model(x)
     for hook in hooks:
         hook.remove()
@@ -53,7 +56,12 @@ def stage_shapes(model, x):
 def test_resnetap_downsampling_by_average_pooling():
     model = ResNetAP(3, 10, depth=10, width=8, im_size=224)
     assert stage_shapes(model, torch.randn(1, 3, 224, 224)) == [
-        (8, 56, 56), (8, 56, 56), (16, 28, 28), (32, 14, 14), (64, 7, 7)]
+        (8, 56, 56),
+        (8, 56, 56),
+        (16, 28, 28),
+        (32, 14, 14),
+        (64, 7, 7),
+    ]
     strides = {m.stride for m in model.modules() if isinstance(m, nn.Conv2d)}
     assert strides == {(1, 1)}
     strided = [m for m in ResNet(3, 10, depth=10, width=8).modules() if isinstance(m, nn.Conv2d) and m.stride != (1, 1)]
@@ -118,9 +126,17 @@ def tiny_vae_dir(tmp_path_factory):
     from diffusers import AutoencoderKL
 
     torch.manual_seed(0)
-    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
-                        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), layers_per_block=1,
-                        latent_channels=4, norm_num_groups=4, sample_size=16)
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=4,
+        sample_size=16,
+    )
     folder = tmp_path_factory.mktemp("vae")
     vae.save_pretrained(folder / "plain")
     vae.save_pretrained(folder / "pipeline" / "vae")
@@ -144,8 +160,9 @@ def test_latent_codec_matches_direct_vae_calls(tiny_vae_dir):
         torch.testing.assert_close(decoded, vae.decode(latents / 0.18215).sample)
         fast = LatentCodec(load_vae(str(tiny_vae_dir / "pipeline")), channels_last=True)
         torch.testing.assert_close(fast.decode(latents), decoded, atol=1e-5, rtol=1e-5)
-        torch.testing.assert_close(fast.encode(images, sample=False), codec.encode(images, sample=False),
-                                   atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(
+            fast.encode(images, sample=False), codec.encode(images, sample=False), atol=1e-5, rtol=1e-5
+        )
 
 
 def test_latent_codec_gradients_and_errors(tiny_vae_dir):

@@ -4,6 +4,7 @@ A random DiT predicts eps unrelated to x_t, so a 50-step trajectory inflates x b
 denoiser of N(0, I) data, √(1 − ᾱ_t)·x_t, to its eps channels keeps the trajectory O(1), while the DiT part
 (class-, t- and x-dependent, scaled by 0.3) keeps CFG and the learned variance channels non-trivial.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -47,8 +48,17 @@ def randomised_dit(
     """
     state = torch.random.get_rng_state()
     torch.manual_seed(seed)
-    dit = model_class(input_size=input_size, patch_size=2, in_channels=4, hidden_size=hidden_size, depth=depth,
-                      num_heads=2, num_classes=num_classes, learn_sigma=True, **dit_kwargs)  # fmt: skip
+    dit = model_class(
+        input_size=input_size,
+        patch_size=2,
+        in_channels=4,
+        hidden_size=hidden_size,
+        depth=depth,
+        num_heads=2,
+        num_classes=num_classes,
+        learn_sigma=True,
+        **dit_kwargs,
+    )
     layers = [(block.adaLN_modulation[1], True) for block in dit.blocks]
     layers += [(dit.final_layer.adaLN_modulation[1], final_adaln_bias), (dit.final_layer.linear, final_linear_bias)]
     with torch.no_grad():
@@ -71,11 +81,21 @@ def tiny_vae():
     global generator as it stands."""
     from diffusers import AutoencoderKL
 
-    return AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 8), layers_per_block=1,
-        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-        norm_num_groups=4, sample_size=16,
-    ).eval().requires_grad_(False)  # fmt: skip
+    return (
+        AutoencoderKL(
+            in_channels=3,
+            out_channels=3,
+            latent_channels=4,
+            block_out_channels=(8, 8),
+            layers_per_block=1,
+            down_block_types=("DownEncoderBlock2D",) * 2,
+            up_block_types=("UpDecoderBlock2D",) * 2,
+            norm_num_groups=4,
+            sample_size=16,
+        )
+        .eval()
+        .requires_grad_(False)
+    )
 
 
 def relative_error(actual: torch.Tensor, expected: torch.Tensor, floor: float = 0.0) -> float:

@@ -3,6 +3,7 @@
 `compile_for_gpu(kernel, signature, constexprs, arch)` runs `triton.compile` for sm_<arch> and reads
 the cubin's resource usage (registers, spills, shared memory) with the cuobjdump Triton ships.
 """
+
 from __future__ import annotations
 
 import os
@@ -36,11 +37,15 @@ def _cuobjdump() -> str:
 
 def compile_for_gpu(kernel, signature: dict, constexprs: dict, arch: int, num_warps: int = 4, num_stages: int = 3):
     src = ASTSource(fn=kernel, signature={**signature, **{k: "constexpr" for k in constexprs}}, constexprs=constexprs)
-    compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps, "num_stages": num_stages})
+    compiled = triton.compile(
+        src, target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps, "num_stages": num_stages}
+    )
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(compiled.asm["cubin"])
         f.flush()
-        usage = subprocess.run([_cuobjdump(), "--dump-resource-usage", f.name], capture_output=True, text=True, check=True).stdout
+        usage = subprocess.run(
+            [_cuobjdump(), "--dump-resource-usage", f.name], capture_output=True, text=True, check=True
+        ).stdout
     field = lambda key: int(re.search(rf"{key}:(\d+)", usage).group(1))  # noqa: E731
     shared = max(field("SHARED"), compiled.metadata.shared)
     return KernelResources(compiled.metadata.name, arch, field("REG"), field("LOCAL") + field("STACK"), shared)
@@ -49,4 +54,6 @@ def compile_for_gpu(kernel, signature: dict, constexprs: dict, arch: int, num_wa
 def assert_fits(res: KernelResources) -> None:
     """No register spills and shared memory within the target's per-block limit."""
     assert res.spill_bytes == 0, f"{res.name} on sm_{res.arch}: {res.spill_bytes} bytes of local memory (spills)"
-    assert res.shared_bytes <= SHARED_LIMIT[res.arch], f"{res.name} on sm_{res.arch}: {res.shared_bytes} B shared memory"
+    assert res.shared_bytes <= SHARED_LIMIT[res.arch], (
+        f"{res.name} on sm_{res.arch}: {res.shared_bytes} B shared memory"
+    )

@@ -9,8 +9,8 @@ Ops are timed with fastdd.ops.value_checks(False) (as in a sampling loop): the b
 
 Run: PYTHONPATH=. python -m benchmarks.ops.bench_cosine_memory [--device cuda] [--repeats 20]
 """
-from __future__ import annotations
 
+from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
@@ -40,10 +40,12 @@ def _bench_max_cosine(device, repeats):
         count = torch.tensor(MEMORY_ROWS, device=device)
         shape = f"B={batch} M={MEMORY_ROWS} D={DIM}"
         for backend in _fast_backends("max_cosine", device):
-            fn = lambda b=backend: max_cosine(query, memory, count, backend=b)  # noqa: E731
+            fn = lambda b=backend, q=query, m=memory, n=count: max_cosine(q, m, n, backend=b)  # noqa: E731
             records.append(_record("max_cosine", backend, shape, timeit(fn, device, repeats), device))
-        baseline = lambda: F.cosine_similarity(query[:, None], memory[None], dim=-1, eps=COS_EPS).max(dim=1)  # noqa: E731
-        records.append(_record("max_cosine", "F.cosine_similarity+max", shape, timeit(baseline, device, repeats), device))
+        baseline = lambda q=query, m=memory: F.cosine_similarity(q[:, None], m[None], dim=-1, eps=COS_EPS).max(dim=1)  # noqa: E731
+        records.append(
+            _record("max_cosine", "F.cosine_similarity+max", shape, timeit(baseline, device, repeats), device)
+        )
     return records
 
 
@@ -86,10 +88,12 @@ def _bench_add(device, repeats):
         memory.add(torch.randn(MEMORY_ROWS, DIM, device=device))
         rows = list(torch.randn(MEMORY_ROWS, DIM, device=device).unbind(0))
         step = iter(range(10**9))
-        add = lambda: memory.add(new_rows[next(step) % MEMORY_ROWS])  # noqa: E731
-        list_add = lambda: _list_memory_add(rows, new_rows[next(step) % MEMORY_ROWS], policy)  # noqa: E731
+        add = lambda m=memory, s=step: m.add(new_rows[next(s) % MEMORY_ROWS])  # noqa: E731
+        list_add = lambda r=rows, s=step, p=policy: _list_memory_add(r, new_rows[next(s) % MEMORY_ROWS], p)  # noqa: E731
         records.append(_record(f"add ({policy}, full)", "CosineMemory", shape, timeit(add, device, repeats), device))
-        records.append(_record(f"add ({policy}, full)", "Python list", shape, timeit(list_add, device, repeats), device))
+        records.append(
+            _record(f"add ({policy}, full)", "Python list", shape, timeit(list_add, device, repeats), device)
+        )
     return records
 
 
@@ -98,7 +102,11 @@ def run(device: torch.device | str = "cpu", repeats: int = 20) -> list[dict]:
     torch.manual_seed(0)
     # the NaN/Inf input checks read every element and sync with the host; hot loops switch them off
     with value_checks(False):
-        return _bench_max_cosine(device, repeats) + _bench_most_similar_index(device, repeats) + _bench_add(device, repeats)
+        return (
+            _bench_max_cosine(device, repeats)
+            + _bench_most_similar_index(device, repeats)
+            + _bench_add(device, repeats)
+        )
 
 
 def main() -> None:

@@ -12,6 +12,7 @@ CPU runs ConvNet-5 at 32×32 and ConvNet-6 at 64×64; CUDA adds ConvNet-6 at 256
 
 Run: PYTHONPATH=. python -m benchmarks.ops.bench_grad_cosine [--device cuda] [--repeats 5]
 """
+
 from __future__ import annotations
 
 import statistics
@@ -105,7 +106,9 @@ def run(device: torch.device | str = "cpu", repeats: int = 3) -> list[dict]:
                 assert torch.allclose(cos, expected_cos, atol=1e-4), name
                 assert (x_grad - expected_grad).abs().max() <= 1e-3 * expected_grad.abs().max(), name
             if device.type == "cuda":
-                times = {name: (timeit(lambda m=m: m(*args), device, repeats), None) for name, m in METHODS.items()}
+                times = {
+                    name: (timeit(lambda m=m, a=args: m(*a), device, repeats), None) for name, m in METHODS.items()
+                }
             else:
                 times = _interleaved_cpu_times(METHODS, args, repeats)
             for name, (seconds, cpu_seconds) in times.items():

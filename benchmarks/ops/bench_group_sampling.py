@@ -9,8 +9,8 @@ Records carry the time per candidate too. Inputs are checked once up front (valu
 
 Run: PYTHONPATH=. python -m benchmarks.ops.bench_group_sampling [--device cuda] [--repeats 5]
 """
-from __future__ import annotations
 
+from __future__ import annotations
 
 import torch
 

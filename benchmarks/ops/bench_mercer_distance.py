@@ -11,8 +11,8 @@ Timed with fastdd.ops.value_checks(False) (as in a sampling loop): the baselines
 
 Run: PYTHONPATH=. python -m benchmarks.ops.bench_mercer_distance [--device cuda] [--repeats 10]
 """
-from __future__ import annotations
 
+from __future__ import annotations
 
 import torch
 
@@ -46,8 +46,15 @@ def _bench_dtype(device: torch.device, y_dtype: torch.dtype, repeats: int) -> li
 
     def record(what, backend, fn):
         seconds = timeit(fn, device, repeats)
-        records.append({"op": f"mercer_distance {what}", "backend": backend, "shape": shape,
-                        "median_ms": seconds * 1e3, "device": device_name(device)})
+        records.append(
+            {
+                "op": f"mercer_distance {what}",
+                "backend": backend,
+                "shape": shape,
+                "median_ms": seconds * 1e3,
+                "device": device_name(device),
+            }
+        )
 
     record("matmul baseline", "x @ y.T (float32)", lambda: x @ y_wide.T)
     if y_dtype != torch.float32:
@@ -58,7 +65,9 @@ def _bench_dtype(device: torch.device, y_dtype: torch.dtype, repeats: int) -> li
     for backend in backends:
         record("linear", backend, lambda b=backend: mercer_distance(x, y, backend=b))
     y_sqnorm = (y_wide**2).sum(1)
-    record("linear, y_sqnorm cached", backends[0], lambda: mercer_distance(x, y, y_sqnorm=y_sqnorm, backend=backends[0]))
+    record(
+        "linear, y_sqnorm cached", backends[0], lambda: mercer_distance(x, y, y_sqnorm=y_sqnorm, backend=backends[0])
+    )
     for kernel in ("rbf", "poly"):
         record(kernel, backends[0], lambda k=kernel: mercer_distance(x, y, k, backend=backends[0]))
     record("linear fwd+grad", "torch.cdist + autograd", _forward_backward(lambda v: torch.cdist(v, y_wide).mean(1), x))

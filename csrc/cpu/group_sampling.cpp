@@ -154,7 +154,7 @@ std::tuple<at::Tensor, at::Tensor> group_sampling(const at::Tensor& mean, const 
     const int64_t index = scores.argmin().item<int64_t>();
     const at::Tensor score = scores[index];
     if (!best_group.defined() || score.lt(best_score).item<bool>()) {
-      best_score = score;
+      best_score = score.clone();  // not a view into the chunk's scores
       best_group = groups[index].clone();
     }
   }

@@ -1,10 +1,10 @@
 // Cosine memory CUDA kernels: the CUDA dispatch of fastdd_C::max_cosine and fastdd_C::most_similar_index
 // (schemas and CPU kernels in csrc/cpu/cosine_memory.cpp; same semantics).
 //
-// cos(a, b) = a·b / (max(‖a‖, eps) · max(‖b‖, eps)), eps = 1e-6, accumulated in float32 (float64 when an
-// input is float64); bfloat16 / float16 memories are widened on load. Rows of memory at or past `count`
-// are ignored; ties go to the lowest index. `count` is read by the kernels from device memory, so no call
-// syncs with the host and every call can be captured in a CUDA graph.
+// cos(a, b) = a·b / (max(‖a‖, eps) · max(‖b‖, eps)), eps an argument (fastdd.ops.reference.COS_EPS), accumulated
+// in float32 (float64 when an input is float64); bfloat16 / float16 memories are widened on load. Rows of memory
+// at or past `count` are ignored; ties go to the lowest index. `count` is read by the kernels from device
+// memory, so no call syncs with the host and every call can be captured in a CUDA graph.
 //
 // max_cosine (2 launches):
 //   scaled_dots_kernel  one block per (memory row j, tile of kQueryTile queries): streams row j once with
@@ -32,7 +32,6 @@
 
 namespace {
 
-constexpr double kCosEps = 1e-6;
 constexpr int kWarpSize = 32;
 constexpr int kRowThreads = 128;   // threads streaming one memory row (scaled_dots, row norms, row scores)
 constexpr int kQueryTile = 4;      // queries sharing one pass over a memory row
@@ -46,12 +45,14 @@ __device__ __forceinline__ int64_t valid_rows(const int64_t* count, int64_t rows
   return n < 0 ? 0 : (n > rows ? rows : n);
 }
 
-// 1 / max(‖x‖, eps) = min(1 / sqrt(‖x‖²), 1 / eps), as rsqrt (within 2 ulp): the correctly rounded double
+// 1 / max(‖x‖, eps) = min(1 / sqrt(‖x‖²), inv_eps = 1 / eps), as rsqrt (within 2 ulp): the correctly rounded double
 // division and sqrt need a stack frame (local memory) on sm_80.
-__device__ __forceinline__ float inverse_norm(float squared_norm) {
-  return fminf(rsqrtf(squared_norm), static_cast<float>(1.0 / kCosEps));
+__device__ __forceinline__ float inverse_norm(float squared_norm, float inv_eps) {
+  return fminf(rsqrtf(squared_norm), inv_eps);
 }
-__device__ __forceinline__ double inverse_norm(double squared_norm) { return fmin(rsqrt(squared_norm), 1.0 / kCosEps); }
+__device__ __forceinline__ double inverse_norm(double squared_norm, double inv_eps) {
+  return fmin(rsqrt(squared_norm), inv_eps);
+}
 
 template <typename T>
 __device__ __forceinline__ T negative_infinity() {
@@ -142,7 +143,7 @@ __global__ void __launch_bounds__(kRowThreads)
     scaled_dots_kernel(const acc_t* __restrict__ query, const mem_t* __restrict__ memory,
                        const int64_t* __restrict__ count, acc_t* __restrict__ scaled,
                        acc_t* __restrict__ query_inv_norm, int64_t batch, int64_t rows, int64_t dim,
-                       int64_t memory_stride) {
+                       int64_t memory_stride, acc_t inv_eps) {
   const int64_t row = blockIdx.x;
   if (row >= valid_rows(count, rows)) return;
   const int64_t first_query = static_cast<int64_t>(blockIdx.y) * kQueryTile;
@@ -174,12 +175,12 @@ __global__ void __launch_bounds__(kRowThreads)
   }
   block_sum<kRowThreads>(sums);
   if (threadIdx.x == 0) {
-    const acc_t row_inv_norm = inverse_norm(sums[2 * kQueryTile]);
+    const acc_t row_inv_norm = inverse_norm(sums[2 * kQueryTile], inv_eps);
 #pragma unroll
     for (int b = 0; b < kQueryTile; ++b) {  // constant indices keep sums in registers
       if (b < queries) {
         scaled[(first_query + b) * rows + row] = sums[b] * row_inv_norm;
-        if (with_query_norms) query_inv_norm[first_query + b] = inverse_norm(sums[kQueryTile + b]);
+        if (with_query_norms) query_inv_norm[first_query + b] = inverse_norm(sums[kQueryTile + b], inv_eps);
       }
     }
   }
@@ -215,7 +216,8 @@ __global__ void __launch_bounds__(kSelectThreads)
 template <typename acc_t, typename mem_t, int kVec>
 __global__ void __launch_bounds__(kRowThreads)
     row_inverse_norms_kernel(const mem_t* __restrict__ memory, const int64_t* __restrict__ count,
-                             acc_t* __restrict__ inv_norm, int64_t rows, int64_t dim, int64_t memory_stride) {
+                             acc_t* __restrict__ inv_norm, int64_t rows, int64_t dim, int64_t memory_stride,
+                             acc_t inv_eps) {
   const int64_t row = blockIdx.x;
   if (row >= valid_rows(count, rows)) {
     if (threadIdx.x == 0) inv_norm[row] = acc_t(0);
@@ -230,7 +232,7 @@ __global__ void __launch_bounds__(kRowThreads)
     for (int k = 0; k < kVec; ++k) squared_norm[0] += m[k] * m[k];
   }
   block_sum<kRowThreads>(squared_norm);
-  if (threadIdx.x == 0) inv_norm[row] = inverse_norm(squared_norm[0]);
+  if (threadIdx.x == 0) inv_norm[row] = inverse_norm(squared_norm[0], inv_eps);
 }
 
 // unit_sum[d] = Σ_{j < count} m[j, d] · inv_norm[j]. block: (kColumnLanes, kRowSlots); block x owns
@@ -344,7 +346,7 @@ void dispatch_dtypes(at::ScalarType acc, at::ScalarType memory_dtype, Launch&& l
 }
 
 std::tuple<at::Tensor, at::Tensor> max_cosine_cuda(const at::Tensor& query, const at::Tensor& memory,
-                                                   const at::Tensor& count) {
+                                                   const at::Tensor& count, double eps) {
   check_inputs(memory, count);
   TORCH_CHECK(query.dim() == 2 && query.is_floating_point(), "query must be a floating-point [B, D] tensor");
   TORCH_CHECK(query.device() == memory.device(), "query and memory must be on the same device");
@@ -373,7 +375,7 @@ std::tuple<at::Tensor, at::Tensor> max_cosine_cuda(const at::Tensor& query, cons
       auto launch = [&]<int kVec>() {
         scaled_dots_kernel<acc_t, mem_t, kVec><<<grid, kRowThreads, 0, stream>>>(
             query_ptr, memory_ptr, count_ptr, scaled.mutable_data_ptr<acc_t>(),
-            query_inv_norm.mutable_data_ptr<acc_t>(), batch, rows, dim, m.stride(0));
+            query_inv_norm.mutable_data_ptr<acc_t>(), batch, rows, dim, m.stride(0), static_cast<acc_t>(1.0 / eps));
       };
       if (vector_width<mem_t>(m, {query_ptr}) > 1) {
         launch.template operator()<16 / sizeof(mem_t)>();
@@ -390,7 +392,7 @@ std::tuple<at::Tensor, at::Tensor> max_cosine_cuda(const at::Tensor& query, cons
   return {values, indices};
 }
 
-at::Tensor most_similar_index_cuda(const at::Tensor& memory, const at::Tensor& count) {
+at::Tensor most_similar_index_cuda(const at::Tensor& memory, const at::Tensor& count, double eps) {
   check_inputs(memory, count);
   const c10::cuda::CUDAGuard device_guard(memory.device());
   const auto acc = accumulation_type(memory.scalar_type(), memory.scalar_type());
@@ -410,7 +412,8 @@ at::Tensor most_similar_index_cuda(const at::Tensor& memory, const at::Tensor& c
       auto launch = [&]<int kVec>() {
         const unsigned row_grid = static_cast<unsigned>(rows);
         row_inverse_norms_kernel<acc_t, mem_t, kVec><<<row_grid, kRowThreads, 0, stream>>>(
-            memory_ptr, count_ptr, inv_norm.mutable_data_ptr<acc_t>(), rows, dim, m.stride(0));
+            memory_ptr, count_ptr, inv_norm.mutable_data_ptr<acc_t>(), rows, dim, m.stride(0),
+            static_cast<acc_t>(1.0 / eps));
         C10_CUDA_KERNEL_LAUNCH_CHECK();
         const int64_t features_per_block = kColumnLanes * kVec;
         const auto column_grid = static_cast<unsigned>((dim + features_per_block - 1) / features_per_block);

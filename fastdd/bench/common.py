@@ -1,12 +1,13 @@
 """Timing and reporting helpers of the benchmarks (`fastdd bench` and the scripts in benchmarks/)."""
+
 from __future__ import annotations
 
 import json
 import platform
 import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 

@@ -46,25 +46,33 @@ the best fp32 fastdd path (eager or compiled): the method's headline speed-up).
 Writes <out>/sampler_<config>_<device type>.json, .md (table) and .png (bar chart); when --methods picks a subset,
 the names end in _<methods run, joined by ->, e.g. sampler_dit-xl2-256_cuda_dit-igd.json (one device call per subset).
 """
+
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import Callable
 
 import torch
 from torch import Tensor
 from torch.nn.utils import parameters_to_vector
 from torch.utils.flop_counter import FlopCounterMode
 
-from ..guidance import DeviationGuidance, InfluenceGuidance, InformationEstimator, InformationGuidance, MercerGuidance
-from ..guidance import ModeGuidance, RealFeatures
+from .. import authors_reference as authors
+from ..guidance import (
+    DeviationGuidance,
+    InfluenceGuidance,
+    InformationEstimator,
+    InformationGuidance,
+    MercerGuidance,
+    ModeGuidance,
+    RealFeatures,
+)
 from ..guidance.sam import to_difffit
 from ..methods.base import rescale_index
 from ..models import ConvNet, DiT, LatentCodec
 from ..sampling import GaussianDiffusion, GuidedSampler, mixed_precision, trajectory_noise
-from .. import authors_reference as authors
 from .common import device_name, timeit, write_report
 
 SPEC_STEPS, NUM_CLASSES, CFG_SCALE, SEED = 50, 10, 4.0, 0
@@ -74,13 +82,31 @@ DAP_GAMMA, MGD3_LAMBDA, MGD3_STOP, IGDS_ETA, IGDS_BETA, D3HR_TARGET = 1.0, 0.1, 
 CONFIGS = {
     # latent side, DiT kwargs, VAE block widths (None: the SD VAE), surrogate (width, depth), IGDS estimator
     # (dim, width), DAP real latents per class
-    "tiny": dict(latent=8, dit=dict(patch_size=2, hidden_size=32, depth=2, num_heads=2), vae=(8, 8), surrogate=(8, 2),
-                 estimator=(16, 8), reals=8),
-    "dit-s2-128": dict(latent=16, dit=dict(patch_size=2, hidden_size=384, depth=12, num_heads=6), vae=None,
-                       surrogate=(128, 6), estimator=(128, 64), reals=32),
-    "dit-xl2-256": dict(latent=32, dit=dict(patch_size=2, hidden_size=1152, depth=28, num_heads=16), vae=None,
-                        surrogate=(128, 6), estimator=(128, 64), reals=64),
-}  # fmt: skip
+    "tiny": dict(
+        latent=8,
+        dit=dict(patch_size=2, hidden_size=32, depth=2, num_heads=2),
+        vae=(8, 8),
+        surrogate=(8, 2),
+        estimator=(16, 8),
+        reals=8,
+    ),
+    "dit-s2-128": dict(
+        latent=16,
+        dit=dict(patch_size=2, hidden_size=384, depth=12, num_heads=6),
+        vae=None,
+        surrogate=(128, 6),
+        estimator=(128, 64),
+        reals=32,
+    ),
+    "dit-xl2-256": dict(
+        latent=32,
+        dit=dict(patch_size=2, hidden_size=1152, depth=28, num_heads=16),
+        vae=None,
+        surrogate=(128, 6),
+        estimator=(128, 64),
+        reals=64,
+    ),
+}
 METHODS = ("dit", "igd", "dap", "mgd3", "igds", "sam", "d3hr")
 FP32_PATHS = ("eager", "compiled")
 
@@ -119,11 +145,22 @@ class BenchModels:
         self.dit = dit.to(device).eval().requires_grad_(False)
         widths = spec["vae"]
         if widths is None:  # the architecture of stabilityai/sd-vae-ft-mse
-            vae = AutoencoderKL(block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4,
-                                down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4)  # fmt: skip
+            vae = AutoencoderKL(
+                block_out_channels=(128, 256, 512, 512),
+                layers_per_block=2,
+                latent_channels=4,
+                down_block_types=("DownEncoderBlock2D",) * 4,
+                up_block_types=("UpDecoderBlock2D",) * 4,
+            )
         else:
-            vae = AutoencoderKL(block_out_channels=widths, layers_per_block=1, latent_channels=4, norm_num_groups=4,
-                                down_block_types=("DownEncoderBlock2D",) * len(widths), up_block_types=("UpDecoderBlock2D",) * len(widths))  # fmt: skip
+            vae = AutoencoderKL(
+                block_out_channels=widths,
+                layers_per_block=1,
+                latent_channels=4,
+                norm_num_groups=4,
+                down_block_types=("DownEncoderBlock2D",) * len(widths),
+                up_block_types=("UpDecoderBlock2D",) * len(widths),
+            )
         self.codec = LatentCodec(vae.to(device).eval().requires_grad_(False))
         self.latent_shape = (4, spec["latent"], spec["latent"])
         self.image_size = spec["latent"] * self.codec.downsample
@@ -134,7 +171,9 @@ class BenchModels:
 
         self.surrogate = convnet().to(device).eval()
         # host copies: the authors' loop moves them to the device every guided step
-        self.checkpoints_host = torch.stack([parameters_to_vector(convnet().parameters()) for _ in range(IGD_CHECKPOINTS)]).detach()
+        self.checkpoints_host = torch.stack(
+            [parameters_to_vector(convnet().parameters()) for _ in range(IGD_CHECKPOINTS)]
+        ).detach()
         self.real_grads_host = torch.randn(NUM_CLASSES, *self.checkpoints_host.shape) * 1e-3
         dim, estimator_width = spec["estimator"]
         estimator = InformationEstimator(3, NUM_CLASSES, self.image_size, dim=dim, width=estimator_width)
@@ -166,9 +205,13 @@ def authors_call(method: str, models: BenchModels) -> tuple[Callable[[], object]
         return (lambda: authors.authors_dit_sample(model, 0, 0, models.latent_shape, **common)), 1
     if method == "mgd3":
         mode, stop = models.modes[0, 0], models.index(MGD3_STOP)
-        return (lambda: authors.authors_dit_sample(models.dit, 0, 0, models.latent_shape, mode=mode, lam=MGD3_LAMBDA,
-                                                   stop_index=stop, **common)), 1  # fmt: skip
+        return (
+            lambda: authors.authors_dit_sample(
+                models.dit, 0, 0, models.latent_shape, mode=mode, lam=MGD3_LAMBDA, stop_index=stop, **common
+            )
+        ), 1
     if method == "igd":
+
         def noise(class_index: int, image_index: int) -> tuple[Tensor, Tensor]:
             shape, steps = models.latent_shape, models.steps
             trajectory = trajectory_noise(SEED, class_index, image_index, shape, steps, models.device, rows=2)
@@ -176,33 +219,76 @@ def authors_call(method: str, models: BenchModels) -> tuple[Callable[[], object]
 
         def igd() -> object:
             return authors.authors_igd_sample(
-                models.dit, models.codec.decode, models.surrogate, models.checkpoints_host, models.real_grads_host, [0], 2,
-                models.steps, noise, k=IGD_K, gamma=IGD_GAMMA, low=models.index(IGD_LOW), high=models.index(IGD_HIGH),
-                cfg_scale=CFG_SCALE, null_class=NUM_CLASSES,
-            )  # fmt: skip
+                models.dit,
+                models.codec.decode,
+                models.surrogate,
+                models.checkpoints_host,
+                models.real_grads_host,
+                [0],
+                2,
+                models.steps,
+                noise,
+                k=IGD_K,
+                gamma=IGD_GAMMA,
+                low=models.index(IGD_LOW),
+                high=models.index(IGD_HIGH),
+                cfg_scale=CFG_SCALE,
+                null_class=NUM_CLASSES,
+            )
 
         return igd, 2
     if method == "dap":
         reals = authors.dap_real_features(models.dit, models.real_latents, models.real_labels, 0, models.dap_block)
         diffusion = GaussianDiffusion(models.steps)
-        return (lambda: authors.authors_dap_sample(
-            models.dit, diffusion, 0, 0, models.real_latents, models.real_labels, block_index=models.dap_block,
-            gamma=DAP_GAMMA, seed=SEED, cfg_scale=CFG_SCALE, null_class=NUM_CLASSES, real_features=reals,
-        )), 1  # fmt: skip
+        return (
+            lambda: authors.authors_dap_sample(
+                models.dit,
+                diffusion,
+                0,
+                0,
+                models.real_latents,
+                models.real_labels,
+                block_index=models.dap_block,
+                gamma=DAP_GAMMA,
+                seed=SEED,
+                cfg_scale=CFG_SCALE,
+                null_class=NUM_CLASSES,
+                real_features=reals,
+            )
+        ), 1
     if method == "igds":
-        return (lambda: authors.authors_igds_sample(
-            models.dit, models.codec.decode, models.estimator, [(0, 0, SEED)], IGDS_ETA, IGDS_BETA, models.latent_shape,
-            num_steps=models.steps, cfg_scale=CFG_SCALE, null_class=NUM_CLASSES,
-        )), 1  # fmt: skip
+        return (
+            lambda: authors.authors_igds_sample(
+                models.dit,
+                models.codec.decode,
+                models.estimator,
+                [(0, 0, SEED)],
+                IGDS_ETA,
+                IGDS_BETA,
+                models.latent_shape,
+                num_steps=models.steps,
+                cfg_scale=CFG_SCALE,
+                null_class=NUM_CLASSES,
+            )
+        ), 1
     if method == "d3hr":
         start, x_start = models.index(D3HR_TARGET), models.d3hr_start[0]
-        return (lambda: authors.authors_d3hr_generate(models.dit, x_start, 0, start, num_steps=models.steps,
-                                                      cfg_scale=CFG_SCALE, null_class=NUM_CLASSES)), 1  # fmt: skip
+        return (
+            lambda: authors.authors_d3hr_generate(
+                models.dit, x_start, 0, start, num_steps=models.steps, cfg_scale=CFG_SCALE, null_class=NUM_CLASSES
+            )
+        ), 1
     raise ValueError(f"method: expected one of {METHODS}, got {method!r}")
 
 
 def fastdd_call(
-    method: str, models: BenchModels, batch: int, *, precision: str = "fp32", compile: bool = False, model_jacobian: bool = True
+    method: str,
+    models: BenchModels,
+    batch: int,
+    *,
+    precision: str = "fp32",
+    compile: bool = False,
+    model_jacobian: bool = True,
 ) -> Callable[[], Tensor]:
     """One fastdd sampling call of `batch` images (image 0 of classes 0, 1, ...). compile: torch.compile, and CUDA
     graphs on CUDA; precision and model_jacobian: the sampler's options."""
@@ -214,13 +300,27 @@ def fastdd_call(
         dim = models.latent_shape[0] * models.latent_shape[1] * models.latent_shape[2]
         guidances = [
             DeviationGuidance(NUM_CLASSES, dim, gamma=IGD_GAMMA, low=low, high=high, device=device),
-            InfluenceGuidance(decode, models.surrogate, models.checkpoints_host.to(device),
-                              models.real_grads_host.to(device), k=IGD_K, low=low, high=high),
-        ]  # fmt: skip
+            InfluenceGuidance(
+                decode,
+                models.surrogate,
+                models.checkpoints_host.to(device),
+                models.real_grads_host.to(device),
+                k=IGD_K,
+                low=low,
+                high=high,
+            ),
+        ]
     elif method == "dap":
         feature_dtype = torch.bfloat16 if precision == "bf16" else torch.float32
-        bank = RealFeatures(model, models.real_latents, models.real_labels, models.dap_block, device=device,
-                            dtype=feature_dtype, max_cached_classes=NUM_CLASSES)  # fmt: skip
+        bank = RealFeatures(
+            model,
+            models.real_latents,
+            models.real_labels,
+            models.dap_block,
+            device=device,
+            dtype=feature_dtype,
+            max_cached_classes=NUM_CLASSES,
+        )
         guidances = [MercerGuidance(model, bank, models.dap_block, "linear", DAP_GAMMA)]
     elif method == "mgd3":
         guidances = [ModeGuidance(models.modes, lam=MGD3_LAMBDA, stop_index=models.index(MGD3_STOP))]
@@ -230,9 +330,17 @@ def fastdd_call(
         model = models.difffit
     elif method == "d3hr":
         diffusion = GaussianDiffusion(models.steps, timestep_spacing="leading")
-    sampler = GuidedSampler(model, diffusion, guidances, cfg_scale=CFG_SCALE, num_classes=NUM_CLASSES, precision=precision,
-                            compile=compile, cuda_graphs=compile and device.type == "cuda",
-                            model_jacobian=model_jacobian)  # fmt: skip
+    sampler = GuidedSampler(
+        model,
+        diffusion,
+        guidances,
+        cfg_scale=CFG_SCALE,
+        num_classes=NUM_CLASSES,
+        precision=precision,
+        compile=compile,
+        cuda_graphs=compile and device.type == "cuda",
+        model_jacobian=model_jacobian,
+    )
     labels = [c % NUM_CLASSES for c in range(batch)]
     image_ids = [(c, 0, SEED) for c in labels]
     if method == "d3hr":
@@ -247,7 +355,7 @@ class _NoModuleTracking:
 
     parents = ("Global",)
 
-    def __enter__(self) -> "_NoModuleTracking":
+    def __enter__(self) -> _NoModuleTracking:
         return self
 
     def __exit__(self, *args) -> None:
@@ -274,10 +382,19 @@ def time_paths(method: str, models: BenchModels, options: BenchOptions) -> dict[
         compile = path == "compiled" or (path in ("bf16", "fast") and options.compile)
         if compile:
             torch._dynamo.reset()  # each method compiles afresh (no recompilation limit shared across methods)
-        call = fastdd_call(method, models, options.batch, precision="bf16" if path == "bf16" else "fp32", compile=compile,
-                           model_jacobian=path != "fast")  # fmt: skip
+        call = fastdd_call(
+            method,
+            models,
+            options.batch,
+            precision="bf16" if path == "bf16" else "fp32",
+            compile=compile,
+            model_jacobian=path != "fast",
+        )
         warmup = 2 if compile and device.type == "cuda" else 1  # compile, then record the CUDA graphs
-        times[path] = (timeit(call, device, options.repeats, warmup=warmup, do_bench=False) / options.batch, options.batch)
+        times[path] = (
+            timeit(call, device, options.repeats, warmup=warmup, do_bench=False) / options.batch,
+            options.batch,
+        )
         del call
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -291,11 +408,21 @@ def records_for(method: str, times: dict, plain: dict, flop_ratio: float, option
     records = []
     for path, (seconds, batch) in times.items():
         speedup = reference / (best if path == "authors" else seconds)
-        records.append(dict(
-            method=method, path=path, config=options.config, device=device_name(options.device), batch=batch,
-            steps=options.steps, seconds_per_image=seconds, images_per_second=1.0 / seconds,
-            guided_over_plain=seconds / plain[path][0], cost_model_ratio=flop_ratio, speedup_vs_reference=speedup,
-        ))  # fmt: skip
+        records.append(
+            dict(
+                method=method,
+                path=path,
+                config=options.config,
+                device=device_name(options.device),
+                batch=batch,
+                steps=options.steps,
+                seconds_per_image=seconds,
+                images_per_second=1.0 / seconds,
+                guided_over_plain=seconds / plain[path][0],
+                cost_model_ratio=flop_ratio,
+                speedup_vs_reference=speedup,
+            )
+        )
     return records
 
 
@@ -308,7 +435,10 @@ def run_benchmark(options: BenchOptions) -> list[dict]:
         times = time_paths(method, models, options)
         plain = times if method == "dit" else plain
         flop_ratio = 1.0 if method == "dit" else count_flops(fastdd_call(method, models, 1)) / plain_flops
-        print(f"{options.config} {method}: " + ", ".join(f"{p} {s:.4g} s/image" for p, (s, _) in times.items()), flush=True)
+        print(
+            f"{options.config} {method}: " + ", ".join(f"{p} {s:.4g} s/image" for p, (s, _) in times.items()),
+            flush=True,
+        )
         records += records_for(method, times, plain, flop_ratio, options)
     name = f"sampler_{options.config}_{options.device.type}"
     if options.methods != METHODS:
@@ -327,10 +457,17 @@ def bar_chart(records: list[dict], path: Path) -> None:
     image = Image.new("RGB", (width, height), "white")
     draw = ImageDraw.Draw(image)
     longest = max(r["seconds_per_image"] for r in records)
-    colours = {"authors": (200, 80, 60), "eager": (60, 120, 200), "compiled": (40, 160, 90), "bf16": (150, 90, 190),
-               "fast": (220, 150, 40)}  # fmt: skip
+    colours = {
+        "authors": (200, 80, 60),
+        "eager": (60, 120, 200),
+        "compiled": (40, 160, 90),
+        "bf16": (150, 90, 190),
+        "fast": (220, 150, 40),
+    }
     first = records[0]
-    draw.text((10, 10), f"seconds per image, {first['config']}, {first['steps']} steps, on {first['device']}", fill="black")
+    draw.text(
+        (10, 10), f"seconds per image, {first['config']}, {first['steps']} steps, on {first['device']}", fill="black"
+    )
     for i, r in enumerate(records):
         y = 34 + i * (bar + gap)
         length = int((width - left - 90) * r["seconds_per_image"] / longest)

@@ -10,6 +10,7 @@ another config is refused. --images-per-batch is part of it although it changes 
 (its entropy term spans the batch; other methods: at most float rounding of larger matrix products, none on CPU for
 dit, mgd3, d3hr and sam): the resume state is kept per batch, so a run resumes with the value it began with.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -29,6 +30,11 @@ def run(args: argparse.Namespace) -> int:
         run_pipeline(spec, options_from_args(method.options, args))
     except ValueError as err:
         raise UsageError(str(err)) from None
+    except OSError as err:  # permission denied, read-only file system, disk full: the written state stays resumable
+        where = f"{err.filename}: " if err.filename else ""
+        raise UsageError(
+            f"{where}{err.strerror or err}; what was written is kept: fix it and run the same command again to resume"
+        ) from None
     return 0
 
 

@@ -1,4 +1,5 @@
-"""`fastdd info`: versions, devices, and which backend each op uses on each device."""
+"""`fastdd info`: versions, devices, and the op registry: which implementation each op runs on each device."""
+
 from __future__ import annotations
 
 import importlib.metadata
@@ -18,7 +19,14 @@ def package_version(package: str) -> str:
 def info_text() -> str:
     import fastdd
     from fastdd import ops  # noqa: F401  (registers the ops)
-    from fastdd.ops._backend import OP_BACKENDS, extension, extension_error, extension_has_cuda, resolve_backend
+    from fastdd.ops._backend import (
+        DEVICE_TYPES,
+        OP_BACKENDS,
+        extension,
+        extension_error,
+        extension_has_cuda,
+        resolve_backend,
+    )
 
     lines = [f"fastdd {fastdd.__version__}", f"python {platform.python_version()} ({platform.machine()})"]
     for package in ("torch", "triton", "diffusers", "safetensors", "numpy"):
@@ -37,9 +45,10 @@ def info_text() -> str:
         name = torch.cuda.get_device_name(d) if d.type == "cuda" else f"{torch.get_num_threads()} threads"
         lines.append(f"device {d}: {name}")
     lines.append("")
-    lines.append("op".ljust(22) + "".join(str(d).ljust(12) for d in devices))
-    for op in sorted(OP_BACKENDS):
-        lines.append(op.ljust(22) + "".join(resolve_backend(op, "auto", d).ljust(12) for d in devices))
+    lines.append("op".ljust(22) + "".join(str(d).ljust(12) for d in devices) + "auto order (cpu | cuda)")
+    for op, prefs in sorted(OP_BACKENDS.items()):
+        order = " | ".join(", ".join(prefs[device_type]) for device_type in DEVICE_TYPES)
+        lines.append(op.ljust(22) + "".join(resolve_backend(op, "auto", d).ljust(12) for d in devices) + order)
     return "\n".join(lines)
 
 

@@ -1,4 +1,5 @@
 """The `fastdd` command line: one entry point, a sub-command per job."""
+
 from __future__ import annotations
 
 import argparse

@@ -1,4 +1,5 @@
 """argparse arguments generated from options dataclasses (`fastdd.options`), and the dataclasses read back."""
+
 from __future__ import annotations
 
 import argparse
@@ -31,22 +32,21 @@ def add_options(parser: argparse.ArgumentParser | Any, cls: type, *, title: str 
         if value_type is bool:
             group.add_argument(flag, action="store_true", **kwargs)
             continue
-        if typing.get_origin(value_type) is tuple:
-            kwargs["type"] = lambda text, flag=flag: _parse_range_argument(text, flag)
-        else:
-            kwargs["type"] = value_type
+        kwargs["type"] = str if typing.get_origin(value_type) is tuple else value_type  # ranges: options_from_args
         if field.metadata.get("choices"):
             kwargs["choices"] = field.metadata["choices"]
         group.add_argument(flag, **kwargs)
 
 
-def _parse_range_argument(text: str, flag: str) -> tuple[int, int]:
-    try:
-        return parse_range(text, flag)
-    except ValueError as err:
-        raise argparse.ArgumentTypeError(str(err)) from None
-
-
 def options_from_args(cls: type, args: argparse.Namespace) -> Any:
-    """An instance of `cls` from the parsed arguments `add_options` defined."""
-    return cls(**{field.name: getattr(args, dest_of(field)) for field in option_fields(cls)})
+    """An instance of `cls` from the parsed arguments `add_options` defined ('low,high' ranges parsed here:
+    ValueError naming the flag)."""
+    values = {}
+    for field in option_fields(cls):
+        value = getattr(args, dest_of(field))
+        values[field.name] = (
+            parse_range(value, flag_of(field))
+            if isinstance(value, str) and typing.get_origin(_value_type(cls, field)) is tuple
+            else value
+        )
+    return cls(**values)

@@ -1,5 +1,6 @@
 """`fastdd surrogate`: ConvNet trajectory on real data -> Algorithm 2 checkpoints -> per-class real gradients,
 saved as one safetensors file (or imported from the authors' replay_buffer_<n>.pt)."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -8,8 +9,8 @@ import torch
 
 from ..data.digits import load_digits_split
 from ..data.imagefolder import load_image_folder
-from ..models.replay_buffer import check_against_model, load_replay_buffer, select_snapshots
 from ..guidance.igd import DIGITS_SURROGATE, SurrogateConfig, build_surrogate_bundle, train_trajectory
+from ..models.replay_buffer import check_against_model, load_replay_buffer, select_snapshots
 from .errors import UsageError
 
 # the bundle shipped in fastdd/assets/digits_surrogate.safetensors:  fastdd surrogate --out fastdd/assets/digits_surrogate.safetensors
@@ -51,15 +52,24 @@ def run(args) -> int:
         num_epochs = args.epochs if args.epochs is not None else (DIGITS_EPOCHS if args.data is None else 50)
         if num_epochs <= 0:
             raise UsageError(f"--epochs must be > 0, got {num_epochs}")
-        snapshots = train_trajectory(config, images, labels, epochs=num_epochs, flip=flip, seed=args.seed,
-                                     device=args.device, progress=not args.quiet)  # fmt: skip
+        snapshots = train_trajectory(
+            config,
+            images,
+            labels,
+            epochs=num_epochs,
+            flip=flip,
+            seed=args.seed,
+            device=args.device,
+            progress=not args.quiet,
+        )
     if epochs is not None and max(epochs) >= len(snapshots):
         raise UsageError(f"--epochs-list asks for epoch {max(epochs)} but there are {len(snapshots)} snapshots")
     threshold = 0.7 if args.threshold is None else args.threshold
     if not 0 < threshold <= 1:
         raise UsageError(f"--threshold must be in (0, 1], got {threshold}")
-    bundle = build_surrogate_bundle(config, snapshots, images, labels, epochs=epochs, threshold=threshold,
-                                    progress=not args.quiet)  # fmt: skip
+    bundle = build_surrogate_bundle(
+        config, snapshots, images, labels, epochs=epochs, threshold=threshold, progress=not args.quiet
+    )
     out = Path(args.out)
     bundle.save(out)  # creates the parent folders
     print(f"wrote {out}: checkpoints at epochs {bundle.epochs}, real gradients for {config.num_classes} classes")
@@ -73,11 +83,19 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--image-size", type=int, default=256, help="with --data (digits: 16)")
     parser.add_argument("--width", type=int, default=128)
     parser.add_argument("--depth", type=int, default=6)
-    parser.add_argument("--epochs", type=int, default=None, help=f"trajectory length (default {DIGITS_EPOCHS} on digits, else 50)")
-    parser.add_argument("--threshold", type=float, default=None,
-                        help=f"Algorithm 2 cosine threshold (default 0.7; on digits without --epochs or --threshold: epochs {DIGITS_EPOCH_LIST}, no Algorithm 2)")
+    parser.add_argument(
+        "--epochs", type=int, default=None, help=f"trajectory length (default {DIGITS_EPOCHS} on digits, else 50)"
+    )
+    parser.add_argument(
+        "--threshold",
+        type=float,
+        default=None,
+        help=f"Algorithm 2 cosine threshold (default 0.7; on digits without --epochs or --threshold: epochs {DIGITS_EPOCH_LIST}, no Algorithm 2)",
+    )
     parser.add_argument("--epochs-list", default=None, help="use these epochs instead of Algorithm 2 (e.g. 0,2,11,40)")
-    parser.add_argument("--replay-buffer", default=None, help="import the authors' replay_buffer_<n>.pt instead of training")
+    parser.add_argument(
+        "--replay-buffer", default=None, help="import the authors' replay_buffer_<n>.pt instead of training"
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--quiet", action="store_true")

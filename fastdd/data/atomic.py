@@ -4,12 +4,13 @@ A reader sees either the old file or the complete new one, never a half-written 
 file is removed and an existing target is left as it was. Temp files are named `.<name>.<random>.tmp`, so a
 folder's left-overs of a killed process match the glob `.*.tmp`.
 """
+
 from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from safetensors.torch import save_file
 from torch import Tensor

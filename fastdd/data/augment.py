@@ -1,4 +1,5 @@
 """Random resized crops: the crop geometry shared by the surrogate's and the IGDS estimator's augmentations."""
+
 from __future__ import annotations
 
 import torch

@@ -1,19 +1,40 @@
 """Named class lists (ImageNet wnids) of the distillation benchmarks (SPEC "Class lists")."""
+
 from __future__ import annotations
 
 from pathlib import Path
 
-IMAGEWOOF = "n02096294 n02093754 n02111889 n02088364 n02086240 n02089973 n02087394 n02115641 n02099601 n02105641".split()
-IMAGENETTE = "n01440764 n02102040 n02979186 n03000684 n03028079 n03394916 n03417042 n03425413 n03445777 n03888257".split()
+IMAGEWOOF = (
+    "n02096294 n02093754 n02111889 n02088364 n02086240 n02089973 n02087394 n02115641 n02099601 n02105641".split()
+)
+IMAGENETTE = (
+    "n01440764 n02102040 n02979186 n03000684 n03028079 n03394916 n03417042 n03425413 n03445777 n03888257".split()
+)
 NAMED_CLASS_LISTS = {"imagenette": IMAGENETTE, "imagewoof": IMAGEWOOF}
 
 # ImageNet-1K label index (the DiT class id) of the wnids above
 IMAGENET_INDEX = {
-    "n01440764": 0, "n02102040": 217, "n02979186": 482, "n03000684": 491, "n03028079": 497,
-    "n03394916": 566, "n03417042": 569, "n03425413": 571, "n03445777": 574, "n03888257": 701,
-    "n02096294": 193, "n02093754": 182, "n02111889": 258, "n02088364": 162, "n02086240": 155,
-    "n02089973": 167, "n02087394": 159, "n02115641": 273, "n02099601": 207, "n02105641": 229,
-}  # fmt: skip
+    "n01440764": 0,
+    "n02102040": 217,
+    "n02979186": 482,
+    "n03000684": 491,
+    "n03028079": 497,
+    "n03394916": 566,
+    "n03417042": 569,
+    "n03425413": 571,
+    "n03445777": 574,
+    "n03888257": 701,
+    "n02096294": 193,
+    "n02093754": 182,
+    "n02111889": 258,
+    "n02088364": 162,
+    "n02086240": 155,
+    "n02089973": 167,
+    "n02087394": 159,
+    "n02115641": 273,
+    "n02099601": 207,
+    "n02105641": 229,
+}
 
 
 def resolve_class_list(spec: str) -> list[str]:
@@ -35,7 +56,9 @@ def resolve_class_entries(spec: str) -> list[tuple[str, int | None]]:
         if not fields:
             continue
         if len(fields) > 2 or (len(fields) == 2 and not fields[1].isdigit()):
-            raise ValueError(f"class list file {path} line {number}: expected 'name' or 'name label', got {line.strip()!r}")
+            raise ValueError(
+                f"class list file {path} line {number}: expected 'name' or 'name label', got {line.strip()!r}"
+            )
         entries.append((fields[0], int(fields[1]) if len(fields) == 2 else None))
     if not entries:
         raise ValueError(f"class list file {path} is empty")
@@ -45,8 +68,26 @@ def resolve_class_entries(spec: str) -> list[tuple[str, int | None]]:
     return entries
 
 
-def resolve_classes(classes: str | None, data: str | None, num_model_classes: int,
-                    prior_extra: dict) -> tuple[list[str], list[int], str]:  # fmt: skip
+def check_class_name(name: str) -> str:
+    """A class name becomes a folder of the run: it must be one safe path component (ValueError otherwise)."""
+    unsafe = (
+        not name
+        or name in (".", "..")
+        or name.startswith(".")
+        or any(c in name for c in "/\\\0")
+        or any(ord(c) < 32 for c in name)
+    )
+    if unsafe:
+        raise ValueError(
+            f"--classes: class name {name!r} is not a safe folder name (one path component, no leading "
+            "'.', no '/', '\\' or control characters)"
+        )
+    return name
+
+
+def resolve_classes(
+    classes: str | None, data: str | None, num_model_classes: int, prior_extra: dict
+) -> tuple[list[str], list[int], str]:
     """(class names, model label per class, dataset kind) from --classes / --data / the prior's own class list.
 
     A label comes from the prior's class list, a --classes file line, the ImageNet id of a named list (1000-class
@@ -68,6 +109,7 @@ def resolve_classes(classes: str | None, data: str | None, num_model_classes: in
     named = classes in NAMED_CLASS_LISTS
     names, labels = [], []
     for position, (name, label) in enumerate(entries):
+        check_class_name(name)
         if prior_classes is not None:
             if name not in prior_classes:
                 raise ValueError(f"--classes: the prior knows no class {name!r} (it has {', '.join(prior_classes)})")
@@ -79,11 +121,14 @@ def resolve_classes(classes: str | None, data: str | None, num_model_classes: in
         elif num_model_classes == len(entries):
             label = position
         else:
-            raise ValueError(f"--classes: no model label for class {name!r}; the model has {num_model_classes} "
-                             "classes, give 'name label' lines in a --classes file")  # fmt: skip
+            raise ValueError(
+                f"--classes: no model label for class {name!r}; the model has {num_model_classes} "
+                "classes, give 'name label' lines in a --classes file"
+            )
         if not 0 <= label < num_model_classes:
-            raise ValueError(f"--classes: class {name!r} maps to label {label}, the model has {num_model_classes} "
-                             "classes")  # fmt: skip
+            raise ValueError(
+                f"--classes: class {name!r} maps to label {label}, the model has {num_model_classes} classes"
+            )
         names.append(name)
         labels.append(label)
     if len(set(labels)) != len(labels):

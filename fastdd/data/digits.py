@@ -4,6 +4,7 @@
 random_state=0, stratify=labels)`, i.e. 1,347 train / 450 test images. Images are upsampled bilinearly
 to `image_size` (16 by default) and mapped from [0, 16] to [-1, 1]; shape [N, 1, S, S].
 """
+
 from __future__ import annotations
 
 import torch

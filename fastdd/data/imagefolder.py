@@ -2,6 +2,7 @@
 
 Layout: ROOT/<class>/<image files>, classes sorted by folder name, files sorted by name.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -31,7 +32,9 @@ def scan_image_folder(root: str | Path, classes: list[str] | None = None) -> tup
         folder = root / name
         if not folder.is_dir():
             raise ValueError(f"class folder {folder} does not exist")
-        files = sorted(p for p in folder.iterdir() if p.suffix in IMAGE_EXTENSIONS or p.suffix.lower() in IMAGE_EXTENSIONS)
+        files = sorted(
+            p for p in folder.iterdir() if p.suffix in IMAGE_EXTENSIONS or p.suffix.lower() in IMAGE_EXTENSIONS
+        )
         if not files:
             raise ValueError(f"class folder {folder} holds no images")
         samples += [(p, index) for p in files]
@@ -50,8 +53,8 @@ def load_image(path: str | Path, image_size: int, channels: int = 3) -> torch.Te
             left, top = (w - image_size) // 2, (h - image_size) // 2
             img = img.crop((left, top, left + image_size, top + image_size))
             array = np.asarray(img, dtype=np.float32)
-    except (OSError, UnidentifiedImageError) as err:
-        raise ValueError(f"cannot read image {path}: {err}") from err
+    except (OSError, UnidentifiedImageError, Image.DecompressionBombError) as err:
+        raise ValueError(f"cannot read image {path}: {err}") from None
     tensor = torch.from_numpy(array.copy())
     tensor = tensor[None] if channels == 1 else tensor.permute(2, 0, 1)
     return tensor / 127.5 - 1.0

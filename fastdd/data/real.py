@@ -1,8 +1,12 @@
 """The real images a method reads: an ImageFolder (--data) or the scikit-learn digits train split, loaded on use."""
+
 from __future__ import annotations
 
+import hashlib
+import json
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
+from pathlib import Path
 
 import torch
 from torch import Tensor
@@ -16,12 +20,15 @@ class RealData:
     """The class list and the real images of its classes, loaded on first use.
 
     class_names: one per local class; dataset: "digits", "imagenette", "imagewoof" or "custom"; loader() ->
-    (images [N, C, S, S] in [-1, 1] at the decoded image size, labels [N] local class indices)."""
+    (images [N, C, S, S] in [-1, 1] at the decoded image size, labels [N] local class indices); fingerprint: a hash
+    of what the images are (each file's path, size and mtime, or the digits split), which every cache of real-data
+    state is keyed by."""
 
     class_names: list[str]
     dataset: str
     loader: Callable[[], tuple[Tensor, Tensor]]
     description: str
+    fingerprint: str = "none"
     _cache: tuple[Tensor, Tensor] | None = None
 
     @property
@@ -38,8 +45,19 @@ class RealData:
         return torch.bincount(self.load()[1], minlength=self.num_classes).tolist()
 
 
-def real_data(data: str | None, dataset: str, class_names: list[str], image_shape: tuple[int, int, int],
-              verify: bool = True) -> RealData:  # fmt: skip
+def file_stamp(path: str | Path) -> tuple[int, int]:
+    """(size, mtime in ns) of a file: what a data fingerprint records of it (cheap next to reading it)."""
+    stat = Path(path).stat()
+    return stat.st_size, stat.st_mtime_ns
+
+
+def _digest(value) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()
+
+
+def real_data(
+    data: str | None, dataset: str, class_names: list[str], image_shape: tuple[int, int, int], verify: bool = True
+) -> RealData:
     """Real images of the classes at the decoded image size: --data (checked now: folders exist and hold images;
     with verify, every image opens: pass False when the caller loads them at once, which names an unreadable image
     itself), or the digits train split; loaded on first use. Without either, load() raises ValueError."""
@@ -53,14 +71,16 @@ def real_data(data: str | None, dataset: str, class_names: list[str], image_shap
                 try:
                     with Image.open(path) as img:
                         img.verify()
-                except (OSError, UnidentifiedImageError) as err:
+                except (OSError, UnidentifiedImageError, Image.DecompressionBombError) as err:
                     raise ValueError(f"--data: cannot read image {path} ({err})") from None
 
         def load_folder():
             images, labels, _ = load_image_folder(data, size, channels, classes=class_names)
             return images, labels
 
-        return RealData(class_names, dataset, load_folder, f"{data} ({len(samples)} images)")
+        listing = [(str(Path(path).relative_to(data)), *file_stamp(path)) for path, _ in samples]
+        fingerprint = _digest({"folder": listing, "image_shape": list(image_shape)})
+        return RealData(class_names, dataset, load_folder, f"{data} ({len(samples)} images)", fingerprint)
     if dataset == "digits":
         positions = {name: i for i, name in enumerate(DIGITS_CLASSES)}
 
@@ -71,7 +91,8 @@ def real_data(data: str | None, dataset: str, class_names: list[str], image_shap
             local = torch.tensor([keep.index(int(v)) for v in labels[mask]])
             return images[mask], local
 
-        return RealData(class_names, dataset, load_digits, "digits train split")
+        fingerprint = _digest({"digits": "train", "classes": class_names, "image_shape": list(image_shape)})
+        return RealData(class_names, dataset, load_digits, "digits train split", fingerprint)
 
     def missing():
         raise ValueError("--data: this method needs real images of the classes")

@@ -9,6 +9,7 @@
 
 Their run wiring (options, presets, caching) is in the module of the same name under `fastdd.methods`.
 """
+
 from .d3hr import class_group, distill_class, inverted_class_statistics, select_group
 from .dap import JLProjection, MercerGuidance, RealFeatures, real_features
 from .igd import (
@@ -23,16 +24,48 @@ from .igd import (
     real_gradients,
     select_checkpoints,
 )
-from .igds import InformationEstimator, InformationGuidance, beta_for_ipc, information_gradient, train_information_estimator
+from .igds import (
+    InformationEstimator,
+    InformationGuidance,
+    beta_for_ipc,
+    information_gradient,
+    train_information_estimator,
+)
 from .mgd3 import ModeGuidance, encode_latents, fit_modes, kmeans, mode_update
 from .sam import SamMemory, difffit_parameters, finetune_sam, save_finetuned, to_difffit
 
 __all__ = [
-    "DeviationGuidance", "deviation_gradient", "InfluenceGuidance", "adaptive_scale", "influence_gradient",
-    "influence_loss", "real_gradients", "select_checkpoints", "SurrogateBundle", "load_digits_surrogate",
-    "MercerGuidance", "RealFeatures", "real_features", "JLProjection",
-    "ModeGuidance", "encode_latents", "fit_modes", "kmeans", "mode_update",
-    "SamMemory", "difffit_parameters", "finetune_sam", "save_finetuned", "to_difffit",
-    "class_group", "distill_class", "inverted_class_statistics", "select_group",
-    "InformationEstimator", "InformationGuidance", "beta_for_ipc", "information_gradient", "train_information_estimator",
+    "DeviationGuidance",
+    "deviation_gradient",
+    "InfluenceGuidance",
+    "adaptive_scale",
+    "influence_gradient",
+    "influence_loss",
+    "real_gradients",
+    "select_checkpoints",
+    "SurrogateBundle",
+    "load_digits_surrogate",
+    "MercerGuidance",
+    "RealFeatures",
+    "real_features",
+    "JLProjection",
+    "ModeGuidance",
+    "encode_latents",
+    "fit_modes",
+    "kmeans",
+    "mode_update",
+    "SamMemory",
+    "difffit_parameters",
+    "finetune_sam",
+    "save_finetuned",
+    "to_difffit",
+    "class_group",
+    "distill_class",
+    "inverted_class_statistics",
+    "select_group",
+    "InformationEstimator",
+    "InformationGuidance",
+    "beta_for_ipc",
+    "information_gradient",
+    "train_information_estimator",
 ]

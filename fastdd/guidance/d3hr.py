@@ -24,6 +24,7 @@ Seeds: the authors draw every class's candidates from the same seeds i·12345 (o
 groups). Here each class gets its own generator, seeded with `group_seed(seed, class_index)`, so classes do
 not share candidate noise and a class's group does not depend on which other classes run.
 """
+
 from __future__ import annotations
 
 import json
@@ -33,11 +34,11 @@ from typing import NamedTuple
 import torch
 from safetensors import safe_open
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
 from .. import ops
 from ..data.atomic import save_safetensors_atomic
 from ..ops._checks import check_positive_int
+from ..progress import progress_bar
 from ..sampling.diffusion import GaussianDiffusion
 from ..sampling.sampler import GuidedSampler, ddim_invert
 from ..sampling.seeds import image_seed
@@ -79,7 +80,9 @@ def invert_class_latents(
     if batch_size <= 0:
         raise ValueError(f"batch_size must be > 0, got {batch_size}")
     out = []
-    for start in tqdm(range(0, latents.shape[0], batch_size), disable=not progress, desc="ddim inversion", leave=False):
+    for start in progress_bar(
+        range(0, latents.shape[0], batch_size), disable=not progress, desc="ddim inversion", leave=False
+    ):
         chunk = latents[start : start + batch_size]
         labels = torch.full((chunk.shape[0],), class_index, dtype=torch.long, device=chunk.device)
         out.append(ddim_invert(model, diffusion, chunk, labels, target_index, cfg_scale, null_class, cfg_channels))
@@ -112,12 +115,15 @@ def load_class_statistics(path: str | Path, device: torch.device | str = "cpu") 
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"statistics file {path} does not exist")
-    with safe_open(str(path), framework="pt", device=str(device)) as f:
-        missing = [key for key in STATISTICS_KEYS if key not in f.keys()]
-        if missing:
-            raise ValueError(f"statistics file {path} lacks the entries {missing}")
-        mean, variance, count = (f.get_tensor(key) for key in STATISTICS_KEYS)
-        metadata = f.metadata() or {}
+    try:
+        with safe_open(str(path), framework="pt", device=str(device)) as f:
+            missing = [key for key in STATISTICS_KEYS if key not in f.keys()]
+            mean, variance, count = (None,) * 3 if missing else (f.get_tensor(key) for key in STATISTICS_KEYS)
+            metadata = f.metadata() or {}
+    except Exception as err:  # safetensors raises its own error type for corrupt files
+        raise ValueError(f"statistics file {path} is not a readable safetensors file ({err})") from None
+    if missing:
+        raise ValueError(f"statistics file {path} lacks the entries {missing}")
     if "fastdd_d3hr" not in metadata:
         raise ValueError(f"statistics file {path} has no fastdd_d3hr config metadata")
     if mean.shape != variance.shape:
@@ -125,12 +131,17 @@ def load_class_statistics(path: str | Path, device: torch.device | str = "cpu") 
     return ClassStatistics(mean, variance, int(count.flatten()[0]), json.loads(metadata["fastdd_d3hr"]))
 
 
-def statistics_config(sampler: GuidedSampler, class_index: int, target_index: int) -> dict:
-    """The facts a stored class Gaussian depends on (compared before a file is reused)."""
+def statistics_config(sampler: GuidedSampler, class_index: int, target_index: int, inputs: dict | None = None) -> dict:
+    """The facts a stored class Gaussian depends on (compared before a file is reused): the class, target step,
+    schedule, CFG settings and `inputs` (e.g. fingerprints of the real data and the weights, the seed)."""
     diffusion = sampler.diffusion
-    if isinstance(target_index, bool) or not isinstance(target_index, int) or not 0 <= target_index < diffusion.num_steps:
+    if (
+        isinstance(target_index, bool)
+        or not isinstance(target_index, int)
+        or not 0 <= target_index < diffusion.num_steps
+    ):
         raise ValueError(f"target_index must be an int in 0..{diffusion.num_steps - 1}, got {target_index!r}")
-    return {
+    config = {
         "class_index": int(class_index),
         "target_index": int(target_index),
         "timestep": int(diffusion.timestep_list[target_index]),
@@ -140,6 +151,18 @@ def statistics_config(sampler: GuidedSampler, class_index: int, target_index: in
         "cfg_channels": sampler.cfg_channels,
         "null_class": int(sampler.null_class),
     }
+    return config | ({"inputs": inputs} if inputs else {})
+
+
+def check_statistics_file(path: Path, config: dict) -> None:
+    """ValueError naming the file when a stored class Gaussian was made with another config."""
+    stored = load_class_statistics(path).config
+    if stored != config:
+        changed = sorted(k for k in set(stored) | set(config) if stored.get(k) != config.get(k))
+        raise ValueError(
+            f"statistics file {path} was made with other settings (differs in: {', '.join(changed)}); "
+            "use another statistics folder or delete it"
+        )
 
 
 def inverted_class_statistics(
@@ -150,24 +173,21 @@ def inverted_class_statistics(
     *,
     stats_dir: str | Path | None = None,
     batch_size: int = 64,
+    inputs: dict | None = None,
     progress: bool = True,
 ) -> ClassStatistics:
     """The class Gaussian at target_index: loaded from `statistics_path(stats_dir, class_index)` when that file
     exists (latents may then be None), else computed by inverting latents [N, C, H, W] with the sampler's model,
     diffusion and CFG settings and saved there (when stats_dir is given).
 
-    A stored file made with another config (target index, schedule, CFG, class) raises ValueError instead of
-    being silently reused or overwritten.
+    A stored file made with another config (target index, schedule, CFG, class, `inputs`) raises ValueError
+    instead of being silently reused or overwritten.
     """
-    config = statistics_config(sampler, class_index, target_index)
+    config = statistics_config(sampler, class_index, target_index, inputs)
     path = statistics_path(stats_dir, class_index) if stats_dir is not None else None
     if path is not None and path.is_file():
-        stats = load_class_statistics(path)
-        if stats.config != config:
-            raise ValueError(
-                f"statistics file {path} was computed with {stats.config}, not {config}; use another stats_dir"
-            )
-        return stats
+        check_statistics_file(path, config)
+        return load_class_statistics(path)
     if latents is None:
         raise ValueError(f"latents are needed: no statistics file for class {class_index} in stats_dir={stats_dir}")
     if latents.shape[0] < 2:
@@ -175,10 +195,17 @@ def inverted_class_statistics(
             f"latents: class {class_index} needs at least 2 images for an unbiased variance, got {latents.shape[0]}"
         )
     inverted = invert_class_latents(
-        sampler.model, sampler.diffusion, latents, class_index, target_index,
-        cfg_scale=sampler.cfg_scale, null_class=sampler.null_class, cfg_channels=sampler.cfg_channels,
-        batch_size=batch_size, progress=progress,
-    )  # fmt: skip
+        sampler.model,
+        sampler.diffusion,
+        latents,
+        class_index,
+        target_index,
+        cfg_scale=sampler.cfg_scale,
+        null_class=sampler.null_class,
+        cfg_channels=sampler.cfg_channels,
+        batch_size=batch_size,
+        progress=progress,
+    )
     mean, variance = class_statistics(inverted)
     stats = ClassStatistics(mean, variance, latents.shape[0], config)
     if path is not None:
@@ -216,9 +243,14 @@ def select_group(
     if (stats.variance < 0).any():
         raise ValueError("stats: variance has negative entries")
     group, score = ops.group_sampling(
-        stats.mean.flatten(), stats.variance.flatten().sqrt(), ipc, n_candidates,
-        generator=generator, weights=weights, backend=backend,
-    )  # fmt: skip
+        stats.mean.flatten(),
+        stats.variance.flatten().sqrt(),
+        ipc,
+        n_candidates,
+        generator=generator,
+        weights=weights,
+        backend=backend,
+    )
     return group.view(ipc, *stats.mean.shape), score
 
 
@@ -255,6 +287,7 @@ def class_group(
     batch_size: int = 64,
     weights: tuple[float, float, float] = D3HR_WEIGHTS,
     backend: str = "auto",
+    inputs: dict | None = None,
     progress: bool = True,
 ) -> Tensor:
     """D3HR's representative group of one class: statistics (reused from stats_dir if present) -> the best of
@@ -262,13 +295,21 @@ def class_group(
 
     latents: the class's clean VAE latents [N, C, H, W] (encoder samples, see `fastdd.guidance.mgd3.encode_latents`
     with sample=True), or None when stats_dir holds the class's statistics. Candidates come from a generator on the
-    model's device seeded with group_seed(seed, class_index).
+    model's device seeded with group_seed(seed, class_index). inputs: what else the statistics depend on (see
+    `statistics_config`).
     """
     check_positive_int("ipc", ipc)
     if latents is not None and latents.dim() == 4 and latents.shape[0] == 0:
         raise ValueError(f"latents: class {class_index} is empty")
     stats = inverted_class_statistics(
-        sampler, latents, class_index, target_index, stats_dir=stats_dir, batch_size=batch_size, progress=progress
+        sampler,
+        latents,
+        class_index,
+        target_index,
+        stats_dir=stats_dir,
+        batch_size=batch_size,
+        inputs=inputs,
+        progress=progress,
     )
     device = latents.device if latents is not None else _model_device(sampler)
     stats = ClassStatistics(stats.mean.to(device), stats.variance.to(device), stats.count, stats.config)
@@ -290,8 +331,9 @@ def distill_class(
 ) -> Tensor:
     """D3HR for one class: `class_group` -> DDIM from start_index (default target_index) -> latents [ipc, C, H, W].
 
-    group_options: n_candidates, seed, stats_dir, batch_size, weights, backend (see `class_group`)."""
-    group = class_group(sampler, latents, class_index, ipc, target_index=target_index, progress=progress,
-                        **group_options)  # fmt: skip
+    group_options: n_candidates, seed, stats_dir, batch_size, weights, backend, inputs (see `class_group`)."""
+    group = class_group(
+        sampler, latents, class_index, ipc, target_index=target_index, progress=progress, **group_options
+    )
     start = target_index if start_index is None else start_index
     return generate_from_group(sampler, group, class_index, start, progress=progress)

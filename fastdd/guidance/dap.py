@@ -20,19 +20,20 @@ default) on the device; distances are accumulated in float32 by `fastdd.ops.merc
 Optional Johnson–Lindenstrauss projection (`JLProjection`) of both sides to m dimensions, see its docstring
 for the distance-error bound.
 """
+
 from __future__ import annotations
 
 import math
 from collections import OrderedDict
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
 from .. import ops
 from ..ops._checks import check_positive_int
+from ..progress import progress_bar
 from ..sampling.diffusion import GaussianDiffusion
 from ..sampling.sampler import Guidance, ImageId, StepContext
 
@@ -146,7 +147,7 @@ def real_features(
     out = []
     with torch.no_grad():
         starts = range(0, latents.shape[0], batch_size)
-        for start in tqdm(starts, disable=not progress, desc="real features", leave=False):
+        for start in progress_bar(starts, disable=not progress, desc="real features", leave=False):
             x = latents[start : start + batch_size].to(device=device, dtype=torch.float32)
             if t_mode == "noised":
                 chunk_noise = noise[start : start + batch_size].to(device=device, dtype=torch.float32)
@@ -228,10 +229,19 @@ class RealFeatures:
             labels = torch.full((latents.shape[0],), class_index, dtype=torch.long)
             noise = real_noise(latents, self.seed, class_index) if self.t_mode == "noised" else None
             features = real_features(
-                self.model, latents, labels, self.block_index, self.t_mode, diffusion=self.diffusion, index=index,
-                noise=noise, projection=self.projection, batch_size=self.batch_size, dtype=self.dtype,
+                self.model,
+                latents,
+                labels,
+                self.block_index,
+                self.t_mode,
+                diffusion=self.diffusion,
+                index=index,
+                noise=noise,
+                projection=self.projection,
+                batch_size=self.batch_size,
+                dtype=self.dtype,
                 device=self.device,
-            )  # fmt: skip
+            )
             self._cache[class_index] = (features, features.float().pow(2).sum(1))
         return self._cache[class_index]
 
@@ -335,7 +345,7 @@ class MercerGuidance(Guidance):
             query = features[rows] if len(rows) < len(classes) else features
             distances = ops.mercer_distance(
                 query, real, self.kernel, sigma=self.sigma, degree=self.degree, coef0=self.coef0, y_sqnorm=sqnorm
-            )  # fmt: skip
+            )
             total = total + distances.sum()
         return total
 

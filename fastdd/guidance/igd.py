@@ -15,12 +15,13 @@ batch 64, parameters saved after every epoch: E + 1 snapshots including epoch 0;
 (scale 0.5–1) and, unless disabled (digits), horizontal flips), pick checkpoints with Algorithm 2, compute the
 per-class real gradients G_k,c, and save everything in one safetensors file (`SurrogateBundle`).
 """
+
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -28,13 +29,13 @@ from safetensors.torch import load_file
 from torch import Tensor, nn
 from torch.func import functional_call
 from torch.nn.utils import parameters_to_vector
-from tqdm.auto import tqdm
 
 from .. import ops
 from ..data.atomic import save_safetensors_atomic
 from ..data.augment import random_resized_crop
 from ..models.convnet import ConvNet
 from ..ops.reference import unflatten_params
+from ..progress import progress_bar
 from ..sampling.sampler import Guidance, StepContext
 
 
@@ -82,7 +83,8 @@ class DeviationGuidance(Guidance):
             raise ValueError(f"capacity must be > 0, got {capacity}")
         self.gamma, self.low, self.high, self.compat = gamma, low, high, compat
         self.memories = [
-            ops.CosineMemory(capacity, dim, policy=policy, device=device, dtype=torch.float32) for _ in range(num_classes)
+            ops.CosineMemory(capacity, dim, policy=policy, device=device, dtype=torch.float32)
+            for _ in range(num_classes)
         ]
 
     def step(self, ctx: StepContext) -> Tensor:
@@ -193,7 +195,9 @@ class InfluenceGuidance(Guidance):
             # decode both rows of each [cond; uncond] pair, CE averaged within the pair
             images = self.decode(ctx.pred_xstart)
             groups = torch.arange(ctx.x_t.shape[0], device=labels.device) % rows
-            loss = influence_loss(images, labels[groups], self.surrogate, self.flat_params, self.real_grads[labels], groups)
+            loss = influence_loss(
+                images, labels[groups], self.surrogate, self.flat_params, self.real_grads[labels], groups
+            )
         else:
             images = self.decode(ctx.pred_xstart[:rows])
             loss = influence_loss(images, labels, self.surrogate, self.flat_params, self.real_grads[labels])
@@ -301,7 +305,7 @@ def train_trajectory(
     model = config.build().to(device)
     optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4)
     snapshots = [parameters_to_vector(model.parameters()).detach().cpu().clone()]
-    for _ in tqdm(range(epochs), desc="surrogate epochs", disable=not progress):
+    for _ in progress_bar(range(epochs), desc="surrogate epochs", disable=not progress):
         model.train()
         order = torch.randperm(len(labels), generator=generator)
         for start in range(0, len(order), batch_size):
@@ -322,8 +326,10 @@ def epoch_class_gradients(
     model = config.build().eval()
     return torch.stack(
         [
-            torch.stack([class_mean_gradient(model, snap, images[labels == c], c, **kwargs) for c in range(config.num_classes)])
-            for snap in tqdm(snapshots, desc="algorithm 2 gradients", disable=not progress)
+            torch.stack(
+                [class_mean_gradient(model, snap, images[labels == c], c, **kwargs) for c in range(config.num_classes)]
+            )
+            for snap in progress_bar(snapshots, desc="algorithm 2 gradients", disable=not progress)
         ]
     )
 
@@ -347,14 +353,17 @@ class SurrogateBundle:
         return self.config.build().to(device).eval().requires_grad_(False)
 
     @classmethod
-    def load(cls, path: str | Path) -> "SurrogateBundle":
+    def load(cls, path: str | Path) -> SurrogateBundle:
         from safetensors import safe_open
 
         path = Path(path)
         if not path.is_file():
             raise ValueError(f"surrogate file {path} does not exist")
-        with safe_open(str(path), framework="pt") as f:
-            metadata = f.metadata() or {}
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                metadata = f.metadata() or {}
+        except Exception as err:  # safetensors raises its own error type for files of another format
+            raise ValueError(f"surrogate file {path} is not a readable safetensors file ({err})") from None
         if "config" not in metadata:
             raise ValueError(f"{path} is not a fastdd surrogate file (no config metadata)")
         tensors = load_file(str(path))
@@ -415,5 +424,9 @@ def compute_surrogate_bundle(
     progress: bool = True,
 ) -> SurrogateBundle:
     """Train the trajectory on (images [N, C, S, S] in [-1, 1], labels [N]) and build the bundle from it."""
-    snapshots = train_trajectory(config, images, labels, epochs=epochs, flip=flip, seed=seed, device=device, progress=progress)
-    return build_surrogate_bundle(config, snapshots, images, labels, epochs=epoch_list, threshold=threshold, progress=progress)
+    snapshots = train_trajectory(
+        config, images, labels, epochs=epochs, flip=flip, seed=seed, device=device, progress=progress
+    )
+    return build_surrogate_bundle(
+        config, snapshots, images, labels, epochs=epoch_list, threshold=threshold, progress=progress
+    )

@@ -49,22 +49,23 @@ Assumptions (none of these is fixed by the paper summary; each is a choice made 
 15. Decoded images are resized (bilinear) to the estimator's input size when they differ, in [-1, 1] with no
     further normalisation.
 """
+
 from __future__ import annotations
 
 import copy
 import json
 import math
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
 from ..data.atomic import save_safetensors_atomic
 from ..data.augment import crop_sides
 from ..models.convnet import ConvNet
+from ..progress import progress_bar
 from ..sampling.sampler import Guidance, StepContext
 
 DEFAULT_TAU = 0.07
@@ -106,9 +107,16 @@ class InformationEstimator(nn.Module):
     """
 
     def __init__(
-        self, channel: int, num_classes: int, im_size: int, *, dim: int = 128, width: int = 64,
-        depth: int | None = None, tau: float = DEFAULT_TAU,
-    ):  # fmt: skip
+        self,
+        channel: int,
+        num_classes: int,
+        im_size: int,
+        *,
+        dim: int = 128,
+        width: int = 64,
+        depth: int | None = None,
+        tau: float = DEFAULT_TAU,
+    ):
         super().__init__()
         _check_positive("tau", tau)
         for name, value in (("channel", channel), ("num_classes", num_classes), ("dim", dim), ("width", width)):
@@ -124,9 +132,14 @@ class InformationEstimator(nn.Module):
     @property
     def config(self) -> dict:
         return {
-            "channel": self.channel, "num_classes": self.num_classes, "im_size": self.im_size, "dim": self.dim,
-            "width": self.width, "depth": self.depth, "tau": self.tau,
-        }  # fmt: skip
+            "channel": self.channel,
+            "num_classes": self.num_classes,
+            "im_size": self.im_size,
+            "dim": self.dim,
+            "width": self.width,
+            "depth": self.depth,
+            "tau": self.tau,
+        }
 
     def embed(self, images: Tensor) -> Tensor:
         """x̂ = f(x) / ‖f(x)‖. images: [B, channel, H, W] -> [B, dim]."""
@@ -163,7 +176,7 @@ class InformationEstimator(nn.Module):
         save_safetensors_atomic(self.state_dict(), path, {"fastdd_information_estimator": json.dumps(self.config)})
 
     @classmethod
-    def load(cls, path: str | Path, device: torch.device | str = "cpu") -> "InformationEstimator":
+    def load(cls, path: str | Path, device: torch.device | str = "cpu") -> InformationEstimator:
         """An estimator written by `save`, in eval mode with frozen parameters."""
         from safetensors import safe_open
         from safetensors.torch import load_file
@@ -270,8 +283,14 @@ class InformationGuidance(Guidance):
 
 
 # --------------------------------------------------------------------------- training the estimator
-def augment(images: Tensor, generator: torch.Generator, *, crop_scale: Sequence[float] = (0.4, 1.0),
-            flip: bool = True, jitter: float = 0.4) -> Tensor:  # fmt: skip
+def augment(
+    images: Tensor,
+    generator: torch.Generator,
+    *,
+    crop_scale: Sequence[float] = (0.4, 1.0),
+    flip: bool = True,
+    jitter: float = 0.4,
+) -> Tensor:
     """One random view per image (assumption 7), batched with affine_grid. images: [B, C, H, W] in [-1, 1]."""
     batch = images.shape[0]
 
@@ -395,7 +414,7 @@ def train_information_estimator(
     history: dict[str, list[float]] = {"info_nce": [], "kl": [], "classifier_ce": []}
 
     estimator.train()
-    for _ in tqdm(range(epochs), desc="IGDS estimator", disable=not progress):
+    for _ in progress_bar(range(epochs), desc="IGDS estimator", disable=not progress):
         sums = torch.zeros(2)
         order = torch.randperm(count, generator=generator)
         for start in range(0, count, batch_size):
@@ -428,7 +447,7 @@ def train_information_estimator(
         features = torch.cat([estimator.embed(images[s : s + 512].to(device)) for s in range(0, count, 512)])
     estimator.classifier.requires_grad_(True)
     probe_optimizer = torch.optim.Adam(estimator.classifier.parameters(), lr=classifier_lr)
-    for _ in tqdm(range(classifier_epochs), desc="IGDS classifier", disable=not progress):
+    for _ in progress_bar(range(classifier_epochs), desc="IGDS classifier", disable=not progress):
         total = 0.0
         order = torch.randperm(count, generator=generator)
         for start in range(0, count, batch_size):

@@ -11,17 +11,19 @@ iterations until the assignment no longer changes), so no scikit-learn is needed
 scikit-learn's KMeans(n_clusters=IPC, random_state=0), whose seeding draws differ: the modes are the same
 kind of centroids, not bit-identical ones.
 """
+
 from __future__ import annotations
 
 import math
-from typing import Mapping, NamedTuple, Sequence
+from collections.abc import Mapping, Sequence
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from ..ops._checks import check_positive_int
+from ..progress import progress_bar
 from ..sampling.sampler import Guidance, ImageId, StepContext
 
 MGD3_LAMBDA = 0.1
@@ -110,7 +112,7 @@ def kmeans(
         centroids = init.to(device=work.device, dtype=work.dtype).clone()
     assignments = squared_distances(work, centroids).argmin(1)
     converged, iterations = False, 0
-    for iterations in range(1, max_iter + 1):
+    for iterations in range(1, max_iter + 1):  # noqa: B007  (the count is reported after the loop)
         centroids = _update_centroids(work, assignments, centroids)
         new_assignments = squared_distances(work, centroids).argmin(1)
         if torch.equal(new_assignments, assignments):
@@ -156,7 +158,9 @@ def encode_latents(
         raise ValueError(f"images: expected a non-empty [N, C, H, W] batch, got shape {list(images.shape)}")
     out = []
     with torch.no_grad():
-        for start in tqdm(range(0, images.shape[0], batch_size), disable=not progress, desc="encode", leave=False):
+        for start in progress_bar(
+            range(0, images.shape[0], batch_size), disable=not progress, desc="encode", leave=False
+        ):
             out.append(codec.encode(images[start : start + batch_size], sample=sample, generator=generator))
     return torch.cat(out)
 
@@ -189,7 +193,7 @@ def fit_modes(
         raise ValueError(f"labels: expected shape [{latents.shape[0]}], got {list(labels.shape)}")
     labels = labels.to(latents.device)
     modes = {}
-    for c in tqdm(list(classes), disable=not progress, desc="k-means", leave=False):
+    for c in progress_bar(list(classes), disable=not progress, desc="k-means", leave=False):
         members = latents[labels == c]
         if members.shape[0] == 0:
             raise ValueError(f"class {c} has no latents (empty class)")

@@ -25,21 +25,22 @@ L_diffusion is the DiT/ADM training loss: ε-MSE (mean over C, H, W) plus, for l
 variational bound term in bits/dim with the mean prediction frozen (KL of the true posterior to the model's
 at t > 0, the discretized-Gaussian decoder NLL at t = 0), averaged over the batch.
 """
+
 from __future__ import annotations
 
 import math
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Sequence
 
 import torch
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
 from .. import ops
 from ..data.atomic import save_safetensors_atomic, write_atomic
 from ..models.dit import DiT
 from ..ops._checks import check_positive_int
+from ..progress import progress_bar
 from ..sampling.diffusion import GaussianDiffusion
 
 LAMBDA_REAL = 0.002
@@ -311,9 +312,16 @@ def finetune_sam(
     parameter = next(model.parameters())
     device, dtype = parameter.device, parameter.dtype
     memory = SamMemory(
-        model.num_classes, math.prod(shape), capacity, policy, lambda_real, lambda_gen, compat=compat, device=device,
+        model.num_classes,
+        math.prod(shape),
+        capacity,
+        policy,
+        lambda_real,
+        lambda_gen,
+        compat=compat,
+        device=device,
         dtype=torch.promote_types(dtype, torch.float32),
-    )  # fmt: skip
+    )
     trained = difffit_parameters(model)
     flags = {name: p.requires_grad for name, p in model.named_parameters()}
     for name, p in model.named_parameters():
@@ -326,7 +334,7 @@ def finetune_sam(
     was_training = model.training
     model.eval()  # no built-in label dropout: it is drawn from `generator` below
     try:
-        with tqdm(total=epochs * steps_per_epoch, disable=not progress, desc="sam fine-tuning") as bar:
+        with progress_bar(total=epochs * steps_per_epoch, disable=not progress, desc="sam fine-tuning") as bar:
             for _ in range(epochs):
                 order = torch.randperm(latents.shape[0], generator=generator)
                 for step in range(steps_per_epoch):
@@ -338,8 +346,13 @@ def finetune_sam(
                     model_labels = torch.where(dropped, torch.full_like(batch_labels, model.num_classes), batch_labels)
                     x0 = latents[rows.to(latents.device)].to(device=device, dtype=dtype)
                     loss, pred_xstart = diffusion_training_loss(
-                        model, diffusion, x0, t.to(device), noise.to(device=device, dtype=dtype), model_labels.to(device)
-                    )  # fmt: skip
+                        model,
+                        diffusion,
+                        x0,
+                        t.to(device),
+                        noise.to(device=device, dtype=dtype),
+                        model_labels.to(device),
+                    )
                     host_labels = batch_labels.tolist()
                     z_hat = pred_xstart.flatten(1)
                     total = loss.mean() + memory.loss(z_hat, host_labels)

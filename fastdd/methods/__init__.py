@@ -4,6 +4,7 @@ and the registry `fastdd distill --method` and `fastdd.distill(method=...)` read
 Add a method: an options dataclass (fields made with `fastdd.options.option`), a builder
 `build(options, spec, models, data) -> MethodSetup` (see `fastdd.methods.base`), and `register_method(Method(...))`.
 """
+
 from __future__ import annotations
 
 from . import d3hr, dap, dit, igd, igds, mgd3, sam
@@ -37,6 +38,19 @@ def get_method(name: str) -> Method:
 
 
 __all__ = [
-    "METHODS", "Method", "MethodSetup", "Models", "RealData", "RunSpec", "get_method", "register_method",
-    "DiTOptions", "IGDOptions", "DAPOptions", "MGD3Options", "D3HROptions", "SAMOptions", "IGDSOptions",
+    "METHODS",
+    "Method",
+    "MethodSetup",
+    "Models",
+    "RealData",
+    "RunSpec",
+    "get_method",
+    "register_method",
+    "DiTOptions",
+    "IGDOptions",
+    "DAPOptions",
+    "MGD3Options",
+    "D3HROptions",
+    "SAMOptions",
+    "IGDSOptions",
 ]

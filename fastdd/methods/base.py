@@ -15,14 +15,17 @@ Conventions a builder can rely on:
   class's earlier images to its later ones calls `require_one_image_per_batch(spec, reason)` before heavy work.
 - `spec.state_dir`: a folder in the run directory for caches (None in dry runs).
 """
+
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
+import math
+import sys
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import torch
 from safetensors.torch import load_file
@@ -36,6 +39,7 @@ from ..sampling.sampler import Guidance
 STATE_DIR = ".fastdd"
 SAMPLERS = ("ddpm", "ddim")
 PRECISIONS = ("fp32", "bf16")
+MAX_IMAGES = 2_000_000  # a larger plan is refused (ImageNet-1K at IPC 2,000)
 
 
 def default_device() -> str:
@@ -65,22 +69,39 @@ class RunSpec:
     compat: bool = option(False, "reproduce the authors' quirks (shadow rows, CFG on 3 channels)")
     class_batch: int = option(10, "classes per batch; processes get whole chunks of this many classes")
     device: str | None = option(None, "torch device (default: cuda when available, else cpu)")
-    precision: str = option("fp32", "bf16: DiT forward and VAE decoder under bf16 autocast (guidance reductions "
-                            "stay fp32)", choices=PRECISIONS)  # fmt: skip
-    images_per_batch: int = option(1, "consecutive images of each class in a batch (rows: classes × this); the same "
-                                   "images as 1, up to float rounding, for every method but igds (its entropy term "
-                                   "spans the batch); igd with --igd-gamma > 0 needs 1")  # fmt: skip
+    precision: str = option(
+        "fp32",
+        "bf16: DiT forward and VAE decoder under bf16 autocast (guidance reductions stay fp32)",
+        choices=PRECISIONS,
+    )
+    images_per_batch: int = option(
+        1,
+        "consecutive images of each class in a batch (rows: classes × this); the same "
+        "images as 1, up to float rounding, for every method but igds (its entropy term "
+        "spans the batch); igd with --igd-gamma > 0 needs 1",
+    )
     compile: bool = option(False, "torch.compile the DiT (first batch pays compilation)")
     cuda_graphs: bool = option(False, "replay whole sampling steps as CUDA graphs from the second batch on (CUDA only)")
-    fast: bool = option(False, "opt-in approximation: guidance gradients skip the DiT Jacobian (no backward through "
-                        "the DiT)")  # fmt: skip
+    fast: bool = option(
+        False, "opt-in approximation: guidance gradients skip the DiT Jacobian (no backward through the DiT)"
+    )
+    allow_missing_keys: bool = option(
+        False,
+        "load an official DiT checkpoint that lacks some keys (they keep the "
+        "official initialisation; the missing keys are listed); default: refused",
+    )
     dry_run: bool = option(False, "print the plan and a time estimate, write nothing")
     quiet: bool = option(False, "no progress bars")
 
     def validate(self) -> None:
-        """ValueError naming the flag of the first invalid field."""
+        """ValueError naming the flag of the first invalid field (before anything is loaded or written)."""
+        check_finite(self)
         if self.ipc <= 0:
             raise ValueError(f"--ipc must be > 0, got {self.ipc}")
+        if self.ipc > MAX_IMAGES:
+            raise ValueError(f"--ipc {self.ipc} is larger than fastdd's limit of {MAX_IMAGES:,} images per run")
+        if not 0 <= self.seed < 2**63:
+            raise ValueError(f"--seed must be in [0, 2**63), got {self.seed}")
         if self.steps <= 1:
             raise ValueError(f"--steps must be > 1, got {self.steps}")
         if self.class_batch <= 0:
@@ -157,9 +178,53 @@ def check(condition: bool, message: str) -> None:
         raise ValueError(message)
 
 
+def check_finite(options: Any) -> None:
+    """ValueError naming the flag of the first float option of `options` (a dataclass of `option` fields) that is
+    NaN or infinite: such a value would turn every image black or into noise without an error."""
+    from ..options import flag_of, option_fields
+
+    for option_field in option_fields(type(options)):
+        value = getattr(options, option_field.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(f"{flag_of(option_field)} must be a finite number, got {value}")
+
+
 def digest(params: dict) -> str:
     """A short hash of JSON-able params (names a cache file after what it depends on)."""
     return hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()[:12]
+
+
+CACHE_FORMAT = 1  # bump when a cached artefact's content changes meaning
+
+
+def cache_inputs(models: Models, data: RealData, depends_on: dict) -> dict:
+    """What a cached artefact depends on: format version, the real data (`RealData.fingerprint`), the model and VAE
+    weights and `depends_on` (the method options and seeds it depends on)."""
+    weights = {k: models.description.get(k) for k in ("model", "model_sha256", "vae", "vae_sha256")}
+    return {"format": CACHE_FORMAT, "data": data.fingerprint, "weights": weights, **depends_on}
+
+
+def cache_key(models: Models, data: RealData, depends_on: dict) -> str:
+    """A short hash of `cache_inputs`: a cache is named by it, so changed inputs never reuse an old artefact."""
+    return digest(cache_inputs(models, data, depends_on))
+
+
+def read_cache(path: Path, load: Callable[[Path], Any]) -> Any:
+    """load(path) of a cached artefact, or None when it is missing or unreadable (a corrupt file, e.g. from a full
+    disk, is removed and said on stderr, so the caller computes it again)."""
+    if not path.is_file():
+        return None
+    try:
+        return load(path)
+    except Exception as err:  # safetensors, torch and JSON raise their own error types for corrupt files
+        print(f"fastdd: cached {path.name} is unreadable ({type(err).__name__}); computing it again", file=sys.stderr)
+        path.unlink(missing_ok=True)
+        return None
+
+
+def cache_path(spec: RunSpec, models: Models, data: RealData, kind: str, depends_on: dict) -> Path:
+    """spec.state_dir / '<kind>_<cache_key>.safetensors'."""
+    return spec.state_dir / f"{kind}_{cache_key(models, data, depends_on)}.safetensors"
 
 
 def rescale_index(index: int, steps: int, of_steps: int = 50) -> int:
@@ -176,8 +241,10 @@ def require_one_image_per_batch(spec: RunSpec, reason: str) -> None:
     """ValueError naming --images-per-batch unless every batch holds one image per class, so that state a guidance
     keeps from a class's earlier images (reason: which) sees them one at a time."""
     if min(spec.images_per_batch, spec.ipc) > 1:
-        raise ValueError(f"--images-per-batch {spec.images_per_batch}: {spec.method}: {reason}, so each class's "
-                         "images are made one at a time; use --images-per-batch 1")  # fmt: skip
+        raise ValueError(
+            f"--images-per-batch {spec.images_per_batch}: {spec.method}: {reason}, so each class's "
+            "images are made one at a time; use --images-per-batch 1"
+        )
 
 
 def check_pool(spec: RunSpec, data: RealData, minimum: int, why: str, ipc_bound: bool = True) -> None:
@@ -186,7 +253,9 @@ def check_pool(spec: RunSpec, data: RealData, minimum: int, why: str, ipc_bound:
     for name, count in zip(data.class_names, data.class_counts()):
         check(count > 0, f"--data: class {name!r} has no real images")
         check(count >= minimum, f"--data: class {name!r} has {count} real images, {why} needs at least {minimum}")
-        check(not ipc_bound or spec.ipc <= count, f"--ipc {spec.ipc} is larger than class {name!r} ({count} real images)")
+        check(
+            not ipc_bound or spec.ipc <= count, f"--ipc {spec.ipc} is larger than class {name!r} ({count} real images)"
+        )
 
 
 def real_latents(spec: RunSpec, models: Models, data: RealData, sample: bool = False) -> tuple[Tensor, Tensor]:
@@ -199,9 +268,10 @@ def real_latents(spec: RunSpec, models: Models, data: RealData, sample: bool = F
     device, codec = models.device, models.codec
     if isinstance(codec, PixelCodec):
         return images.to(device), labels
-    cache = spec.state_dir / f"latents_{'sample' if sample else 'mean'}_seed{spec.seed}.safetensors"
-    if cache.is_file():
-        return load_file(str(cache))["latents"].to(device), labels
+    cache = cache_path(spec, models, data, "latents", {"sample": sample, "seed": spec.seed})
+    cached = read_cache(cache, lambda path: load_file(str(path))["latents"])
+    if cached is not None:
+        return cached.to(device), labels
     generator = torch.Generator(device=device).manual_seed(spec.seed) if sample else None
     latents = encode_latents(codec, images.to(device), sample=sample, generator=generator, progress=spec.progress)
     save_safetensors_atomic({"latents": latents}, cache)
@@ -213,4 +283,3 @@ def default_sample(spec: RunSpec, sampler, labels, ids, latent_shape, device) ->
     if spec.sampler == "ddim":
         return sampler.ddim_sample(labels, ids, latent_shape, device, eta=spec.eta, progress=False)
     return sampler.sample(labels, ids, latent_shape, device, progress=False)
-

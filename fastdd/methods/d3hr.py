@@ -2,6 +2,7 @@
 latents to the target step, fit a diagonal Gaussian, keep the most representative of n candidate groups of IPC
 latents, and DDIM (η = 0) from there on a `steps`-step schedule with `spacing` (the run's CFG scale). Ignores the
 run's sampler and eta."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -10,10 +11,31 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from ..guidance.d3hr import D3HR_CANDIDATES, D3HR_WEIGHTS, class_group, statistics_path
+from ..guidance.d3hr import (
+    D3HR_CANDIDATES,
+    D3HR_WEIGHTS,
+    check_statistics_file,
+    class_group,
+    load_class_statistics,
+    statistics_config,
+    statistics_path,
+)
 from ..options import documented, option
 from ..sampling import GaussianDiffusion, GuidedSampler
-from .base import Method, MethodSetup, Models, RealData, RunSpec, check, check_pool, real_latents, rescale_index
+from .base import (
+    Method,
+    MethodSetup,
+    Models,
+    RealData,
+    RunSpec,
+    cache_inputs,
+    cache_key,
+    check,
+    check_pool,
+    read_cache,
+    real_latents,
+    rescale_index,
+)
 
 
 @documented
@@ -21,15 +43,27 @@ from .base import Method, MethodSetup, Models, RealData, RunSpec, check, check_p
 class D3HROptions:
     """D3HR (2025): DDIM inversion, per-class Gaussian, representative group, DDIM generation."""
 
-    target: int = option(31, "inversion target / generation start step for 50 steps (SPEC: 31, timestep 620 = step "
-                         "18 of 50)", flag="--d3hr-target")  # fmt: skip
-    candidates: int = option(D3HR_CANDIDATES, "candidate groups drawn per class (SPEC: 10,000)",
-                             flag="--d3hr-candidates")  # fmt: skip
+    target: int = option(
+        31,
+        "inversion target / generation start step for 50 steps (SPEC: 31, timestep 620 = step 18 of 50)",
+        flag="--d3hr-target",
+    )
+    candidates: int = option(
+        D3HR_CANDIDATES, "candidate groups drawn per class (SPEC: 10,000)", flag="--d3hr-candidates"
+    )
     batch: int = option(64, "images per DDIM-inversion batch", flag="--d3hr-batch")
-    spacing: str = option("leading", "timestep spacing of the inversion and generation (SPEC: diffusers' DDIM "
-                          "'leading')", flag="--d3hr-spacing", choices=("leading", "iddpm"))  # fmt: skip
-    stats: str | None = option(None, "folder of per-class inverted statistics to reuse across runs (default: in the "
-                               "run folder); a file made with other settings is refused", flag="--d3hr-stats")  # fmt: skip
+    spacing: str = option(
+        "leading",
+        "timestep spacing of the inversion and generation (SPEC: diffusers' DDIM 'leading')",
+        flag="--d3hr-spacing",
+        choices=("leading", "iddpm"),
+    )
+    stats: str | None = option(
+        None,
+        "folder of per-class inverted statistics to reuse across runs (default: in the "
+        "run folder); a file made with other settings is refused",
+        flag="--d3hr-stats",
+    )
 
 
 def build(options: D3HROptions, spec: RunSpec, models: Models, data: RealData) -> MethodSetup:
@@ -40,13 +74,31 @@ def build(options: D3HROptions, spec: RunSpec, models: Models, data: RealData) -
     check(not spec.compat, "--compat: d3hr samples with CFG on every channel (diffusers); drop --compat")
     target = rescale_index(options.target, spec.steps)
     check_pool(spec, data, 2, "D3HR's unbiased variance")
-    params = {"target_index": target, "n_candidates": options.candidates, "inversion_batch": options.batch,
-              "weights": list(D3HR_WEIGHTS), "timestep_spacing": options.spacing,
-              "sampler": "ddim, eta 0 (from the selected latents)", "stats_dir": options.stats}  # fmt: skip
+    params = {
+        "target_index": target,
+        "n_candidates": options.candidates,
+        "inversion_batch": options.batch,
+        "weights": list(D3HR_WEIGHTS),
+        "timestep_spacing": options.spacing,
+        "sampler": "ddim, eta 0 (from the selected latents)",
+        "stats_dir": options.stats,
+    }
+    diffusion = GaussianDiffusion(spec.steps, learn_sigma=models.prior.learn_sigma, timestep_spacing=options.spacing)
+    inputs = cache_inputs(models, data, {"seed": spec.seed})
+    stats_dir = Path(options.stats) if options.stats else None
+    if stats_dir is not None:  # a shared folder: refuse files made with other settings now, before anything is written
+        like_run = GuidedSampler(
+            models.prior, diffusion, cfg_scale=spec.cfg_scale, num_classes=models.num_model_classes
+        )
+        for label in models.class_labels:
+            if statistics_path(stats_dir, label).is_file():
+                check_statistics_file(
+                    statistics_path(stats_dir, label), statistics_config(like_run, label, target, inputs)
+                )
     if spec.dry_run:
         return MethodSetup(params=params)
-    stats_dir = Path(options.stats) if options.stats else spec.state_dir / f"d3hr_stats_seed{spec.seed}"
-    diffusion = GaussianDiffusion(spec.steps, learn_sigma=models.prior.learn_sigma, timestep_spacing=options.spacing)
+    if stats_dir is None:  # private to the run, named by what the statistics depend on
+        stats_dir = spec.state_dir / f"d3hr_stats_{cache_key(models, data, {'seed': spec.seed})}"
     samplers: dict[int, GuidedSampler] = {}
     groups: dict[int, Tensor] = {}
     real: list[tuple[Tensor, Tensor]] = []
@@ -54,15 +106,27 @@ def build(options: D3HROptions, spec: RunSpec, models: Models, data: RealData) -
     def group_of(sampler: GuidedSampler, c: int) -> Tensor:
         """The selected IPC latents of local class c [ipc, C, h, w]."""
         if c not in groups:
-            latents = None
-            if not statistics_path(stats_dir, models.class_labels[c]).is_file():
+            latents, path = None, statistics_path(stats_dir, models.class_labels[c])
+            if options.stats is None:  # a private file that is unreadable (a killed or full disk) is made again
+                read_cache(path, load_class_statistics)
+            if not path.is_file():
                 if not real:
                     real.append(real_latents(spec, models, data, sample=True))
                 all_latents, labels = real[0]
                 latents = all_latents[(labels == c).to(all_latents.device)]
-            groups[c] = class_group(sampler, latents, models.class_labels[c], spec.ipc, target_index=target,
-                                    n_candidates=options.candidates, seed=spec.seed, stats_dir=stats_dir,
-                                    batch_size=options.batch, progress=spec.progress)  # fmt: skip
+            groups[c] = class_group(
+                sampler,
+                latents,
+                models.class_labels[c],
+                spec.ipc,
+                target_index=target,
+                n_candidates=options.candidates,
+                seed=spec.seed,
+                stats_dir=stats_dir,
+                batch_size=options.batch,
+                inputs=inputs,
+                progress=spec.progress,
+            )
         return groups[c]
 
     def sample(sampler, labels, ids, latent_shape, device) -> Tensor:
@@ -76,5 +140,10 @@ def build(options: D3HROptions, spec: RunSpec, models: Models, data: RealData) -
     return MethodSetup(params=params, sample=sample)
 
 
-METHOD = Method("d3hr", D3HROptions, build, needs_data=True,
-                help="D3HR (2025): DDIM inversion, per-class Gaussian, representative group, DDIM generation")  # fmt: skip
+METHOD = Method(
+    "d3hr",
+    D3HROptions,
+    build,
+    needs_data=True,
+    help="D3HR (2025): DDIM inversion, per-class Gaussian, representative group, DDIM generation",
+)

@@ -1,4 +1,5 @@
 """`--method dit`: the unguided prior (plain class-conditional sampling with CFG), the baseline of every table."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -16,5 +17,6 @@ def build(options: DiTOptions, spec: RunSpec, models: Models, data: RealData) ->
     return MethodSetup()
 
 
-METHOD = Method("dit", DiTOptions, build, needs_data=False,
-                help="unguided class-conditional sampling from the prior (baseline)")  # fmt: skip
+METHOD = Method(
+    "dit", DiTOptions, build, needs_data=False, help="unguided class-conditional sampling from the prior (baseline)"
+)

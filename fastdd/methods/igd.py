@@ -4,6 +4,7 @@ Presets (SPEC "IGD"): (k, γ) per dataset and IPC bound for DiT weights; digits 
 the latent size (16·16 values instead of 4·32·32: 120 · 256 / 4096 ≈ 8). The surrogate is `surrogate`, the shipped
 digits bundle, or trained on the real data at the start of the run and cached in the state folder.
 """
+
 from __future__ import annotations
 
 import math
@@ -21,7 +22,18 @@ from ..guidance.igd import (
     surrogate_config_for,
 )
 from ..options import documented, option, parse_range
-from .base import Method, MethodSetup, Models, RealData, RunSpec, check, guided_range, require_one_image_per_batch
+from .base import (
+    Method,
+    MethodSetup,
+    Models,
+    RealData,
+    RunSpec,
+    cache_path,
+    check,
+    guided_range,
+    read_cache,
+    require_one_image_per_batch,
+)
 
 # dataset -> [(IPC bound or None, k, gamma)]
 IGD_PRESETS = {
@@ -45,13 +57,19 @@ def igd_preset(dataset: str, ipc: int) -> tuple[float, float]:
 class IGDOptions:
     """IGD (Chen et al., ICLR 2025): deviation guidance (per-class cosine memory) + influence guidance."""
 
-    surrogate: str | None = option(None, "surrogate file from `fastdd surrogate` (default: the shipped digits one, or "
-                                   "computed from --data and cached in DIR/.fastdd)", flag="--surrogate")  # fmt: skip
+    surrogate: str | None = option(
+        None,
+        "surrogate file from `fastdd surrogate` (default: the shipped digits one, or "
+        "computed from --data and cached in DIR/.fastdd)",
+        flag="--surrogate",
+    )
     k: float | None = option(None, "influence scale k (default: SPEC preset, 5)", flag="--igd-k")
-    gamma: float | None = option(None, "deviation scale gamma (default: SPEC preset by dataset and IPC)",
-                                 flag="--igd-gamma")  # fmt: skip
-    range: tuple[int, int] = option((30, 45), "guided respaced steps low,high for 50 steps (rescaled to --steps)",
-                                    flag="--igd-range")  # fmt: skip
+    gamma: float | None = option(
+        None, "deviation scale gamma (default: SPEC preset by dataset and IPC)", flag="--igd-gamma"
+    )
+    range: tuple[int, int] = option(
+        (30, 45), "guided respaced steps low,high for 50 steps (rescaled to --steps)", flag="--igd-range"
+    )
     memory: int = option(64, "deviation memory capacity per class", flag="--igd-memory")
     surrogate_epochs: int = option(20, "trajectory length when computed on the fly", flag="--surrogate-epochs")
 
@@ -60,8 +78,9 @@ def check_bundle(bundle: SurrogateBundle, models: Models, data: RealData, source
     """The surrogate must match the class list and the decoded images."""
     config, (channels, _, _) = bundle.config, models.image_shape
     if config.num_classes != data.num_classes or bundle.real_grads.shape[0] != data.num_classes:
-        raise ValueError(f"--surrogate {source}: made for {config.num_classes} classes, the class list has "
-                         f"{data.num_classes}")  # fmt: skip
+        raise ValueError(
+            f"--surrogate {source}: made for {config.num_classes} classes, the class list has {data.num_classes}"
+        )
     if config.channel != channels:
         raise ValueError(f"--surrogate {source}: takes {config.channel}-channel images, the prior makes {channels}")
 
@@ -79,13 +98,21 @@ def surrogate_bundle(options: IGDOptions, spec: RunSpec, models: Models, data: R
     check(options.surrogate_epochs > 0, f"--surrogate-epochs must be > 0, got {options.surrogate_epochs}")
     if spec.dry_run:
         return None, "computed from the real data at the start of the run"
-    cache = spec.state_dir / f"surrogate_seed{spec.seed}_epochs{options.surrogate_epochs}.safetensors"
-    if cache.is_file():
-        return SurrogateBundle.load(cache), str(cache)
+    cache = cache_path(spec, models, data, "surrogate", {"seed": spec.seed, "epochs": options.surrogate_epochs})
+    cached = read_cache(cache, SurrogateBundle.load)
+    if cached is not None:
+        return cached, str(cache)
     images, labels = data.load()
     config = surrogate_config_for(models.image_shape, data.num_classes)
-    bundle = compute_surrogate_bundle(config, images, labels, epochs=options.surrogate_epochs, seed=spec.seed,
-                                      flip=data.dataset != "digits", progress=spec.progress)  # fmt: skip
+    bundle = compute_surrogate_bundle(
+        config,
+        images,
+        labels,
+        epochs=options.surrogate_epochs,
+        seed=spec.seed,
+        flip=data.dataset != "digits",
+        progress=spec.progress,
+    )
     bundle.save(cache)
     return bundle, str(cache)
 
@@ -99,8 +126,9 @@ def build(options: IGDOptions, spec: RunSpec, models: Models, data: RealData) ->
     check(k >= 0 and gamma >= 0, f"--igd-k and --igd-gamma must be >= 0, got {k} and {gamma}")
     check(options.memory > 0, f"--igd-memory must be > 0, got {options.memory}")
     if gamma > 0:
-        require_one_image_per_batch(spec, "its deviation guidance (--igd-gamma > 0) pushes each image away from the "
-                                          "earlier images of its class")  # fmt: skip
+        require_one_image_per_batch(
+            spec, "its deviation guidance (--igd-gamma > 0) pushes each image away from the earlier images of its class"
+        )
     low, high = guided_range(spec, (low, high))
     bundle, source = surrogate_bundle(options, spec, models, data)
     params = {"k": k, "gamma": gamma, "guided_range": [low, high], "memory": options.memory, "surrogate": source}
@@ -115,12 +143,33 @@ def build(options: IGDOptions, spec: RunSpec, models: Models, data: RealData) ->
             images = F.interpolate(images, size=(size, size), mode="bilinear", align_corners=False)
         return images
 
-    deviation = DeviationGuidance(data.num_classes, math.prod(models.latent_shape), gamma=gamma,
-                                  capacity=options.memory, low=low, high=high, compat=spec.compat, device=device)  # fmt: skip
-    influence = InfluenceGuidance(decode, bundle.network(device), bundle.flat_params.to(device),
-                                  bundle.real_grads.to(device), k=k, low=low, high=high, compat=spec.compat)  # fmt: skip
+    deviation = DeviationGuidance(
+        data.num_classes,
+        math.prod(models.latent_shape),
+        gamma=gamma,
+        capacity=options.memory,
+        low=low,
+        high=high,
+        compat=spec.compat,
+        device=device,
+    )
+    influence = InfluenceGuidance(
+        decode,
+        bundle.network(device),
+        bundle.flat_params.to(device),
+        bundle.real_grads.to(device),
+        k=k,
+        low=low,
+        high=high,
+        compat=spec.compat,
+    )
     return MethodSetup(guidances=[deviation, influence], params=params)
 
 
-METHOD = Method("igd", IGDOptions, build, needs_data=False,
-                help="influence-guided diffusion (Chen et al., ICLR 2025): deviation + influence guidance")  # fmt: skip
+METHOD = Method(
+    "igd",
+    IGDOptions,
+    build,
+    needs_data=False,
+    help="influence-guided diffusion (Chen et al., ICLR 2025): deviation + influence guidance",
+)

@@ -1,5 +1,6 @@
 """`--method igds`: IGDS's run wiring (the math and its assumptions are in `fastdd.guidance.igds`): train (or load the
 cached) variational estimator, then η-scaled ascent of E log P(ŷ|y) + H(Ŷ) + β·KL on the decoded images."""
+
 from __future__ import annotations
 
 import math
@@ -13,7 +14,18 @@ from ..guidance.igds import (
     train_information_estimator,
 )
 from ..options import documented, option, parse_range
-from .base import Method, MethodSetup, Models, RealData, RunSpec, check, check_pool, digest, guided_range
+from .base import (
+    Method,
+    MethodSetup,
+    Models,
+    RealData,
+    RunSpec,
+    cache_path,
+    check,
+    check_pool,
+    guided_range,
+    read_cache,
+)
 
 IGDS_ETA_PRESETS = {"digits": 2.0}  # no published η: only the digits default is set (moves the images about as DAP)
 
@@ -23,17 +35,25 @@ IGDS_ETA_PRESETS = {"digits": 2.0}  # no published η: only the digits default i
 class IGDSOptions:
     """IGDS (Ye et al. 2025): information-guided sampling with a trained variational estimator."""
 
-    eta: float | None = option(None, "step size η >= 0 (no published value: digits default 2.0; required for other "
-                               "data)", flag="--igds-eta")  # fmt: skip
-    beta: float | None = option(None, "weight β of the KL term (default by IPC: 0.5·log(IPC)/log(50) clipped to "
-                                "[0, 0.5])", flag="--igds-beta")  # fmt: skip
-    range: tuple[int, int] = option((0, 49), "guided steps low,high for 50 steps (default: every step)",
-                                    flag="--igds-range")  # fmt: skip
-    source: str = option("xstart", "the estimator sees the decoded x̂0 (default) or the ancestral sample x'_{t-1} "
-                         "(paper)", flag="--igds-source", choices=("xstart", "sample"))  # fmt: skip
+    eta: float | None = option(
+        None, "step size η >= 0 (no published value: digits default 2.0; required for other data)", flag="--igds-eta"
+    )
+    beta: float | None = option(
+        None, "weight β of the KL term (default by IPC: 0.5·log(IPC)/log(50) clipped to [0, 0.5])", flag="--igds-beta"
+    )
+    range: tuple[int, int] = option(
+        (0, 49), "guided steps low,high for 50 steps (default: every step)", flag="--igds-range"
+    )
+    source: str = option(
+        "xstart",
+        "the estimator sees the decoded x̂0 (default) or the ancestral sample x'_{t-1} (paper)",
+        flag="--igds-source",
+        choices=("xstart", "sample"),
+    )
     epochs: int = option(50, "contrastive training epochs of the estimator encoder", flag="--igds-epochs")
-    classifier_epochs: int = option(100, "linear-probe epochs of the estimator classifier",
-                                    flag="--igds-classifier-epochs")  # fmt: skip
+    classifier_epochs: int = option(
+        100, "linear-probe epochs of the estimator classifier", flag="--igds-classifier-epochs"
+    )
     lam: float = option(1.0, "weight λ of the KL term in the estimator's training loss", flag="--igds-lambda")
 
 
@@ -52,26 +72,49 @@ def build(options: IGDSOptions, spec: RunSpec, models: Models, data: RealData) -
     check_pool(spec, data, 1, "IGDS's estimator", ipc_bound=False)
     check(sum(data.class_counts()) >= 2, "--data: the estimator needs at least 2 real images")
     flip = data.dataset != "digits"
-    params = {"eta": eta, "beta": beta, "guided_range": [low, high], "source": options.source,
-              "estimator": {"epochs": options.epochs, "classifier_epochs": options.classifier_epochs,
-                            "lambda": options.lam, "tau": DEFAULT_TAU, "seed": spec.seed, "flip": flip}}  # fmt: skip
+    params = {
+        "eta": eta,
+        "beta": beta,
+        "guided_range": [low, high],
+        "source": options.source,
+        "estimator": {
+            "epochs": options.epochs,
+            "classifier_epochs": options.classifier_epochs,
+            "lambda": options.lam,
+            "tau": DEFAULT_TAU,
+            "seed": spec.seed,
+            "flip": flip,
+        },
+    }
     if spec.dry_run:
         return MethodSetup(params=params)
-    cache = spec.state_dir / f"igds_estimator_{digest(params['estimator'])}.safetensors"
-    if cache.is_file():
-        estimator = InformationEstimator.load(cache, models.device)
-    else:
+    cache = cache_path(spec, models, data, "igds_estimator", params["estimator"])
+    estimator = read_cache(cache, lambda path: InformationEstimator.load(path, models.device))
+    if estimator is None:
         images, labels = data.load()
         estimator = train_information_estimator(
-            images, labels, data.num_classes, lam=options.lam, epochs=options.epochs,
-            batch_size=min(256, len(labels)), classifier_epochs=options.classifier_epochs, flip=flip, seed=spec.seed,
-            device=models.device, progress=spec.progress,
-        )  # fmt: skip
+            images,
+            labels,
+            data.num_classes,
+            lam=options.lam,
+            epochs=options.epochs,
+            batch_size=min(256, len(labels)),
+            classifier_epochs=options.classifier_epochs,
+            flip=flip,
+            seed=spec.seed,
+            device=models.device,
+            progress=spec.progress,
+        )
         estimator.save(cache)
     params["estimator_file"] = str(cache)
     guidance = InformationGuidance(models.codec.decode, estimator, eta, beta, low=low, high=high, source=options.source)
     return MethodSetup(guidances=[guidance], params=params)
 
 
-METHOD = Method("igds", IGDSOptions, build, needs_data=True,
-                help="IGDS (Ye et al. 2025): information-guided sampling with a trained variational estimator")  # fmt: skip
+METHOD = Method(
+    "igds",
+    IGDSOptions,
+    build,
+    needs_data=True,
+    help="IGDS (Ye et al. 2025): information-guided sampling with a trained variational estimator",
+)

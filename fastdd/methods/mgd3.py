@@ -1,5 +1,6 @@
 """`--method mgd3`: MGD3's run wiring (the math is in `fastdd.guidance.mgd3`): k-means (IPC modes) of each class's
 encoder-mean latents, cached in the state folder; mode j pulls image j on the steps after `stop`."""
+
 from __future__ import annotations
 
 import math
@@ -11,7 +12,19 @@ from safetensors.torch import load_file
 from ..data.atomic import save_safetensors_atomic
 from ..guidance.mgd3 import MGD3_LAMBDA, MGD3_STOP_INDEX, ModeGuidance, fit_modes
 from ..options import documented, option
-from .base import Method, MethodSetup, Models, RealData, RunSpec, check, check_pool, digest, real_latents, rescale_index
+from .base import (
+    Method,
+    MethodSetup,
+    Models,
+    RealData,
+    RunSpec,
+    cache_path,
+    check,
+    check_pool,
+    read_cache,
+    real_latents,
+    rescale_index,
+)
 
 
 @documented
@@ -20,8 +33,11 @@ class MGD3Options:
     """MGD3 (ICML 2025): k-means modes of the real latents guide the early steps."""
 
     lam: float = option(MGD3_LAMBDA, "mode guidance scale λ >= 0 (SPEC: 0.1)", flag="--mgd3-lambda")
-    stop: int = option(MGD3_STOP_INDEX, "last unguided step for 50 steps: steps above it are guided (SPEC: 25, i.e. "
-                       "24 of 50); -1 guides all", flag="--mgd3-stop")  # fmt: skip
+    stop: int = option(
+        MGD3_STOP_INDEX,
+        "last unguided step for 50 steps: steps above it are guided (SPEC: 25, i.e. 24 of 50); -1 guides all",
+        flag="--mgd3-stop",
+    )
     kmeans_seed: int = option(0, "k-means++ seed (the authors' random_state=0)", flag="--mgd3-kmeans-seed")
 
 
@@ -31,23 +47,32 @@ def build(options: MGD3Options, spec: RunSpec, models: Models, data: RealData) -
     check(-1 <= options.stop <= 49, f"--mgd3-stop must be in -1..49, got {options.stop}")
     stop = -1 if options.stop == -1 else rescale_index(options.stop, spec.steps)
     check_pool(spec, data, 1, "MGD3")
-    params = {"lambda": options.lam, "stop_index": stop, "guided_range": [stop + 1, spec.steps - 1],
-              "kmeans_seed": options.kmeans_seed,
-              "modes": f"k-means of the encoder-mean latents, {spec.ipc} per class"}  # fmt: skip
+    params = {
+        "lambda": options.lam,
+        "stop_index": stop,
+        "guided_range": [stop + 1, spec.steps - 1],
+        "kmeans_seed": options.kmeans_seed,
+        "modes": f"k-means of the encoder-mean latents, {spec.ipc} per class",
+    }
     if spec.dry_run:
         return MethodSetup(params=params)
-    cache = spec.state_dir / f"mgd3_modes_{digest({'ipc': spec.ipc, 'seed': options.kmeans_seed})}.safetensors"
-    if cache.is_file():
-        modes = load_file(str(cache))["modes"]
-    else:
+    cache = cache_path(spec, models, data, "mgd3_modes", {"ipc": spec.ipc, "seed": options.kmeans_seed})
+    modes = read_cache(cache, lambda path: load_file(str(path))["modes"])
+    if modes is None:
         latents, labels = real_latents(spec, models, data)
-        fitted = fit_modes(latents, labels, spec.ipc, range(data.num_classes), seed=options.kmeans_seed,
-                           progress=spec.progress)  # fmt: skip
+        fitted = fit_modes(
+            latents, labels, spec.ipc, range(data.num_classes), seed=options.kmeans_seed, progress=spec.progress
+        )
         modes = torch.stack([fitted[c] for c in range(data.num_classes)])
         save_safetensors_atomic({"modes": modes}, cache)
     guidance = ModeGuidance(modes.to(models.device), lam=options.lam, stop_index=stop, compat=spec.compat)
     return MethodSetup(guidances=[guidance], params=params)
 
 
-METHOD = Method("mgd3", MGD3Options, build, needs_data=True,
-                help="MGD3 (ICML 2025): k-means modes of the real latents guide the early steps")  # fmt: skip
+METHOD = Method(
+    "mgd3",
+    MGD3Options,
+    build,
+    needs_data=True,
+    help="MGD3 (ICML 2025): k-means modes of the real latents guide the early steps",
+)

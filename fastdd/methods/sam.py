@@ -1,5 +1,6 @@
 """`--method sam`: SAM's run wiring (the math is in `fastdd.guidance.sam`): fine-tune a DiffFit copy of the prior with
 the memory losses (cached in the state folder), then sample its EMA weights with the run's sampler settings."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -13,7 +14,19 @@ from ..guidance.sam import LAMBDA_GEN, LAMBDA_REAL, POLICIES, finetune_sam, to_d
 from ..models.dit import DiT
 from ..options import documented, option
 from ..sampling import GaussianDiffusion, GuidedSampler
-from .base import Method, MethodSetup, Models, RealData, RunSpec, check, check_pool, default_sample, digest, real_latents
+from .base import (
+    Method,
+    MethodSetup,
+    Models,
+    RealData,
+    RunSpec,
+    cache_path,
+    check,
+    check_pool,
+    default_sample,
+    read_cache,
+    real_latents,
+)
 
 SAM_EMA_PRESETS = {"digits": 0.99}  # digits: ~1.4k fine-tuning steps, so 0.9999 would keep ~87% of the prior
 
@@ -29,17 +42,24 @@ class SAMOptions:
     lambda_real: float = option(LAMBDA_REAL, "λ_r of L_real (SPEC: 0.002)", flag="--sam-lambda-real")
     lambda_gen: float = option(LAMBDA_GEN, "λ_g of L_gen (SPEC: 0.008)", flag="--sam-lambda-gen")
     capacity: int = option(64, "memory capacity per class (SPEC: 64)", flag="--sam-capacity")
-    policy: str = option("most_similar", "memory pop rule: most_similar (SAM) or fifo (Minimax)", flag="--sam-policy",
-                         choices=POLICIES)  # fmt: skip
-    ema_decay: float | None = option(None, "EMA decay of the DiffFit weights that are sampled (default 0.9999 as the "
-                                     "authors; digits: 0.99)", flag="--sam-ema-decay")  # fmt: skip
+    policy: str = option(
+        "most_similar", "memory pop rule: most_similar (SAM) or fifo (Minimax)", flag="--sam-policy", choices=POLICIES
+    )
+    ema_decay: float | None = option(
+        None,
+        "EMA decay of the DiffFit weights that are sampled (default 0.9999 as the authors; digits: 0.99)",
+        flag="--sam-ema-decay",
+    )
 
 
 def build(options: SAMOptions, spec: RunSpec, models: Models, data: RealData) -> MethodSetup:
     """A sampling override: the run's sampler on the fine-tuned EMA weights."""
     prior = models.prior
-    for flag, value in (("--sam-epochs", options.epochs), ("--sam-batch", options.batch),
-                        ("--sam-capacity", options.capacity)):  # fmt: skip
+    for flag, value in (
+        ("--sam-epochs", options.epochs),
+        ("--sam-batch", options.batch),
+        ("--sam-capacity", options.capacity),
+    ):
         check(value > 0, f"{flag} must be > 0, got {value}")
     check(options.lr > 0, f"--sam-lr must be > 0, got {options.lr}")
     check(options.lambda_real >= 0, f"--sam-lambda-real must be >= 0, got {options.lambda_real}")
@@ -50,24 +70,46 @@ def build(options: SAMOptions, spec: RunSpec, models: Models, data: RealData) ->
     total = sum(data.class_counts())
     check(options.batch <= total, f"--sam-batch {options.batch} is larger than the {total} real images")
     check_pool(spec, data, 1, "SAM", ipc_bound=False)
-    params = {"epochs": options.epochs, "batch_size": options.batch, "lr": options.lr,
-              "lambda_real": options.lambda_real, "lambda_gen": options.lambda_gen, "capacity": options.capacity,
-              "policy": options.policy, "ema_decay": ema_decay, "fine_tune_seed": spec.seed,
-              "trained": "DiffFit subset (bias, norm, gamma, class embedding) of a copy of the prior"}  # fmt: skip
+    params = {
+        "epochs": options.epochs,
+        "batch_size": options.batch,
+        "lr": options.lr,
+        "lambda_real": options.lambda_real,
+        "lambda_gen": options.lambda_gen,
+        "capacity": options.capacity,
+        "policy": options.policy,
+        "ema_decay": ema_decay,
+        "fine_tune_seed": spec.seed,
+        "trained": "DiffFit subset (bias, norm, gamma, class embedding) of a copy of the prior",
+    }
     if spec.dry_run:
         return MethodSetup(params=params)
-    cache = spec.state_dir / f"sam_difffit_{digest(params)}.safetensors"
+    cache = cache_path(spec, models, data, "sam_difffit", params)
     finetuned = to_difffit(prior)
-    if cache.is_file():
-        finetuned.load_state_dict(load_file(str(cache)))
+    weights = read_cache(cache, lambda path: load_file(str(path)))
+    if weights is not None:
+        finetuned.load_state_dict(weights)
     else:
         latents, labels = real_latents(spec, models, data)
         model_labels = torch.as_tensor(models.class_labels)[labels]
         diffusion = GaussianDiffusion(1000, learn_sigma=prior.learn_sigma)
-        result = finetune_sam(finetuned, diffusion, latents, model_labels, epochs=options.epochs,
-                              batch_size=options.batch, lr=options.lr, lambda_real=options.lambda_real,
-                              lambda_gen=options.lambda_gen, capacity=options.capacity, policy=options.policy,
-                              ema_decay=ema_decay, compat=spec.compat, seed=spec.seed, progress=spec.progress)  # fmt: skip
+        result = finetune_sam(
+            finetuned,
+            diffusion,
+            latents,
+            model_labels,
+            epochs=options.epochs,
+            batch_size=options.batch,
+            lr=options.lr,
+            lambda_real=options.lambda_real,
+            lambda_gen=options.lambda_gen,
+            capacity=options.capacity,
+            policy=options.policy,
+            ema_decay=ema_decay,
+            compat=spec.compat,
+            seed=spec.seed,
+            progress=spec.progress,
+        )
         finetuned = result.ema_model()
         save_safetensors_atomic(finetuned.state_dict(), cache)
     finetuned = finetuned.to(models.device).eval().requires_grad_(False)
@@ -82,6 +124,10 @@ def build(options: SAMOptions, spec: RunSpec, models: Models, data: RealData) ->
     return MethodSetup(params=params, sample=sample)
 
 
-METHOD = Method("sam", SAMOptions, build, needs_data=True,
-                help="SAM (ICIP 2025): DiffFit fine-tuning with self-adaptive memories, then sampling (Minimax: "
-                "--sam-policy fifo)")  # fmt: skip
+METHOD = Method(
+    "sam",
+    SAMOptions,
+    build,
+    needs_data=True,
+    help="SAM (ICIP 2025): DiffFit fine-tuning with self-adaptive memories, then sampling (Minimax: --sam-policy fifo)",
+)

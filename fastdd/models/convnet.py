@@ -1,4 +1,5 @@
 """ConvNet surrogate of the dataset-distillation literature (SPEC "Surrogate ConvNet-6")."""
+
 from __future__ import annotations
 
 import torch

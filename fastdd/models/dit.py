@@ -25,7 +25,12 @@ import torch.nn.functional as F
 from torch import nn
 
 __all__ = [
-    "DiT", "DIT_VARIANTS", "dit_config", "infer_dit_config", "load_dit_checkpoint", "load_diffusers_dit",
+    "DiT",
+    "DIT_VARIANTS",
+    "dit_config",
+    "infer_dit_config",
+    "load_dit_checkpoint",
+    "load_diffusers_dit",
     "sincos_pos_embed_2d",
 ]
 
@@ -89,12 +94,15 @@ class PatchEmbedder(nn.Module):
 class TimestepEmbedder(nn.Module):
     """Sinusoidal timestep features (256 frequencies, cos half then sin half) followed by an MLP."""
 
-    def __init__(self, hidden_size: int, frequency_size: int = _TIMESTEP_FREQUENCIES,
-                 max_period: float = 10000.0, freq_shift: float = 0.0):
+    def __init__(
+        self,
+        hidden_size: int,
+        frequency_size: int = _TIMESTEP_FREQUENCIES,
+        max_period: float = 10000.0,
+        freq_shift: float = 0.0,
+    ):
         super().__init__()
-        self.mlp = nn.Sequential(
-            nn.Linear(frequency_size, hidden_size), nn.SiLU(), nn.Linear(hidden_size, hidden_size)
-        )
+        self.mlp = nn.Sequential(nn.Linear(frequency_size, hidden_size), nn.SiLU(), nn.Linear(hidden_size, hidden_size))
         self.frequency_size = frequency_size
         self.max_period = max_period
         self.freq_shift = freq_shift
@@ -244,9 +252,15 @@ class DiT(nn.Module):
         mlp_norm_eps: float = 1e-6,
     ):
         super().__init__()
-        for arg, value in dict(input_size=input_size, patch_size=patch_size, in_channels=in_channels,
-                               hidden_size=hidden_size, depth=depth, num_heads=num_heads,
-                               num_classes=num_classes).items():
+        for arg, value in dict(
+            input_size=input_size,
+            patch_size=patch_size,
+            in_channels=in_channels,
+            hidden_size=hidden_size,
+            depth=depth,
+            num_heads=num_heads,
+            num_classes=num_classes,
+        ).items():
             if not isinstance(value, int) or value <= 0:
                 raise ValueError(f"{arg}: expected a positive int, got {value!r}")
         if input_size % patch_size != 0:
@@ -278,28 +292,36 @@ class DiT(nn.Module):
 
     # ----------------------------------------------------------------------------------------- setup
     @classmethod
-    def from_name(cls, name: str, **overrides) -> "DiT":
+    def from_name(cls, name: str, **overrides) -> DiT:
         """``DiT.from_name("DiT-XL/2", num_classes=10)``: named variant with constructor overrides."""
         return cls(**{**dit_config(name), **overrides})
 
     @classmethod
-    def from_checkpoint(cls, path_or_state_dict, **kwargs) -> "DiT":
+    def from_checkpoint(cls, path_or_state_dict, **kwargs) -> DiT:
         """See :func:`load_dit_checkpoint`."""
         return load_dit_checkpoint(path_or_state_dict, **kwargs)
 
     @classmethod
-    def from_diffusers(cls, path_or_model, **kwargs) -> "DiT":
+    def from_diffusers(cls, path_or_model, **kwargs) -> DiT:
         """See :func:`load_diffusers_dit`."""
         return load_diffusers_dit(path_or_model, **kwargs)
 
     def config(self) -> dict:
         """Constructor kwargs that rebuild this architecture."""
         return dict(
-            input_size=self.input_size, patch_size=self.patch_size, in_channels=self.in_channels,
-            hidden_size=self.hidden_size, depth=self.depth, num_heads=self.num_heads, mlp_ratio=self.mlp_ratio,
-            class_dropout_prob=self.class_dropout_prob, num_classes=self.num_classes,
-            learn_sigma=self.learn_sigma, diffit=self.diffit,
-            timestep_freq_shift=self.t_embedder.freq_shift, mlp_norm_eps=self.blocks[0].norm2.eps,
+            input_size=self.input_size,
+            patch_size=self.patch_size,
+            in_channels=self.in_channels,
+            hidden_size=self.hidden_size,
+            depth=self.depth,
+            num_heads=self.num_heads,
+            mlp_ratio=self.mlp_ratio,
+            class_dropout_prob=self.class_dropout_prob,
+            num_classes=self.num_classes,
+            learn_sigma=self.learn_sigma,
+            diffit=self.diffit,
+            timestep_freq_shift=self.t_embedder.freq_shift,
+            mlp_norm_eps=self.blocks[0].norm2.eps,
         )
 
     def initialize_weights(self) -> None:
@@ -326,8 +348,7 @@ class DiT(nn.Module):
     def _check_inputs(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         expected = (self.in_channels, self.input_size, self.input_size)
         if x.ndim != 4 or tuple(x.shape[1:]) != expected:
-            raise ValueError(f"x: expected shape [B, {expected[0]}, {expected[1]}, {expected[2]}], "
-                             f"got {list(x.shape)}")
+            raise ValueError(f"x: expected shape [B, {expected[0]}, {expected[1]}, {expected[2]}], got {list(x.shape)}")
         if t.ndim == 0:
             t = t.expand(x.shape[0])
         if t.shape != (x.shape[0],):
@@ -370,8 +391,9 @@ class DiT(nn.Module):
             tokens = block(tokens, c)
         return tokens
 
-    def forward_with_cfg(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, cfg_scale: float,
-                         cfg_channels: int = 3) -> torch.Tensor:
+    def forward_with_cfg(
+        self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, cfg_scale: float, cfg_channels: int = 3
+    ) -> torch.Tensor:
         """Classifier-free guidance exactly as the official ``forward_with_cfg``.
 
         x: [2B, C, H, W] = [cond; uncond] halves; only x[:B] is used (fed to both halves). y: [2B] with the
@@ -428,11 +450,13 @@ def _extract_state_dict(obj: Mapping, name: str) -> dict[str, torch.Tensor]:
     state = {}
     for key, value in obj.items():
         if not isinstance(value, torch.Tensor):
-            raise ValueError(f"{name}: entry {key!r} is not a tensor ({type(value).__name__}); "
-                             "expected a DiT state dict or a dict with an 'ema' state dict")
+            raise ValueError(
+                f"{name}: entry {key!r} is not a tensor ({type(value).__name__}); "
+                "expected a DiT state dict or a dict with an 'ema' state dict"
+            )
         for prefix in _WRAPPER_PREFIXES:
             if key.startswith(prefix):
-                key = key[len(prefix):]
+                key = key[len(prefix) :]
         state[key] = value
     return state
 
@@ -461,13 +485,20 @@ def infer_dit_config(state: Mapping[str, torch.Tensor], name: str = "<state dict
     out_rows = _require(state, "final_layer.linear.weight", name).shape[0]
     out_channels = out_rows // (patch_size * patch_size)
     if out_channels not in (in_channels, 2 * in_channels) or out_rows % (patch_size * patch_size):
-        raise ValueError(f"{name}: final_layer.linear has {out_rows} outputs, inconsistent with "
-                         f"{in_channels} input channels and patch {patch_size}")
+        raise ValueError(
+            f"{name}: final_layer.linear has {out_rows} outputs, inconsistent with "
+            f"{in_channels} input channels and patch {patch_size}"
+        )
     table_rows = _require(state, "y_embedder.embedding_table.weight", name).shape[0]
     mlp_hidden = _require(state, "blocks.0.mlp.fc1.weight", name).shape[0]
     inferred = dict(
-        input_size=grid * patch_size, patch_size=patch_size, in_channels=in_channels, hidden_size=hidden_size,
-        depth=depth, mlp_ratio=mlp_hidden / hidden_size, learn_sigma=out_channels == 2 * in_channels,
+        input_size=grid * patch_size,
+        patch_size=patch_size,
+        in_channels=in_channels,
+        hidden_size=hidden_size,
+        depth=depth,
+        mlp_ratio=mlp_hidden / hidden_size,
+        learn_sigma=out_channels == 2 * in_channels,
         diffit=any(re.match(r"blocks\.\d+\.(attn\.)?gamma[12]$", key) for key in state),
     )
     if "num_classes" in given:
@@ -488,8 +519,11 @@ def _load_into(model: nn.Module, state: Mapping[str, torch.Tensor], name: str, s
     own = model.state_dict()
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
-    wrong_shape = [f"{key} (checkpoint {list(state[key].shape)}, model {list(own[key].shape)})"
-                   for key in own if key in state and state[key].shape != own[key].shape]
+    wrong_shape = [
+        f"{key} (checkpoint {list(state[key].shape)}, model {list(own[key].shape)})"
+        for key in own
+        if key in state and state[key].shape != own[key].shape
+    ]
 
     def listing(keys: list[str]) -> str:
         return ", ".join(keys[:8]) + (f", ... ({len(keys)} in all)" if len(keys) > 8 else "")
@@ -517,9 +551,16 @@ def _uninitialized_dit(config: dict, state: Mapping[str, torch.Tensor]) -> DiT:
     return model
 
 
-def load_dit_checkpoint(path_or_state_dict, model: DiT | None = None, *, strict: bool = True,
-                        weights_only: bool = True, device=None, dtype: torch.dtype | None = None,
-                        **config) -> DiT:
+def load_dit_checkpoint(
+    path_or_state_dict,
+    model: DiT | None = None,
+    *,
+    strict: bool = True,
+    weights_only: bool = True,
+    device=None,
+    dtype: torch.dtype | None = None,
+    **config,
+) -> DiT:
     """Loads DiT weights: an official plain state dict, a training checkpoint ``{"ema": sd, ...}`` (EMA is
     used, else ``"model"``), or a Minimax / SAM checkpoint with DiffFit gammas (detected -> ``diffit=True``).
 
@@ -549,12 +590,19 @@ def _diffusers_block_key_map(index: int) -> dict[str, str]:
         "mlp.fc1": "ff.net.0.proj",
         "mlp.fc2": "ff.net.2",
     }
-    return {f"{dst}{ours}.{kind}": f"{src}{theirs}.{kind}" for ours, theirs in pairs.items()
-            for kind in ("weight", "bias")}
+    return {
+        f"{dst}{ours}.{kind}": f"{src}{theirs}.{kind}" for ours, theirs in pairs.items() for kind in ("weight", "bias")
+    }
 
 
-def load_diffusers_dit(path_or_model, *, match_diffusers_numerics: bool = True, variant: str | None = None,
-                       device=None, dtype: torch.dtype | None = None) -> DiT:
+def load_diffusers_dit(
+    path_or_model,
+    *,
+    match_diffusers_numerics: bool = True,
+    variant: str | None = None,
+    device=None,
+    dtype: torch.dtype | None = None,
+) -> DiT:
     """Builds a fastdd DiT from diffusers-format weights.
 
     path_or_model: a ``diffusers.DiTTransformer2DModel`` instance, or a folder saved with ``save_pretrained``
@@ -582,8 +630,10 @@ def load_diffusers_dit(path_or_model, *, match_diffusers_numerics: bool = True, 
         raise ValueError(f"path_or_model: {name} is not a diffusers DiTTransformer2DModel")
     cfg = source.config
     if cfg.norm_type != "ada_norm_zero" or cfg.activation_fn != "gelu-approximate" or not cfg.attention_bias:
-        raise ValueError(f"{name}: unsupported diffusers DiT config (norm_type={cfg.norm_type}, "
-                         f"activation_fn={cfg.activation_fn}, attention_bias={cfg.attention_bias})")
+        raise ValueError(
+            f"{name}: unsupported diffusers DiT config (norm_type={cfg.norm_type}, "
+            f"activation_fn={cfg.activation_fn}, attention_bias={cfg.attention_bias})"
+        )
     theirs = {key: value.detach() for key, value in source.state_dict().items()}
     hidden = cfg.num_attention_heads * cfg.attention_head_dim
     out_channels = cfg.out_channels or cfg.in_channels
@@ -592,10 +642,15 @@ def load_diffusers_dit(path_or_model, *, match_diffusers_numerics: bool = True, 
     table = theirs["transformer_blocks.0.norm1.emb.class_embedder.embedding_table.weight"]
     num_classes = cfg.num_embeds_ada_norm
     config = dict(
-        input_size=cfg.sample_size, patch_size=cfg.patch_size, in_channels=cfg.in_channels, hidden_size=hidden,
-        depth=cfg.num_layers, num_heads=cfg.num_attention_heads,
+        input_size=cfg.sample_size,
+        patch_size=cfg.patch_size,
+        in_channels=cfg.in_channels,
+        hidden_size=hidden,
+        depth=cfg.num_layers,
+        num_heads=cfg.num_attention_heads,
         mlp_ratio=theirs["transformer_blocks.0.ff.net.0.proj.weight"].shape[0] / hidden,
-        class_dropout_prob=0.1 if table.shape[0] == num_classes + 1 else 0.0, num_classes=num_classes,
+        class_dropout_prob=0.1 if table.shape[0] == num_classes + 1 else 0.0,
+        num_classes=num_classes,
         learn_sigma=out_channels == 2 * cfg.in_channels,
         timestep_freq_shift=1.0 if match_diffusers_numerics else 0.0,
         mlp_norm_eps=cfg.norm_eps if match_diffusers_numerics else 1e-6,
@@ -623,13 +678,16 @@ def load_diffusers_dit(path_or_model, *, match_diffusers_numerics: bool = True, 
     for index in range(cfg.num_layers):
         for key in shared:
             if not torch.equal(theirs[f"transformer_blocks.{index}.{key}"], theirs[f"transformer_blocks.0.{key}"]):
-                raise ValueError(f"{name}: block {index} has its own {key} (differs from block 0); fastdd's DiT "
-                                 "shares one timestep/label embedder across blocks")
+                raise ValueError(
+                    f"{name}: block {index} has its own {key} (differs from block 0); fastdd's DiT "
+                    "shares one timestep/label embedder across blocks"
+                )
         for our_key, their_key in _diffusers_block_key_map(index).items():
             ours[our_key] = theirs[their_key]
         for kind in ("weight", "bias"):
             ours[f"blocks.{index}.attn.qkv.{kind}"] = torch.cat(
-                [theirs[f"transformer_blocks.{index}.attn1.to_{p}.{kind}"] for p in "qkv"], dim=0)
+                [theirs[f"transformer_blocks.{index}.attn1.to_{p}.{kind}"] for p in "qkv"], dim=0
+            )
     model = _uninitialized_dit(config, ours)
     _load_into(model, ours, name, strict=True)
     return model.to(device=device, dtype=dtype).eval()

@@ -4,9 +4,11 @@
 .pth / .safetensors) or a diffusers DiT (hub id or folder); default: the bundled digits prior without --data, else
 facebook/DiT-XL-2-256. `--vae`: mse | ema | none | NAME_OR_PATH for latent models.
 """
+
 from __future__ import annotations
 
 import hashlib
+import sys
 from pathlib import Path
 
 import torch
@@ -17,11 +19,27 @@ DEFAULT_DIT = "facebook/DiT-XL-2-256"
 
 
 def file_digest(path: Path, limit: int = 200 * 2**20) -> str:
-    """sha256 of a file up to `limit` bytes (else 'size:<bytes>'), so a changed checkpoint is noticed on resume."""
-    size = path.stat().st_size
-    if size > limit:
-        return f"size:{size}"
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+    """sha256 of a file up to `limit` bytes; a larger one: its size, mtime and the sha256 of its first and last MiB
+    (reading 2.7 GB of DiT-XL weights at every start would cost seconds)."""
+    stat = path.stat()
+    if stat.st_size <= limit:
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+    with open(path, "rb") as f:
+        head = f.read(2**20)
+        f.seek(-(2**20), 2)
+        ends = hashlib.sha256(head + f.read()).hexdigest()
+    return f"size:{stat.st_size}:mtime:{stat.st_mtime_ns}:ends:{ends}"
+
+
+def weights_fingerprint(path: Path) -> str:
+    """What a weight source is, so a changed checkpoint is noticed: a file's sha256 (`file_digest`), or for a folder
+    (diffusers model or pipeline) the sha256 of every file's path, size and mtime."""
+    if path.is_file():
+        return file_digest(path)
+    listing = sorted(
+        (str(p.relative_to(path)), p.stat().st_size, p.stat().st_mtime_ns) for p in path.rglob("*") if p.is_file()
+    )
+    return "folder:" + hashlib.sha256(repr(listing).encode()).hexdigest()
 
 
 def is_fastdd_prior(path: Path) -> bool:
@@ -37,10 +55,33 @@ def is_fastdd_prior(path: Path) -> bool:
         raise ValueError(f"--model {path} is not a readable safetensors file ({err})") from None
 
 
-def load_generator(model: str | None, vae: str | None, data: str | None, device: torch.device,
-                   precision: str = "fp32") -> tuple[nn.Module, object, dict]:  # fmt: skip
+def load_checkpoint(path: Path, device: torch.device, allow_missing_keys: bool, description: dict) -> nn.Module:
+    """An official / EMA / Minimax DiT checkpoint, strictly; with allow_missing_keys a checkpoint lacking keys loads
+    too, and the keys are listed on stderr and in description["missing_keys"]."""
+    from .dit import load_dit_checkpoint
+
+    try:
+        return load_dit_checkpoint(str(path), strict=True, device=device)
+    except ValueError as err:
+        if not allow_missing_keys or "shape mismatch" in str(err):
+            raise ValueError(f"--model {path}: {err}; pass --allow-missing-keys to load it anyway") from None
+        network = load_dit_checkpoint(str(path), strict=False, device=device)
+        description["missing_keys"] = str(err)
+        print(f"fastdd: --allow-missing-keys: {err}", file=sys.stderr)
+        return network
+
+
+def load_generator(
+    model: str | None,
+    vae: str | None,
+    data: str | None,
+    device: torch.device,
+    precision: str = "fp32",
+    allow_missing_keys: bool = False,
+) -> tuple[nn.Module, object, dict]:
     """(DiT in eval mode without gradients, codec, description for the manifest) for --model / --vae; `data` (the
-    --data folder or None) picks the default model."""
+    --data folder or None) picks the default model. An official checkpoint loads strictly unless
+    allow_missing_keys (then the keys it lacks are listed on stderr and recorded)."""
     from ..prior import load_prior
     from .vae import LatentCodec, PixelCodec
 
@@ -49,8 +90,8 @@ def load_generator(model: str | None, vae: str | None, data: str | None, device:
     if model is None and data is None and not path.is_file():
         raise ValueError(f"the bundled digits prior {path} is missing; make it with `fastdd prior train --out {path}`")
     description = {"model": spec if model else ("bundled digits prior" if data is None else spec)}
-    if path.is_file():
-        description["model_sha256"] = file_digest(path)
+    if path.exists():
+        description["model_sha256"] = weights_fingerprint(path)
     if path.is_file() and is_fastdd_prior(path):
         try:
             network, extra = load_prior(path, device)
@@ -61,22 +102,32 @@ def load_generator(model: str | None, vae: str | None, data: str | None, device:
         codec = PixelCodec(network.in_channels)
         description.update(prior_extra=extra)
     else:
-        from .dit import load_diffusers_dit, load_dit_checkpoint
+        from .dit import load_diffusers_dit
 
-        if not path.exists() and (path.suffix in (".pt", ".pth", ".safetensors", ".bin") or spec.startswith((".", "/"))):
+        if not path.exists() and (
+            path.suffix in (".pt", ".pth", ".safetensors", ".bin") or spec.startswith((".", "/"))
+        ):
             raise ValueError(f"--model {spec} does not exist")
         try:
             if path.is_file():
-                network = load_dit_checkpoint(str(path), strict=False, device=device)
+                network = load_checkpoint(path, device, allow_missing_keys, description)
             else:
                 network = load_diffusers_dit(spec).to(device)
         except (OSError, RuntimeError, KeyError, TypeError) as err:
-            raise ValueError(f"--model {spec}: cannot load a DiT ({type(err).__name__}: "
-                             f"{str(err).splitlines()[0]})") from None  # fmt: skip
+            raise ValueError(
+                f"--model {spec}: cannot load a DiT ({type(err).__name__}: {str(err).splitlines()[0]})"
+            ) from None
         vae = vae or "mse"
-        codec = PixelCodec(network.in_channels) if vae == "none" else LatentCodec.from_pretrained(
-            vae, device=device, channels_last=device.type == "cuda", precision=precision)
+        codec = (
+            PixelCodec(network.in_channels)
+            if vae == "none"
+            else LatentCodec.from_pretrained(
+                vae, device=device, channels_last=device.type == "cuda", precision=precision
+            )
+        )
         description.update(vae=vae)
+        if Path(vae).exists():
+            description["vae_sha256"] = weights_fingerprint(Path(vae))
         extra = {}
     if codec.latent_channels != network.in_channels:
         raise ValueError(f"--model {spec} takes {network.in_channels} channels, the VAE makes {codec.latent_channels}")

@@ -1,9 +1,10 @@
 """Mixed precision for the networks of a sampling run (DiT, VAE decoder): bf16 autocast in, fp32 out, so every
 guidance reduction downstream (gradient cosines, Mercer distances, memories) stays fp32."""
+
 from __future__ import annotations
 
 import functools
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import Tensor

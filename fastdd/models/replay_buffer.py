@@ -45,7 +45,9 @@ def _validate(buffer, name: str) -> list[Trajectory]:
             if reference is None:
                 reference = shapes
             elif shapes != reference:
-                raise ValueError(f"{where} does not match trajectory 0, snapshot 0: {_shape_difference(shapes, reference)}")
+                raise ValueError(
+                    f"{where} does not match trajectory 0, snapshot 0: {_shape_difference(shapes, reference)}"
+                )
             snapshots.append(list(snapshot))
         result.append(snapshots)
     return result
@@ -91,5 +93,7 @@ def check_against_model(flat: torch.Tensor, model: nn.Module) -> None:
     """Raises ValueError unless ``flat`` ([P] or [K, P]) has one entry per parameter of ``model``."""
     expected = sum(p.numel() for p in model.parameters())
     if flat.ndim not in (1, 2) or flat.shape[-1] != expected:
-        raise ValueError(f"flat: shape {list(flat.shape)} does not match {type(model).__name__} with "
-                         f"{expected} parameters (expected [K, {expected}])")
+        raise ValueError(
+            f"flat: shape {list(flat.shape)} does not match {type(model).__name__} with "
+            f"{expected} parameters (expected [K, {expected}])"
+        )

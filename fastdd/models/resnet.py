@@ -29,7 +29,7 @@ _NORMS = ("instancenorm", "batchnorm", "none")
 
 
 def make_norm(norm: str, channels: int) -> nn.Module:
-    """"instancenorm" -> GroupNorm(C, C, affine), "batchnorm" -> BatchNorm2d, "none" -> Identity."""
+    """ "instancenorm" -> GroupNorm(C, C, affine), "batchnorm" -> BatchNorm2d, "none" -> Identity."""
     if norm == "instancenorm":
         return nn.GroupNorm(channels, channels, affine=True)
     if norm == "batchnorm":
@@ -88,11 +88,13 @@ class BasicBlock(nn.Module):
         if stride == 1 and in_channels == out_channels:
             self.shortcut = nn.Identity()
         elif avgpool_shortcut:
-            self.shortcut = nn.Sequential(_conv(in_channels, out_channels, 1, norm), AvgPool(stride),
-                                          make_norm(norm, out_channels))
+            self.shortcut = nn.Sequential(
+                _conv(in_channels, out_channels, 1, norm), AvgPool(stride), make_norm(norm, out_channels)
+            )
         else:
-            self.shortcut = nn.Sequential(_conv(in_channels, out_channels, 1, norm, stride=stride),
-                                          make_norm(norm, out_channels))
+            self.shortcut = nn.Sequential(
+                _conv(in_channels, out_channels, 1, norm, stride=stride), make_norm(norm, out_channels)
+            )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = _avg_pool(F.relu(self.norm1(self.conv1(x))), self.stride)
@@ -113,8 +115,16 @@ def _stem_for_size(im_size: int | tuple[int, int]) -> tuple[int, int]:
 
 
 class _ResNetBase(nn.Module):
-    def __init__(self, channel: int, num_classes: int, depth: int, width: int, norm: str,
-                 im_size: int | tuple[int, int], avgpool_shortcut: bool):
+    def __init__(
+        self,
+        channel: int,
+        num_classes: int,
+        depth: int,
+        width: int,
+        norm: str,
+        im_size: int | tuple[int, int],
+        avgpool_shortcut: bool,
+    ):
         super().__init__()
         if depth not in _STAGE_BLOCKS:
             raise ValueError(f"depth: expected one of {sorted(_STAGE_BLOCKS)}, got {depth!r}")
@@ -127,9 +137,16 @@ class _ResNetBase(nn.Module):
         stages, in_channels = [], width
         for index, num_blocks in enumerate(_STAGE_BLOCKS[depth]):
             out_channels = width * 2**index
-            blocks = [BasicBlock(in_channels if b == 0 else out_channels, out_channels,
-                                 2 if (index > 0 and b == 0) else 1, norm, avgpool_shortcut)
-                      for b in range(num_blocks)]
+            blocks = [
+                BasicBlock(
+                    in_channels if b == 0 else out_channels,
+                    out_channels,
+                    2 if (index > 0 and b == 0) else 1,
+                    norm,
+                    avgpool_shortcut,
+                )
+                for b in range(num_blocks)
+            ]
             stages.append(nn.Sequential(*blocks))
             in_channels = out_channels
         self.layers = nn.Sequential(*stages)
@@ -152,14 +169,28 @@ class _ResNetBase(nn.Module):
 class ResNetAP(_ResNetBase):
     """ResNetAP-{10,18,34}: average-pooling downsampling everywhere (shortcut: 1x1 conv -> AvgPool -> norm)."""
 
-    def __init__(self, channel: int, num_classes: int, depth: int = 10, width: int = 64,
-                 im_size: int | tuple[int, int] = 224, norm: str = "instancenorm"):
+    def __init__(
+        self,
+        channel: int,
+        num_classes: int,
+        depth: int = 10,
+        width: int = 64,
+        im_size: int | tuple[int, int] = 224,
+        norm: str = "instancenorm",
+    ):
         super().__init__(channel, num_classes, depth, width, norm, im_size, avgpool_shortcut=True)
 
 
 class ResNet(_ResNetBase):
     """ResNet-{10,18,34} of the same family; shortcut downsampling by a strided 1x1 conv -> norm."""
 
-    def __init__(self, channel: int, num_classes: int, depth: int = 18, norm: str = "instancenorm",
-                 im_size: int | tuple[int, int] = 224, width: int = 64):
+    def __init__(
+        self,
+        channel: int,
+        num_classes: int,
+        depth: int = 18,
+        norm: str = "instancenorm",
+        im_size: int | tuple[int, int] = 224,
+        width: int = 64,
+    ):
         super().__init__(channel, num_classes, depth, width, norm, im_size, avgpool_shortcut=False)

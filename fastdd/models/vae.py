@@ -20,8 +20,30 @@ SD_VAE_SCALE = 0.18215
 VAE_ALIASES = {"mse": "stabilityai/sd-vae-ft-mse", "ema": "stabilityai/sd-vae-ft-ema"}
 
 
-def load_vae(name_or_path: str = "stabilityai/sd-vae-ft-mse", dtype: torch.dtype | None = None,
-             device: torch.device | str | None = None, subfolder: str | None = None) -> nn.Module:
+def check_vae_folder(folder: str) -> None:
+    """ValueError unless `folder` holds an AutoencoderKL config and weights (diffusers would otherwise build a VAE
+    with random weights from a foreign folder and only warn)."""
+    import glob
+    import json
+
+    config = os.path.join(folder, "config.json")
+    try:
+        with open(config) as f:
+            class_name = json.load(f).get("_class_name")
+    except (OSError, ValueError):
+        class_name = None
+    if class_name != "AutoencoderKL":
+        raise ValueError(f"--vae {folder}: not a diffusers AutoencoderKL folder ({config}: _class_name {class_name!r})")
+    if not glob.glob(os.path.join(folder, "diffusion_pytorch_model*")):
+        raise ValueError(f"--vae {folder}: no weights (diffusion_pytorch_model.safetensors or .bin)")
+
+
+def load_vae(
+    name_or_path: str = "stabilityai/sd-vae-ft-mse",
+    dtype: torch.dtype | None = None,
+    device: torch.device | str | None = None,
+    subfolder: str | None = None,
+) -> nn.Module:
     """``AutoencoderKL.from_pretrained`` in eval mode with frozen parameters (gradients still flow to inputs).
 
     name_or_path: hub id, the aliases ``"mse"`` / ``"ema"``, a local folder saved with ``save_pretrained``, or a
@@ -32,6 +54,8 @@ def load_vae(name_or_path: str = "stabilityai/sd-vae-ft-mse", dtype: torch.dtype
     name_or_path = VAE_ALIASES.get(name_or_path, name_or_path)
     if subfolder is None and os.path.isfile(os.path.join(name_or_path, "vae", "config.json")):
         subfolder = "vae"
+    if os.path.isdir(name_or_path):
+        check_vae_folder(os.path.join(name_or_path, subfolder or ""))
     try:
         vae = AutoencoderKL.from_pretrained(name_or_path, subfolder=subfolder, torch_dtype=dtype)
     except (OSError, ValueError) as error:
@@ -49,7 +73,9 @@ class LatentCodec:
     Outputs have the dtype of the inputs; the VAE runs in its own dtype.
     """
 
-    def __init__(self, vae: nn.Module, scale: float | None = None, channels_last: bool = False, precision: str = "fp32"):
+    def __init__(
+        self, vae: nn.Module, scale: float | None = None, channels_last: bool = False, precision: str = "fp32"
+    ):
         self.vae = vae
         self.precision = check_precision(precision)
         self.scale = float(scale if scale is not None else getattr(vae.config, "scaling_factor", SD_VAE_SCALE))
@@ -61,11 +87,21 @@ class LatentCodec:
             self.vae.to(memory_format=torch.channels_last)
 
     @classmethod
-    def from_pretrained(cls, name_or_path: str = "stabilityai/sd-vae-ft-mse", dtype: torch.dtype | None = None,
-                        device: torch.device | str | None = None, scale: float | None = None,
-                        channels_last: bool = False, precision: str = "fp32") -> "LatentCodec":
-        return cls(load_vae(name_or_path, dtype=dtype, device=device), scale=scale, channels_last=channels_last,
-                   precision=precision)  # fmt: skip
+    def from_pretrained(
+        cls,
+        name_or_path: str = "stabilityai/sd-vae-ft-mse",
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+        scale: float | None = None,
+        channels_last: bool = False,
+        precision: str = "fp32",
+    ) -> LatentCodec:
+        return cls(
+            load_vae(name_or_path, dtype=dtype, device=device),
+            scale=scale,
+            channels_last=channels_last,
+            precision=precision,
+        )
 
     @property
     def dtype(self) -> torch.dtype:
@@ -75,8 +111,9 @@ class LatentCodec:
         x = x.to(self.dtype)
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
 
-    def encode(self, images: torch.Tensor, sample: bool = True,
-               generator: torch.Generator | None = None) -> torch.Tensor:
+    def encode(
+        self, images: torch.Tensor, sample: bool = True, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
         """images: [B, 3, H, W] in [-1, 1] -> latents [B, 4, H/8, W/8] (scaled).
 
         sample=True draws from the encoder's Gaussian (``latent_dist.sample``); False uses its mean.
@@ -105,8 +142,9 @@ class PixelCodec:
         self.latent_channels = channels
         self.image_channels = channels
 
-    def encode(self, images: torch.Tensor, sample: bool = True,
-               generator: torch.Generator | None = None) -> torch.Tensor:
+    def encode(
+        self, images: torch.Tensor, sample: bool = True, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
         """images: [B, C, H, W] -> the same tensor (``sample`` and ``generator`` are ignored)."""
         if images.ndim != 4 or images.shape[1] != self.image_channels:
             raise ValueError(f"images: expected [B, {self.image_channels}, H, W], got {list(images.shape)}")

@@ -4,6 +4,7 @@ Shape, dtype and device checks read only metadata. Value checks (NaN/Inf) need a
 run only in eager mode outside CUDA-graph capture and torch.compile, and can be switched off for hot
 loops with `fastdd.ops.value_checks(False)`.
 """
+
 from __future__ import annotations
 
 import contextlib

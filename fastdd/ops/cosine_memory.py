@@ -3,44 +3,82 @@
 `max_cosine` and `most_similar_index` are torch custom ops (`torch.ops.fastdd.*`), so
 `torch.compile(fullgraph=True)` traces them; `CosineMemory` keeps a fixed buffer and a device count.
 """
+
 from __future__ import annotations
 
 import torch
 from torch import Tensor
 
 from . import reference
-from ._backend import extension, register_op, resolve_backend
+from ._backend import dispatch, extension, register_kernels, register_op
 from ._checks import check_count, check_nonempty, check_positive_int, check_same_device, check_tensor
+from .reference import COS_EPS
 
 register_op("max_cosine", cpu=("cpp", "reference"), cuda=("triton", "cuda", "reference"))
 register_op("most_similar_index", cpu=("cpp", "reference"), cuda=("triton", "cuda", "reference"))
 
 
-def _max_cosine_impl(query: Tensor, memory: Tensor, count: Tensor, backend: str) -> tuple[Tensor, Tensor]:
-    if backend == "triton":
-        from .triton.max_cosine import max_cosine_triton
+def _outputs(implementation):
+    """A max_cosine implementation as the op returns it: (values [B] in query's dtype, indices [B] int64)."""
 
-        return max_cosine_triton(query, memory, count)
-    if backend in ("cpp", "cuda"):
-        extension()
-        return torch.ops.fastdd_C.max_cosine(query, memory, count)
-    return reference.max_cosine(query, memory, count)
+    def kernel(query: Tensor, memory: Tensor, count: Tensor) -> tuple[Tensor, Tensor]:
+        values, indices = implementation(query, memory, count)
+        return values.to(query.dtype), indices.to(torch.int64)
+
+    return kernel
+
+
+def _compiled_max_cosine(query: Tensor, memory: Tensor, count: Tensor) -> tuple[Tensor, Tensor]:
+    extension()
+    return torch.ops.fastdd_C.max_cosine(query, memory, count, COS_EPS)
+
+
+def _triton_max_cosine(query: Tensor, memory: Tensor, count: Tensor) -> tuple[Tensor, Tensor]:
+    from .triton.max_cosine import max_cosine_triton
+
+    return max_cosine_triton(query, memory, count)
+
+
+def _compiled_most_similar_index(memory: Tensor, count: Tensor) -> Tensor:
+    extension()
+    return torch.ops.fastdd_C.most_similar_index(memory, count, COS_EPS)
+
+
+def _triton_most_similar_index(memory: Tensor, count: Tensor) -> Tensor:
+    from .triton.max_cosine import most_similar_index_triton
+
+    return most_similar_index_triton(memory, count)
+
+
+_MAX_COSINE = {
+    "reference": _outputs(reference.max_cosine),
+    "cpp": _outputs(_compiled_max_cosine),
+    "cuda": _outputs(_compiled_max_cosine),
+    "triton": _outputs(_triton_max_cosine),
+}
+_MOST_SIMILAR_INDEX = {
+    "reference": reference.most_similar_index,
+    "cpp": _compiled_most_similar_index,
+    "cuda": _compiled_most_similar_index,
+    "triton": _triton_most_similar_index,
+}
 
 
 @torch.library.custom_op("fastdd::max_cosine", mutates_args=())
-def _max_cosine_op(query: Tensor, memory: Tensor, count: Tensor, backend: str) -> tuple[Tensor, Tensor]:
-    values, indices = _max_cosine_impl(query.detach(), memory.detach(), count, backend)
-    return values.to(query.dtype), indices.to(torch.int64)
+def _max_cosine_op(query: Tensor, memory: Tensor, count: Tensor) -> tuple[Tensor, Tensor]:
+    """query [B, D], memory [M, D], count 0-dim int64 -> (values [B], indices [B] int64); CPU / CUDA kernels
+    below, this reference on other devices."""
+    return _MAX_COSINE["reference"](query, memory, count)
 
 
 @_max_cosine_op.register_fake
-def _(query, memory, count, backend):
+def _(query, memory, count):
     batch = query.shape[0]
     return query.new_empty(batch), query.new_empty(batch, dtype=torch.int64)
 
 
 def _max_cosine_setup(ctx, inputs, output):
-    query, memory, count, _ = inputs
+    query, memory, count = inputs
     ctx.save_for_backward(query, memory, count, output[1])
 
 
@@ -54,17 +92,19 @@ def _max_cosine_backward(ctx, grad_values, grad_indices):
         cos = (reference.normalize_rows(q) * reference.normalize_rows(chosen)).sum(-1)
         cos = torch.where(count > 0, cos, torch.zeros_like(cos))
         (grad_query,) = torch.autograd.grad(cos, q, grad_values, create_graph=torch.is_grad_enabled())
-    return grad_query, None, None, None
+    return grad_query, None, None
 
 
 _max_cosine_op.register_autograd(_max_cosine_backward, setup_context=_max_cosine_setup)
+register_kernels(_max_cosine_op, "max_cosine", _MAX_COSINE)
 
 
 def max_cosine(query: Tensor, memory: Tensor, count: Tensor | int | None = None, *, backend: str = "auto"):
     """Most similar memory row per query: (values [B], indices [B] int64).
 
     query: [B, D]; memory: [M, D] (rows >= count are ignored; count: None, int, or 0-dim device tensor).
-    values = max_j cos(query_b, memory_j) (eps 1e-6), 0 when no row is valid. Gradient w.r.t. query.
+    values = max_j cos(query_b, memory_j) (norms clamped at reference.COS_EPS), 0 when no row is valid; ties go
+    to the lowest index. Gradient w.r.t. query. backend: "auto" (OP_BACKENDS) or an implementation to force.
     """
     check_tensor("query", query, ndim=2)
     check_tensor("memory", memory, ndim=2)
@@ -75,35 +115,32 @@ def max_cosine(query: Tensor, memory: Tensor, count: Tensor | int | None = None,
     count = check_count(count, memory.shape[0], memory.device)
     if count is None:
         count = torch.full((), memory.shape[0], device=memory.device, dtype=torch.int64)  # a fill: capture-safe
-    return _max_cosine_op(query, memory, count, resolve_backend("max_cosine", backend, query.device))
+    return dispatch(_max_cosine_op, "max_cosine", backend, query.device, query, memory, count)
 
 
 @torch.library.custom_op("fastdd::most_similar_index", mutates_args=())
-def _most_similar_index_op(memory: Tensor, count: Tensor, backend: str) -> Tensor:
-    if backend == "triton":
-        from .triton.max_cosine import most_similar_index_triton
-
-        return most_similar_index_triton(memory, count)
-    if backend in ("cpp", "cuda"):
-        extension()
-        return torch.ops.fastdd_C.most_similar_index(memory, count)
-    return reference.most_similar_index(memory, count)
+def _most_similar_index_op(memory: Tensor, count: Tensor) -> Tensor:
+    """memory [M, D], count 0-dim int64 -> 0-dim int64; CPU / CUDA kernels below, this reference elsewhere."""
+    return _MOST_SIMILAR_INDEX["reference"](memory, count)
 
 
 @_most_similar_index_op.register_fake
-def _(memory, count, backend):
+def _(memory, count):
     return memory.new_empty((), dtype=torch.int64)
+
+
+register_kernels(_most_similar_index_op, "most_similar_index", _MOST_SIMILAR_INDEX)
 
 
 def most_similar_index(memory: Tensor, count: Tensor | int | None = None, *, backend: str = "auto") -> Tensor:
     """0-dim int64 index of the valid row of memory [M, D] with the largest summed cosine similarity
-    to all valid rows (itself included). O(M·D): score_i = m̂_i · Σ_j m̂_j."""
+    to all valid rows (itself included), the lowest of tied rows. O(M·D): score_i = m̂_i · Σ_j m̂_j."""
     check_tensor("memory", memory, ndim=2)
     check_nonempty("memory", memory)
     count = check_count(count, memory.shape[0], memory.device)
     if count is None:
         count = torch.full((), memory.shape[0], device=memory.device, dtype=torch.int64)  # a fill: capture-safe
-    return _most_similar_index_op(memory, count, resolve_backend("most_similar_index", backend, memory.device))
+    return dispatch(_most_similar_index_op, "most_similar_index", backend, memory.device, memory, count)
 
 
 POLICIES = ("fifo", "most_similar")
@@ -211,12 +248,11 @@ class CosineMemory:
         check_same_device(query=query, buffer=self.buffer)
         if query.shape[1] != self.dim:
             raise ValueError(f"query has D={query.shape[1]} features but the memory has D={self.dim}")
-        op_backend = resolve_backend("max_cosine", backend, query.device)
-        values, slots = _max_cosine_op(query, self.buffer, self.count, op_backend)
+        values, slots = dispatch(_max_cosine_op, "max_cosine", backend, query.device, query, self.buffer, self.count)
         return values, self._slot_to_position(slots)
 
     def most_similar_index(self, *, backend: str = "auto") -> Tensor:
         """0-dim index (into view()) of the stored row with the largest summed cosine to all stored rows
         (0 when empty)."""
-        op_backend = resolve_backend("most_similar_index", backend, self.device)
-        return self._slot_to_position(_most_similar_index_op(self.buffer, self.count, op_backend))
+        index = dispatch(_most_similar_index_op, "most_similar_index", backend, self.device, self.buffer, self.count)
+        return self._slot_to_position(index)

@@ -23,12 +23,13 @@ compiling; pass num_groups when groups come with [K, P] ref_grads). Groups are h
 
 Models the fast path does not understand fall back to torch.func (vmap of grad), with a warning naming why.
 """
+
 from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -36,10 +37,14 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
 from . import _checks, reference
+from ._backend import register_op, resolve_backend
 from ._checks import check_nonempty, check_same_device, check_tensor
+from .reference import GRAD_COS_EPS
 
-BACKENDS = ("auto", "reference")
-COS_EPS = 1e-8  # like F.cosine_similarity
+# not custom ops (they differentiate through an nn.Module): "fused" is the fast path below (torch.func for the
+# models it cannot run), "reference" one autograd.grad per sample and parameter set
+for _name in ("grad_dot_and_norm", "grad_cosine"):
+    register_op(_name, cpu=("fused", "reference"), cuda=("fused", "reference"))
 CPU_CHUNK_BYTES = 8 << 20  # widest activation per chunk on CPU (_cpu_chunks)
 
 
@@ -98,11 +103,18 @@ def _pointwise(module: nn.Module) -> Callable[[Tensor], Tensor] | None:
 def _spatial(module: nn.Module) -> Callable[[Tensor], Tensor] | None:
     if isinstance(module, nn.AvgPool2d):
         return lambda h: F.avg_pool2d(
-            h, module.kernel_size, module.stride, module.padding, module.ceil_mode, module.count_include_pad,
+            h,
+            module.kernel_size,
+            module.stride,
+            module.padding,
+            module.ceil_mode,
+            module.count_include_pad,
             module.divisor_override,
         )
     if isinstance(module, nn.MaxPool2d) and not module.return_indices:
-        return lambda h: F.max_pool2d(h, module.kernel_size, module.stride, module.padding, module.dilation, module.ceil_mode)
+        return lambda h: F.max_pool2d(
+            h, module.kernel_size, module.stride, module.padding, module.dilation, module.ceil_mode
+        )
     if isinstance(module, nn.AdaptiveAvgPool2d):
         return lambda h: F.adaptive_avg_pool2d(h, module.output_size)
     return None
@@ -142,7 +154,9 @@ def _plan(model: nn.Module) -> list[_Step]:
         if isinstance(module, nn.Conv2d):
             if module.padding_mode != "zeros" or isinstance(module.padding, str):
                 raise _Unsupported(f"{name} with padding={module.padding!r}, padding_mode={module.padding_mode!r}")
-            steps.append(_Step(module, "conv", weight=param(module.weight), bias=param(module.bias), groups=module.groups))
+            steps.append(
+                _Step(module, "conv", weight=param(module.weight), bias=param(module.bias), groups=module.groups)
+            )
         elif isinstance(module, nn.Linear):
             steps.append(_Step(module, "linear", weight=param(module.weight), bias=param(module.bias)))
         elif isinstance(module, (nn.GroupNorm, nn.InstanceNorm2d)):
@@ -151,7 +165,13 @@ def _plan(model: nn.Module) -> list[_Step]:
             groups = module.num_groups if isinstance(module, nn.GroupNorm) else module.num_features
             affine = module.affine
             steps.append(
-                _Step(module, "norm", weight=param(module.weight) if affine else None, bias=param(module.bias) if affine else None, groups=groups)
+                _Step(
+                    module,
+                    "norm",
+                    weight=param(module.weight) if affine else None,
+                    bias=param(module.bias) if affine else None,
+                    groups=groups,
+                )
             )
         elif isinstance(module, nn.Flatten):
             if module.start_dim != 1 or module.end_dim != -1:
@@ -264,7 +284,9 @@ def _is_recorded(step: _Step) -> bool:
     return step.kind in ("conv", "linear") or (step.kind == "norm" and step.weight is not None)
 
 
-def _forward_backward(steps: list[_Step], flat: Tensor, x: Tensor, y: Tensor, row_weight: Tensor | None) -> list[_Record]:
+def _forward_backward(
+    steps: list[_Step], flat: Tensor, x: Tensor, y: Tensor, row_weight: Tensor | None
+) -> list[_Record]:
     """All K parameter sets in one pass, then δ of Σ_ik w_i·CE(f_θk(x_i), y_i) w.r.t. every parametrised
     layer's output. flat: [K, P], x: [B, ...], y: [B], row_weight: [B] or None -> records with δ filled in.
 
@@ -379,7 +401,10 @@ def _ghost_is_cheaper(rows: int, pairs: int, K: int, positions: int, in_features
     contract the [L, L] Grams (plus the dot ⟨δ, conv(a, G)⟩, a forward-sized convolution). Rough cost in
     multiply-adds, backward included: the Grams win on small maps (L up to ≈ Cout·D / (3(D + Cout)))."""
     materialise = 3 * rows * K * out_channels * in_features * (positions + 8)
-    ghost = 3 * pairs * K * positions**2 * (in_features + out_channels) + 2 * rows * K * positions * out_channels * in_features
+    ghost = (
+        3 * pairs * K * positions**2 * (in_features + out_channels)
+        + 2 * rows * K * positions * out_channels * in_features
+    )
     return ghost < materialise
 
 
@@ -403,9 +428,14 @@ def _conv_terms(record: _Record, ref: Tensor, grouping: _Grouping, totals: _Tota
     # into the channels ([1, B·(K·)Cin, H, W]) and every (row, checkpoint, conv group) is a group
     conv_groups = B if record.shared else B * K * groups
     rows = torch.nn.grad.conv2d_weight(
-        a.reshape(1, -1, *a.shape[2:]), (B * K * out_channels, conv.in_channels // groups, *conv.kernel_size),
-        delta.reshape(1, -1, *delta.shape[2:]), conv.stride, conv.padding, conv.dilation, conv_groups,
-    )  # [B·K·Cout, Cin/g, kh, kw]  # fmt: skip
+        a.reshape(1, -1, *a.shape[2:]),
+        (B * K * out_channels, conv.in_channels // groups, *conv.kernel_size),
+        delta.reshape(1, -1, *delta.shape[2:]),
+        conv.stride,
+        conv.padding,
+        conv.dilation,
+        conv_groups,
+    )  # [B·K·Cout, Cin/g, kh, kw]
     totals.add_materialised(grouping, rows.view(B, K, -1), step.weight.take(ref).flatten(-4))  # ref: [(G,) K, Cout·D]
 
 
@@ -414,11 +444,15 @@ def _conv_with_refs(record: _Record, ref: Tensor, grouping: _Grouping, K: int) -
     conv, a = record.step.module, record.inputs
     weight = record.step.weight.take(ref)  # [(G,) K, Cout, Cin, kh, kw]
     if weight.dim() == 5:
-        return F.conv2d(a, weight.flatten(0, 1), None, conv.stride, conv.padding, conv.dilation, 1 if record.shared else K)
+        return F.conv2d(
+            a, weight.flatten(0, 1), None, conv.stride, conv.padding, conv.dilation, 1 if record.shared else K
+        )
     weight = grouping.per_row(weight)  # [B, K, Cout, Cin, kh, kw]: a weight per row, rows folded into channels
     B = a.shape[0]
     folded = a.reshape(1, -1, *a.shape[2:])
-    out = F.conv2d(folded, weight.flatten(0, 2), None, conv.stride, conv.padding, conv.dilation, B if record.shared else B * K)
+    out = F.conv2d(
+        folded, weight.flatten(0, 2), None, conv.stride, conv.padding, conv.dilation, B if record.shared else B * K
+    )
     return out.view(B, -1, *out.shape[2:])
 
 
@@ -444,7 +478,9 @@ def _norm_terms(record: _Record, ref: Tensor, grouping: _Grouping, totals: _Tota
     step, delta = record.step, record.delta
     B = delta.shape[0]
     per_channel = delta.reshape(B, K, step.weight.numel, -1)
-    totals.add_materialised(grouping, torch.linalg.vecdot(per_channel, record.inputs.reshape(per_channel.shape)), step.weight.take(ref))
+    totals.add_materialised(
+        grouping, torch.linalg.vecdot(per_channel, record.inputs.reshape(per_channel.shape)), step.weight.take(ref)
+    )
     if step.bias is not None:
         totals.add_materialised(grouping, per_channel.sum(-1), step.bias.take(ref))
 
@@ -496,7 +532,9 @@ def _chunked_dot_and_norm(steps, flat, x, y, ref, groups: Tensor | None, count: 
         else:  # one chunk of rows
             grouping, chunk_ref = _Grouping.build(groups, count, x.dtype), ref
         parts = [
-            _fast_dot_and_norm(steps, flat[k : k + checkpoints], x[chunk], y[chunk], chunk_ref[..., k : k + checkpoints, :], grouping)
+            _fast_dot_and_norm(
+                steps, flat[k : k + checkpoints], x[chunk], y[chunk], chunk_ref[..., k : k + checkpoints, :], grouping
+            )
             for k in range(0, K, checkpoints)
         ]
         dots.append(torch.cat([d for d, _ in parts], 1))
@@ -521,11 +559,9 @@ def _func_dot_and_norm(model, flat, x, y, ref, grouping: _Grouping) -> tuple[Ten
     return (summed * ref).sum(-1), summed.square().sum(-1)
 
 
-def _checked(model, flat_params, x, y, ref_grads, groups, num_groups, backend):
+def _checked(model, flat_params, x, y, ref_grads, groups, num_groups):
     if not isinstance(model, nn.Module):
         raise ValueError(f"model must be an nn.Module, got {type(model).__name__}")
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     check_tensor("flat_params", flat_params, ndim=2, finite=False)
     check_tensor("x", x, finite=False)
     check_tensor("y", y, ndim=1, floating=False)
@@ -553,14 +589,23 @@ def _checked(model, flat_params, x, y, ref_grads, groups, num_groups, backend):
             raise ValueError(f"num_groups is only meaningful with groups, got num_groups={num_groups!r}")
         count = x.shape[0]
     else:
-        if groups.shape[0] != x.shape[0] or groups.dtype == torch.bool or groups.is_floating_point() or groups.is_complex():
-            raise ValueError(f"groups must be [B] = [{x.shape[0]}] integer group ids, got {groups.dtype} of shape {tuple(groups.shape)}")
+        if (
+            groups.shape[0] != x.shape[0]
+            or groups.dtype == torch.bool
+            or groups.is_floating_point()
+            or groups.is_complex()
+        ):
+            raise ValueError(
+                f"groups must be [B] = [{x.shape[0]}] integer group ids, got {groups.dtype} of shape {tuple(groups.shape)}"
+            )
         groups = groups.to(torch.int64)
         count = _group_count(groups, ref_grads, num_groups)
         if _checks._value_checks and not _checks._capturing():
             sizes = torch.bincount(groups.clamp(0, count), minlength=count + 1)
             if bool((groups < 0).any()) or bool(sizes[count] > 0) or bool((sizes[:count] == 0).any()):
-                raise ValueError(f"groups must number its groups 0..G-1 = 0..{count - 1}, each used by at least one row")
+                raise ValueError(
+                    f"groups must number its groups 0..G-1 = 0..{count - 1}, each used by at least one row"
+                )
     if ref_grads.shape not in ((K, num_params), (count, K, num_params)):
         raise ValueError(
             f"ref_grads must be [K, P] = [{K}, {num_params}] or [G, K, P] = [{count}, {K}, {num_params}], "
@@ -578,8 +623,25 @@ def _group_count(groups: Tensor, ref_grads: Tensor, num_groups: int | None) -> i
     if ref_grads.dim() == 3:
         return ref_grads.shape[0]
     if _checks._capturing():
-        raise ValueError("num_groups must be given with groups and [K, P] ref_grads under torch.compile or CUDA-graph capture")
+        raise ValueError(
+            "num_groups must be given with groups and [K, P] ref_grads under torch.compile or CUDA-graph capture"
+        )
     return int(groups.max()) + 1
+
+
+def _dot_and_norm(op, model, flat_params, x, y, ref_grads, groups, num_groups, backend) -> tuple[Tensor, Tensor]:
+    """grad_dot_and_norm, run by the implementation OP_BACKENDS[op] (or backend) picks: both [G, K]."""
+    y, ref_grads, groups, count = _checked(model, flat_params, x, y, ref_grads, groups, num_groups)
+    if resolve_backend(op, backend, x.device) == "reference":
+        return reference.grad_dot_and_norm(model, flat_params, x, y, ref_grads, groups)
+    flat = flat_params.detach()
+    try:
+        dots, sq_norms = _chunked_dot_and_norm(_plan(model), flat, x, y, ref_grads, groups, count)
+    except _Unsupported as reason:
+        grouping = _Grouping.build(groups, count, x.dtype)
+        warnings.warn(f"grad_cosine: falling back to torch.func (slow): {reason}", stacklevel=3)
+        dots, sq_norms = _func_dot_and_norm(model, flat, x, y, ref_grads, grouping)
+    return dots, sq_norms.clamp_min(torch.finfo(sq_norms.dtype).tiny).sqrt()
 
 
 def grad_dot_and_norm(
@@ -600,20 +662,11 @@ def grad_dot_and_norm(
     [G, K, P] with one reference per gradient (G = B without groups); groups: None or [B] group ids 0..G-1:
     the rows of a group give ONE gradient, that of their averaged CE; num_groups: G, needed only with groups
     and [K, P] ref_grads under torch.compile (eager reads groups.max() + 1). Differentiable w.r.t. x and ref_grads
-    (to any order); flat_params is treated as a constant. backend: "auto" (the fast path; models it cannot
-    run fall back to torch.func with a warning) or "reference" (one autograd.grad per sample and set).
+    (to any order); flat_params is treated as a constant. backend: "auto" (OP_BACKENDS: "fused"), "fused" (the
+    fast path; models it cannot run fall back to torch.func with a warning) or "reference" (one autograd.grad
+    per sample and set).
     """
-    y, ref_grads, groups, count = _checked(model, flat_params, x, y, ref_grads, groups, num_groups, backend)
-    if backend == "reference":
-        return reference.grad_dot_and_norm(model, flat_params, x, y, ref_grads, groups)
-    flat = flat_params.detach()
-    try:
-        dots, sq_norms = _chunked_dot_and_norm(_plan(model), flat, x, y, ref_grads, groups, count)
-    except _Unsupported as reason:
-        grouping = _Grouping.build(groups, count, x.dtype)
-        warnings.warn(f"grad_cosine: falling back to torch.func (slow): {reason}", stacklevel=2)
-        dots, sq_norms = _func_dot_and_norm(model, flat, x, y, ref_grads, grouping)
-    return dots, sq_norms.clamp_min(torch.finfo(sq_norms.dtype).tiny).sqrt()
+    return _dot_and_norm("grad_dot_and_norm", model, flat_params, x, y, ref_grads, groups, num_groups, backend)
 
 
 def grad_cosine(
@@ -623,7 +676,7 @@ def grad_cosine(
     y: Tensor,
     ref_grads: Tensor,
     groups: Tensor | None = None,
-    eps: float = COS_EPS,
+    eps: float = GRAD_COS_EPS,
     *,
     num_groups: int | None = None,
     backend: str = "auto",
@@ -631,6 +684,6 @@ def grad_cosine(
     """cos(∇_θ CE(f_θk(x_i), y_i), ref_grads[k]) -> [B, K] (or [G, K] with groups); both norms clamped at
     eps like F.cosine_similarity. Arguments as grad_dot_and_norm; differentiable w.r.t. x (IGD's double
     backward) and ref_grads."""
-    dots, norms = grad_dot_and_norm(model, flat_params, x, y, ref_grads, groups, num_groups=num_groups, backend=backend)
+    dots, norms = _dot_and_norm("grad_cosine", model, flat_params, x, y, ref_grads, groups, num_groups, backend)
     ref = ref_grads.to(dots.dtype).norm(dim=-1).clamp_min(eps)  # [K] or [G, K]
     return dots / (norms.clamp_min(eps) * ref)

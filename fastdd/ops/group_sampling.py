@@ -15,6 +15,7 @@ Backends:
   match the reference's SCORING of its own candidates, not the reference's candidates.
 The selection is not differentiable (nothing flows back to mean / std).
 """
+
 from __future__ import annotations
 
 import math
@@ -23,7 +24,7 @@ import torch
 from torch import Tensor
 
 from . import _checks, reference
-from ._backend import extension, register_op, resolve_backend
+from ._backend import dispatch, extension, register_kernels, register_op, resolve_backend
 from ._checks import check_positive_int, check_same_device, check_tensor
 
 register_op("group_score", cpu=("cpp", "reference"), cuda=("reference",))
@@ -34,19 +35,30 @@ SEED_HIGH = 2**63 - 1  # seeds are drawn in [0, 2**63 - 1)
 
 
 # --------------------------------------------------------------------------- scoring
-@torch.library.custom_op("fastdd::group_score", mutates_args=())
-def _group_score_op(
-    groups: Tensor, mean: Tensor, std: Tensor, w_mean: float, w_std: float, w_skew: float, backend: str
-) -> Tensor:
-    if backend == "cpp":
-        extension()
-        return torch.ops.fastdd_C.group_score(groups, mean, std, w_mean, w_std, w_skew).to(groups.dtype)
+def _reference_group_score(groups, mean, std, w_mean, w_std, w_skew):
     return reference.group_score(groups, mean, std, (w_mean, w_std, w_skew))
 
 
+def _cpp_group_score(groups, mean, std, w_mean, w_std, w_skew):
+    extension()
+    return torch.ops.fastdd_C.group_score(groups, mean, std, w_mean, w_std, w_skew).to(groups.dtype)
+
+
+_GROUP_SCORE = {"reference": _reference_group_score, "cpp": _cpp_group_score}
+
+
+@torch.library.custom_op("fastdd::group_score", mutates_args=())
+def _group_score_op(groups: Tensor, mean: Tensor, std: Tensor, w_mean: float, w_std: float, w_skew: float) -> Tensor:
+    """groups [G, ipc, D], mean / std [D] -> scores [G]; CPU / CUDA kernels below, this reference elsewhere."""
+    return _reference_group_score(groups, mean, std, w_mean, w_std, w_skew)
+
+
 @_group_score_op.register_fake
-def _(groups, mean, std, w_mean, w_std, w_skew, backend):
+def _(groups, mean, std, w_mean, w_std, w_skew):
     return groups.new_empty(groups.shape[0])
+
+
+register_kernels(_group_score_op, "group_score", _GROUP_SCORE)
 
 
 def group_score(groups: Tensor, mean: Tensor, std: Tensor, weights=DEFAULT_WEIGHTS, *, backend: str = "auto") -> Tensor:
@@ -58,25 +70,50 @@ def group_score(groups: Tensor, mean: Tensor, std: Tensor, weights=DEFAULT_WEIGH
     _check_distribution(mean, std, groups.device)
     if groups.shape[2] != mean.shape[0]:
         raise ValueError(f"groups has D={groups.shape[2]} features but mean has D={mean.shape[0]}")
-    w_mean, w_std, w_skew = _check_weights(weights)
-    chosen = resolve_backend("group_score", backend, groups.device)
-    return _group_score_op(groups, mean, std, w_mean, w_std, w_skew, chosen)
+    return dispatch(_group_score_op, "group_score", backend, groups.device, groups, mean, std, *_check_weights(weights))
 
 
-# --------------------------------------------------------------------------- Philox sampling (Triton)
-@torch.library.custom_op("fastdd::philox_group_sampling", mutates_args=())
-def _philox_group_sampling_op(
-    mean: Tensor, std: Tensor, seed: Tensor, ipc: int, n_candidates: int, w_mean: float, w_std: float, w_skew: float
-) -> tuple[Tensor, Tensor]:
+# --------------------------------------------------------------------------- sampling
+def _reference_group_sampling(mean, std, generator, seed, ipc, n_candidates, w_mean, w_std, w_skew, chunk):
+    weights = (w_mean, w_std, w_skew)
+    return reference.group_sampling(mean, std, ipc, n_candidates, generator=generator, weights=weights, chunk=chunk)
+
+
+def _cpp_group_sampling(mean, std, generator, seed, ipc, n_candidates, w_mean, w_std, w_skew, chunk):
+    extension()
+    return torch.ops.fastdd_C.group_sampling(mean, std, ipc, n_candidates, generator, w_mean, w_std, w_skew, chunk)
+
+
+def _triton_group_sampling(mean, std, generator, seed, ipc, n_candidates, w_mean, w_std, w_skew, chunk):
     from .triton.group_sampling import group_sampling_triton
 
+    seed = _draw_seed(generator, mean.device) if seed is None else seed
     group, score = group_sampling_triton(mean, std, seed, ipc, n_candidates, (w_mean, w_std, w_skew))
     return group.to(mean.dtype), score.to(mean.dtype)
 
 
-@_philox_group_sampling_op.register_fake
-def _(mean, std, seed, ipc, n_candidates, w_mean, w_std, w_skew):
+_GROUP_SAMPLING = {"reference": _reference_group_sampling, "cpp": _cpp_group_sampling, "triton": _triton_group_sampling}
+
+
+@torch.library.custom_op(
+    "fastdd::group_sampling",
+    mutates_args=(),
+    schema="(Tensor mean, Tensor std, Generator? generator, Tensor? seed, int ipc, int n_candidates, float w_mean, "
+    "float w_std, float w_skew, int chunk) -> (Tensor, Tensor)",
+)
+def _group_sampling_op(mean, std, generator, seed, ipc, n_candidates, w_mean, w_std, w_skew, chunk):
+    """-> (group [ipc, D], score 0-dim) in mean's dtype. reference / cpp draw from `generator`; triton from
+    Philox with `seed` (0-dim int64; None: drawn from `generator`). CPU / CUDA kernels below, this reference
+    elsewhere."""
+    return _reference_group_sampling(mean, std, generator, seed, ipc, n_candidates, w_mean, w_std, w_skew, chunk)
+
+
+@_group_sampling_op.register_fake
+def _(mean, std, generator, seed, ipc, n_candidates, w_mean, w_std, w_skew, chunk):
     return mean.new_empty(ipc, mean.shape[0]), mean.new_empty(())
+
+
+register_kernels(_group_sampling_op, "group_sampling", _GROUP_SAMPLING)
 
 
 def philox_candidates(
@@ -88,10 +125,9 @@ def philox_candidates(
 
     _check_sizes(mean, std, ipc, n_candidates)
     weights = _check_weights(weights)
-    return group_candidates_triton(mean, std, _seed_tensor(seed, None, mean.device), ipc, n_candidates, weights)
+    return group_candidates_triton(mean, std, _seed_tensor(seed, mean.device), ipc, n_candidates, weights)
 
 
-# --------------------------------------------------------------------------- public op
 def group_sampling(
     mean: Tensor,
     std: Tensor,
@@ -127,17 +163,13 @@ def group_sampling(
     ):
         raise ValueError(f"generator must be a torch.Generator on {mean.device.type}, got {generator!r}")
     chosen = _resolve(backend, ipc, mean.device)
-    if chosen == "triton":
-        seed_tensor = _seed_tensor(seed, generator, mean.device)
-        return _philox_group_sampling_op(mean, std, seed_tensor, ipc, n_candidates, *weights)
-    if seed is not None:
+    if seed is not None and chosen != "triton":
         if isinstance(seed, Tensor):
             raise ValueError(f"seed must be an int for backend={chosen!r} (a tensor seed is for triton)")
-        generator = torch.Generator(device=mean.device).manual_seed(_check_seed(seed))
-    if chosen == "reference":
-        return reference.group_sampling(mean, std, ipc, n_candidates, generator=generator, weights=weights, chunk=chunk)
-    extension()
-    return torch.ops.fastdd_C.group_sampling(mean, std, ipc, n_candidates, generator, *weights, chunk)
+        generator, seed = torch.Generator(device=mean.device).manual_seed(_check_seed(seed)), None
+    seed = None if seed is None else _seed_tensor(seed, mean.device)
+    args = (mean, std, generator, seed, ipc, n_candidates, *weights, chunk)
+    return dispatch(_group_sampling_op, "group_sampling", chosen, mean.device, *args)
 
 
 # --------------------------------------------------------------------------- checks
@@ -192,16 +224,19 @@ def _check_seed(seed) -> int:
     return seed
 
 
-def _seed_tensor(seed, generator: torch.Generator | None, device: torch.device) -> Tensor:
-    """0-dim int64 seed on `device`: `seed` as given, else one draw from `generator` (or the default one)."""
+def _seed_tensor(seed: int | Tensor, device: torch.device) -> Tensor:
+    """A given seed (an int or a 0-dim integer tensor) as a 0-dim int64 tensor on `device`."""
     if isinstance(seed, Tensor):
         if seed.dim() != 0 or seed.is_floating_point() or seed.is_complex():
             raise ValueError(
                 f"seed must be an int or a 0-dim integer tensor, got {seed.dtype} of shape {tuple(seed.shape)}"
             )
         return seed.to(device=device, dtype=torch.int64)
-    if seed is not None:
-        return torch.tensor(_check_seed(seed), device=device, dtype=torch.int64)
+    return torch.tensor(_check_seed(seed), device=device, dtype=torch.int64)
+
+
+def _draw_seed(generator: torch.Generator | None, device: torch.device) -> Tensor:
+    """One seed in [0, SEED_HIGH) drawn from `generator` (else the device's default one), 0-dim int64 on `device`."""
     source_device = generator.device if generator is not None else device
     drawn = torch.randint(0, SEED_HIGH, (), generator=generator, device=source_device, dtype=torch.int64)
     return drawn.to(device)

@@ -3,6 +3,7 @@
 Readable first, fast never. Each function here is differentiable by autograd where the op is, so
 references also give the gradients (first and second order) the fast paths must match.
 """
+
 from __future__ import annotations
 
 import math
@@ -12,7 +13,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
-COS_EPS = 1e-6  # cosine epsilon of the authors' deviation guidance and memories
+# The cosine epsilons, one per op family: cos(a, b) = a·b / (max(‖a‖, eps) · max(‖b‖, eps)). Every op of a family
+# (its reference, Triton, C++ and CUDA kernels) takes its value from here.
+COS_EPS = 1e-6  # memory / deviation family (max_cosine, most_similar_index, CosineMemory), as the authors' code
+GRAD_COS_EPS = 1e-8  # grad_cosine family (grad_cosine, grad_dot_and_norm), as F.cosine_similarity
 
 
 def normalize_rows(x: Tensor, eps: float = COS_EPS) -> Tensor:
@@ -48,11 +52,17 @@ def max_cosine(query: Tensor, memory: Tensor, count: Tensor | int | None = None,
 
 def most_similar_index(memory: Tensor, count: Tensor | int | None = None, eps: float = COS_EPS) -> Tensor:
     """Index (0-dim int64) of the valid row with the largest summed cosine similarity to all valid rows
-    (itself included): SAM's pop rule. memory: [M, D]."""
+    (itself included): SAM's pop rule. memory: [M, D].
+
+    score_i = m̂_i · Σ_{j < count} m̂_j, as the kernels compute it: row by row, with the sum taken in row order
+    (a cumulative sum), so the scores depend on the valid rows only (not on the rows past count) and equal
+    rows score exactly equal. Exact ties go to the lowest index (argmax).
+    """
+    count = torch.as_tensor(memory.shape[0] if count is None else count, device=memory.device)
     unit = normalize_rows(memory, eps)
-    mask = valid_rows(memory, count)
-    sim = unit @ unit.T  # [M, M]
-    scores = (sim * mask[None, :]).sum(dim=1).masked_fill(~mask, float("-inf"))
+    last = (count.clamp(1, memory.shape[0]) - 1).view(1)
+    unit_sum = unit.cumsum(0).index_select(0, last)  # [1, D]: Σ of the valid rows
+    scores = (unit * unit_sum).sum(dim=1).masked_fill(~valid_rows(memory, count), float("-inf"))
     return scores.argmax()
 
 
@@ -111,6 +121,42 @@ def mercer_distance(
     return torch.sqrt(sq + eps).mean(dim=1)
 
 
+def mercer_coefficients(
+    x: Tensor,
+    y: Tensor,
+    kernel: str = "linear",
+    *,
+    sigma: float | None = None,
+    degree: int = 2,
+    coef0: float = 1.0,
+    eps: float = 1e-12,
+) -> tuple[Tensor, Tensor]:
+    """mercer_distance's backward coefficients, as the fused kernels store them: (coef [B, N], alpha [B]) with
+    coef_bn = −∂out_b/∂(x_b·y_n) and alpha_b = 2 ∂out_b/∂‖x_b‖², so ∂out_b/∂x_b = alpha_b·x_b − Σ_n coef_bn·y_n.
+    Gradients of clamp_min(0) pass where its input >= 0 (like torch's). Same dtype rules as mercer_distance."""
+    acc = torch.promote_types(x.dtype, torch.float32)
+    xa, ya = x.to(acc), y.to(acc)
+    dim, rows = x.shape[1], y.shape[0]
+    sigma = default_sigma(dim) if sigma is None else sigma
+    dot = xa @ ya.T  # [B, N]
+    x_sq, y_sq = (xa * xa).sum(1)[:, None], (ya * ya).sum(1)[None, :]
+    if kernel == "linear":
+        squared, d_dot, d_x_sq = x_sq + y_sq - 2 * dot, 1.0, 1.0
+    elif kernel == "rbf":
+        sq_dist = x_sq + y_sq - 2 * dot
+        kxy = torch.exp(-sq_dist.clamp_min(0) / (2 * sigma**2))
+        squared = 2 - 2 * kxy
+        d_dot = d_x_sq = torch.where(sq_dist >= 0, kxy / sigma**2, 0.0)
+    elif kernel == "poly":
+        uxx, uxy, uyy = x_sq / dim + coef0, dot / dim + coef0, y_sq / dim + coef0
+        squared = uxx**degree + uyy**degree - 2 * uxy**degree
+        d_dot, d_x_sq = degree / dim * uxy ** (degree - 1), degree / dim * uxx ** (degree - 1)
+    else:
+        raise ValueError(f"kernel must be 'linear', 'rbf' or 'poly', got {kernel!r}")
+    scale = torch.where(squared >= 0, 1 / (rows * torch.sqrt(squared.clamp_min(0) + eps)), 0.0)  # ∂out/∂squared · 2
+    return d_dot * scale, (d_x_sq * scale).sum(1)
+
+
 # --------------------------------------------------------------------------- D3HR group sampling
 def sample_skewness(x: Tensor) -> Tensor:
     """Adjusted Fisher–Pearson skewness of each row over its features. x: [..., n] -> [...].
@@ -160,7 +206,7 @@ def group_sampling(
         scores = group_score(groups, mean, std, weights)
         i = scores.argmin()
         if best_group is None or scores[i] < best_score:
-            best_score, best_group = scores[i], groups[i].clone()  # not a view that keeps the chunk alive
+            best_score, best_group = scores[i].clone(), groups[i].clone()  # not views that keep the chunk alive
     return best_group, best_score
 
 
@@ -220,7 +266,7 @@ def grad_cosine(
     y: Tensor,
     ref_grads: Tensor,
     groups: Tensor | None = None,
-    eps: float = 1e-8,
+    eps: float = GRAD_COS_EPS,
 ) -> Tensor:
     """cos(g_jk, G_jk) -> [B, K] ([G, K] with groups); norms clamped at eps like F.cosine_similarity."""
     dots, norms = grad_dot_and_norm(model, flat_params, x, y, ref_grads, groups)

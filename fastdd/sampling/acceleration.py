@@ -4,10 +4,11 @@
 replays it for every later batch with the same key; on CPU, or when capture fails, it runs the step eagerly
 and says so once.
 """
+
 from __future__ import annotations
 
 import warnings
-from typing import Callable, Hashable
+from collections.abc import Callable, Hashable
 
 import torch
 from torch import Tensor
@@ -84,7 +85,9 @@ class StepGraphs:
                 replay, static_output = self.recorder.record(fn, static_inputs)
             except Exception as error:  # capture refused (host sync, unsupported op): eager from now on
                 self.enabled = False
-                say_once(f"cuda_graphs: capture failed ({type(error).__name__}: {error}); running the sampler steps eagerly")
+                say_once(
+                    f"cuda_graphs: capture failed ({type(error).__name__}: {error}); running the sampler steps eagerly"
+                )
                 return fn(*inputs)
             entry = self._graphs[key] = (replay, static_inputs, static_output)
         replay, static_inputs, static_output = entry

@@ -12,9 +12,10 @@ Two layouts:
   halves; the remaining channels are taken row-wise from the model output, so an uncond row keeps its own
   unguided channels (eps channel 4 and the variance).
 """
+
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn

@@ -17,11 +17,11 @@ Conventions reproduced from IDDPM:
 - Learned-range variance: log σ² = f · log β_i + (1 - f) · log σ̃²_i (clipped posterior variance),
   f = (v + 1) / 2 from the model's variance channels; no clipping of x̂0 unless clip_denoised.
 """
+
 from __future__ import annotations
 
-from typing import Sequence
-
 import math
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -54,7 +54,9 @@ def space_timesteps(num_train_steps: int, section_counts: str | Sequence[int]) -
         try:
             counts = [int(c) for c in section_counts.split(",")]
         except ValueError:
-            raise ValueError(f"section_counts: expected 'ddimN' or comma-separated ints, got {section_counts!r}") from None
+            raise ValueError(
+                f"section_counts: expected 'ddimN' or comma-separated ints, got {section_counts!r}"
+            ) from None
     else:
         counts = [int(c) for c in section_counts]
     if not counts or any(c <= 0 for c in counts):
@@ -100,13 +102,27 @@ class GaussianDiffusion:
     """
 
     TABLE_NAMES = (
-        "betas", "log_betas", "alphas_cumprod", "alphas_cumprod_prev", "alphas_cumprod_next",
-        "sqrt_alphas_cumprod", "sqrt_one_minus_alphas_cumprod", "sqrt_recip_alphas_cumprod",
-        "sqrt_recipm1_alphas_cumprod", "sqrt_alphas_cumprod_prev", "sqrt_one_minus_alphas_cumprod_prev",
-        "sqrt_alphas_cumprod_next", "sqrt_one_minus_alphas_cumprod_next", "posterior_variance",
-        "posterior_log_variance_clipped", "posterior_mean_coef1", "posterior_mean_coef2",
-        "fixed_variance", "fixed_log_variance", "ddim_sigma",
-    )  # fmt: skip
+        "betas",
+        "log_betas",
+        "alphas_cumprod",
+        "alphas_cumprod_prev",
+        "alphas_cumprod_next",
+        "sqrt_alphas_cumprod",
+        "sqrt_one_minus_alphas_cumprod",
+        "sqrt_recip_alphas_cumprod",
+        "sqrt_recipm1_alphas_cumprod",
+        "sqrt_alphas_cumprod_prev",
+        "sqrt_one_minus_alphas_cumprod_prev",
+        "sqrt_alphas_cumprod_next",
+        "sqrt_one_minus_alphas_cumprod_next",
+        "posterior_variance",
+        "posterior_log_variance_clipped",
+        "posterior_mean_coef1",
+        "posterior_mean_coef2",
+        "fixed_variance",
+        "fixed_log_variance",
+        "ddim_sigma",
+    )
 
     def __init__(
         self,
@@ -124,7 +140,9 @@ class GaussianDiffusion:
         if not 1 <= num_steps <= num_train_steps:
             raise ValueError(f"num_steps must be in 1..{num_train_steps}, got {num_steps}")
         if beta_schedule != "linear":
-            raise ValueError(f"beta_schedule: only 'linear' (the ADM/DiT schedule) is implemented, got {beta_schedule!r}")
+            raise ValueError(
+                f"beta_schedule: only 'linear' (the ADM/DiT schedule) is implemented, got {beta_schedule!r}"
+            )
         train_betas = linear_betas(num_train_steps)
         if timestep_spacing == "iddpm":
             kept = space_timesteps(num_train_steps, str(num_steps))
@@ -133,7 +151,9 @@ class GaussianDiffusion:
         else:
             kept = space_timesteps(num_train_steps, timestep_spacing)
         if len(kept) != num_steps:
-            raise ValueError(f"timestep_spacing {timestep_spacing!r} keeps {len(kept)} steps, not num_steps={num_steps}")
+            raise ValueError(
+                f"timestep_spacing {timestep_spacing!r} keeps {len(kept)} steps, not num_steps={num_steps}"
+            )
 
         self.num_steps, self.num_train_steps = num_steps, num_train_steps
         self.beta_schedule, self.timestep_spacing = beta_schedule, timestep_spacing
@@ -228,22 +248,26 @@ class GaussianDiffusion:
         table = self.tables(like.device, dtype)[name]
         if isinstance(i, Tensor):
             if i.dim() > 1 or (i.dim() == 1 and i.shape[0] not in (1, like.shape[0])):
-                raise ValueError(f"i: expected an int or a [B] tensor with B = {like.shape[0]}, got shape {list(i.shape)}")
+                raise ValueError(
+                    f"i: expected an int or a [B] tensor with B = {like.shape[0]}, got shape {list(i.shape)}"
+                )
             return table[i.to(like.device)].reshape(-1, *([1] * (like.dim() - 1)))
         return table[self._check_index(i)]
 
     # ---------------------------------------------------------------------------- step functions
     def q_sample(self, x0: Tensor, i: Index, noise: Tensor) -> Tensor:
         """Forward process: x_i = sqrt(ᾱ_i) · x0 + sqrt(1 - ᾱ_i) · noise. x0, noise: [B, C, H, W]."""
-        return self._coefficient("sqrt_alphas_cumprod", i, x0) * x0 + self._coefficient(
-            "sqrt_one_minus_alphas_cumprod", i, x0
-        ) * noise
+        return (
+            self._coefficient("sqrt_alphas_cumprod", i, x0) * x0
+            + self._coefficient("sqrt_one_minus_alphas_cumprod", i, x0) * noise
+        )
 
     def predict_xstart(self, x_t: Tensor, i: Index, eps: Tensor) -> Tensor:
         """x̂0 = sqrt(1/ᾱ_i) · x_t - sqrt(1/ᾱ_i - 1) · eps. [B, C, H, W]."""
-        return self._coefficient("sqrt_recip_alphas_cumprod", i, x_t) * x_t - self._coefficient(
-            "sqrt_recipm1_alphas_cumprod", i, x_t
-        ) * eps
+        return (
+            self._coefficient("sqrt_recip_alphas_cumprod", i, x_t) * x_t
+            - self._coefficient("sqrt_recipm1_alphas_cumprod", i, x_t) * eps
+        )
 
     def predict_eps(self, x_t: Tensor, i: Index, pred_xstart: Tensor) -> Tensor:
         """The eps consistent with x̂0: (sqrt(1/ᾱ_i) · x_t - x̂0) / sqrt(1/ᾱ_i - 1). [B, C, H, W]."""
@@ -255,7 +279,11 @@ class GaussianDiffusion:
         """model_output [B, 2C or C, H, W] -> (eps [B, C, H, W], v [B, C, H, W] or None)."""
         channels = x_t.shape[1]
         expected = 2 * channels if self.learn_sigma else channels
-        if model_output.dim() != x_t.dim() or model_output.shape[1] != expected or model_output.shape[0] != x_t.shape[0]:
+        if (
+            model_output.dim() != x_t.dim()
+            or model_output.shape[1] != expected
+            or model_output.shape[0] != x_t.shape[0]
+        ):
             raise ValueError(
                 f"model_output: expected [{x_t.shape[0]}, {expected}, ...] for x_t {list(x_t.shape)} "
                 f"(learn_sigma={self.learn_sigma}), got {list(model_output.shape)}"
@@ -289,21 +317,35 @@ class GaussianDiffusion:
             self._coefficient("posterior_mean_coef1", i, x_t) * pred_xstart
             + self._coefficient("posterior_mean_coef2", i, x_t) * x_t
         )
-        return {"mean": mean, "variance": variance, "log_variance": log_variance, "pred_xstart": pred_xstart, "eps": eps}
+        return {
+            "mean": mean,
+            "variance": variance,
+            "log_variance": log_variance,
+            "pred_xstart": pred_xstart,
+            "eps": eps,
+        }
 
-    def posterior_kl_bits(self, model_output: Tensor, x0: Tensor, x_t: Tensor, i: Index) -> tuple[Tensor, dict[str, Tensor]]:
+    def posterior_kl_bits(
+        self, model_output: Tensor, x0: Tensor, x_t: Tensor, i: Index
+    ) -> tuple[Tensor, dict[str, Tensor]]:
         """KL(q(x_{i-1} | x_i, x0) ‖ p(x_{i-1} | x_i)) in bits per dimension, per row (ADM's L_t for i > 0).
 
         model_output: [B, 2C, H, W] (freeze its eps part to train only the variance, as ADM does); x0, x_t:
         [B, C, H, W] -> (kl [B], the p_mean_variance dict of model_output)."""
         out = self.p_mean_variance(model_output, x_t, i)
-        true_mean = self._coefficient("posterior_mean_coef1", i, x0) * x0 + self._coefficient("posterior_mean_coef2", i, x0) * x_t
+        true_mean = (
+            self._coefficient("posterior_mean_coef1", i, x0) * x0
+            + self._coefficient("posterior_mean_coef2", i, x0) * x_t
+        )
         true_log_variance = self._coefficient("posterior_log_variance_clipped", i, x0)
         model_mean, model_log_variance = out["mean"], out["log_variance"]
         kl = 0.5 * (
-            -1.0 + model_log_variance - true_log_variance + torch.exp(true_log_variance - model_log_variance)
+            -1.0
+            + model_log_variance
+            - true_log_variance
+            + torch.exp(true_log_variance - model_log_variance)
             + (true_mean - model_mean) ** 2 * torch.exp(-model_log_variance)
-        )  # fmt: skip
+        )
         return kl.flatten(1).mean(1) / math.log(2.0), out
 
     def ddpm_step(self, out: dict[str, Tensor], noise: Tensor | None, i: Index) -> Tensor:
@@ -339,9 +381,10 @@ class GaussianDiffusion:
             raise ValueError(f"eta must be >= 0, got {eta}")
         pred_xstart, eps = self._xstart_and_eps(eps, x_t, i)
         if eta == 0:
-            return self._coefficient("sqrt_alphas_cumprod_prev", i, x_t) * pred_xstart + self._coefficient(
-                "sqrt_one_minus_alphas_cumprod_prev", i, x_t
-            ) * eps
+            return (
+                self._coefficient("sqrt_alphas_cumprod_prev", i, x_t) * pred_xstart
+                + self._coefficient("sqrt_one_minus_alphas_cumprod_prev", i, x_t) * eps
+            )
         if noise is None:
             raise ValueError("noise is required when eta > 0")
         sigma = eta * self._coefficient("ddim_sigma", i, x_t)
@@ -360,6 +403,7 @@ class GaussianDiffusion:
         if not isinstance(i, Tensor):
             self._check_index(i, self.num_steps - 2)
         pred_xstart, eps = self._xstart_and_eps(eps, x_t, i)
-        return self._coefficient("sqrt_alphas_cumprod_next", i, x_t) * pred_xstart + self._coefficient(
-            "sqrt_one_minus_alphas_cumprod_next", i, x_t
-        ) * eps
+        return (
+            self._coefficient("sqrt_alphas_cumprod_next", i, x_t) * pred_xstart
+            + self._coefficient("sqrt_one_minus_alphas_cumprod_next", i, x_t) * eps
+        )

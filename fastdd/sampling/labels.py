@@ -1,8 +1,9 @@
 """Guidances written for local class indices inside a sampler that uses the model's labels."""
+
 from __future__ import annotations
 
 import dataclasses
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor

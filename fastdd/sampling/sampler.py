@@ -10,18 +10,19 @@ rows [cond; uncond], the initial latent duplicated (`z = cat([z, z])`), an indep
 each half, the official `forward_with_cfg` (see cfg.py), and the result is the first B rows. All noise comes
 from `seeds.trajectory_noise` per image, drawn before the loop, so the loop makes no RNG calls and no host syncs.
 """
+
 from __future__ import annotations
 
 import math
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field
-from typing import Hashable, Sequence
 
 import torch
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
-from ..ops import value_checks
 from ..models.precision import check_precision, mixed_precision
+from ..ops import value_checks
+from ..progress import progress_bar
 from .acceleration import StepGraphs, say_once
 from .cfg import ModelFn, guided_model
 from .diffusion import GaussianDiffusion
@@ -240,20 +241,33 @@ class GuidedSampler:
         self.cfg_channels = cfg_channels
         self.precision, self.compile, self.model_jacobian = check_precision(precision), compile, model_jacobian
         network = torch.compile(model) if compile else model
-        self.model_fn = guided_model(mixed_precision(network, precision), cfg_scale, self.null_class, cfg_channels, compat)
+        self.model_fn = guided_model(
+            mixed_precision(network, precision), cfg_scale, self.null_class, cfg_channels, compat
+        )
         self.graphs = StepGraphs() if cuda_graphs else None
         if cuda_graphs and not all(g.capturable for g in self.guidances):
             eager = sorted({type(g).__name__ for g in self.guidances if not g.capturable})
             say_once(f"cuda_graphs: {', '.join(eager)} cannot be recorded as CUDA graphs; guided steps run eagerly")
 
-    def replace(self, *, model: nn.Module | ModelFn | None = None, diffusion: GaussianDiffusion | None = None) -> GuidedSampler:
+    def replace(
+        self, *, model: nn.Module | ModelFn | None = None, diffusion: GaussianDiffusion | None = None
+    ) -> GuidedSampler:
         """A sampler with another model and/or diffusion and every other setting of this one (CFG, labels,
         guidances, speed options)."""
         return GuidedSampler(
-            self.model if model is None else model, self.diffusion if diffusion is None else diffusion, self.guidances,
-            self.cfg_scale, self.null_class, self.cfg_channels, self.compat, self.num_classes, precision=self.precision,
-            compile=self.compile, cuda_graphs=self.graphs is not None, model_jacobian=self.model_jacobian,
-        )  # fmt: skip
+            self.model if model is None else model,
+            self.diffusion if diffusion is None else diffusion,
+            self.guidances,
+            self.cfg_scale,
+            self.null_class,
+            self.cfg_channels,
+            self.compat,
+            self.num_classes,
+            precision=self.precision,
+            compile=self.compile,
+            cuda_graphs=self.graphs is not None,
+            model_jacobian=self.model_jacobian,
+        )
 
     @property
     def rows_per_image(self) -> int:
@@ -280,7 +294,7 @@ class GuidedSampler:
         for guidance in self.guidances:
             guidance.begin_batch(labels, image_ids)
         with value_checks(False):  # inputs were checked before the loop: no NaN scans (host syncs) per step
-            for index in tqdm(indices, disable=not progress, desc=method, leave=False):
+            for index in progress_bar(indices, disable=not progress, desc=method, leave=False):
                 noise = None if noise_steps is None else noise_steps[index]
                 x = self._step(x, index, y, noise, batch, image_ids, method, eta)
         final = x[:batch]
@@ -288,15 +302,34 @@ class GuidedSampler:
             guidance.end_batch(final, labels)
         return final
 
-    def _step(self, x: Tensor, index: int, y: Tensor, noise: Tensor | None, batch: int,
-              image_ids: Sequence[ImageId], method: str, eta: float) -> Tensor:  # fmt: skip
+    def _step(
+        self,
+        x: Tensor,
+        index: int,
+        y: Tensor,
+        noise: Tensor | None,
+        batch: int,
+        image_ids: Sequence[ImageId],
+        method: str,
+        eta: float,
+    ) -> Tensor:
         """One step, replayed from a CUDA graph when graphs are on and every active guidance is capturable."""
 
         def step(x: Tensor, y: Tensor, noise: Tensor | None) -> Tensor:
             return sample_step(
-                self.model_fn, self.diffusion, x, index, y, noise, self.guidances, rows=batch, image_ids=image_ids,
-                method=method, eta=eta, model_jacobian=self.model_jacobian,
-            )  # fmt: skip
+                self.model_fn,
+                self.diffusion,
+                x,
+                index,
+                y,
+                noise,
+                self.guidances,
+                rows=batch,
+                image_ids=image_ids,
+                method=method,
+                eta=eta,
+                model_jacobian=self.model_jacobian,
+            )
 
         active = [g for g in self.guidances if g.active(index)]
         if self.graphs is None or not all(g.capturable for g in active):
@@ -318,7 +351,9 @@ class GuidedSampler:
         delta of that step), in `dtype`."""
         labels = _as_labels(labels, self.num_classes)
         image_ids = _check_image_ids(image_ids, labels.shape[0])
-        noise = batch_trajectory_noise(image_ids, latent_shape, self.diffusion.num_steps, device, dtype, self.rows_per_image)
+        noise = batch_trajectory_noise(
+            image_ids, latent_shape, self.diffusion.num_steps, device, dtype, self.rows_per_image
+        )
         x = torch.cat([noise.initial] * self.rows_per_image)
         indices = range(self.diffusion.num_steps - 1, -1, -1)
         return self._loop(x, labels, image_ids, indices, noise.steps, "ddpm", 0.0, progress)
@@ -356,7 +391,9 @@ class GuidedSampler:
         if need_noise:
             shape = latent_shape if x_start is None else x_start.shape[1:]
             where = device if x_start is None else x_start.device
-            noise = batch_trajectory_noise(image_ids, shape, self.diffusion.num_steps, where, dtype, self.rows_per_image)
+            noise = batch_trajectory_noise(
+                image_ids, shape, self.diffusion.num_steps, where, dtype, self.rows_per_image
+            )
         if x_start is None:
             x = noise.initial
         else:
@@ -400,7 +437,7 @@ class GuidedSampler:
         x = torch.cat([initial] * self.rows_per_image)
         y = self._state_labels(labels, x.device)
         with torch.no_grad():
-            for t in tqdm(scheduler.timesteps, disable=not progress, desc="dpm-solver++", leave=False):
+            for t in progress_bar(scheduler.timesteps, disable=not progress, desc="dpm-solver++", leave=False):
                 out = self.model_fn(x, t.expand(x.shape[0]), y)
                 eps, _ = self.diffusion.split_model_output(out, x)
                 x = scheduler.step(eps, t, x).prev_sample
@@ -441,7 +478,7 @@ def ddim_invert(
     y = y.to(x0.device)
     x, kept = x0, [x0]
     with torch.no_grad():
-        for i in tqdm(range(target_index), disable=not progress, desc="ddim inversion", leave=False):
+        for i in progress_bar(range(target_index), disable=not progress, desc="ddim inversion", leave=False):
             t = timesteps[i + 1 if eps_timestep == "next" else i].expand(x.shape[0])
             eps, _ = diffusion.split_model_output(model_fn(x, t, y), x)
             x = diffusion.ddim_inversion_step(eps, x, i)

@@ -6,9 +6,11 @@ comes from its own CPU ``torch.Generator``, drawn in a fixed order. So an image 
 is generated alone, in a batch with other images (in any order), or after a restart, and the sampling loop
 needs no RNG calls (hence no host syncs) once its trajectory noise is drawn.
 """
+
 from __future__ import annotations
 
-from typing import NamedTuple, Sequence
+from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 from torch import Tensor

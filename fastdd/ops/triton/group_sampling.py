@@ -13,6 +13,7 @@ device tensor) with the same stream, so the returned group is the one that was s
 random stream from the reference's torch.randn: backends agree on the scoring, not on the candidates.
 All arithmetic is float32.
 """
+
 from __future__ import annotations
 
 import torch
@@ -69,9 +70,22 @@ def _standard_normals(seed, counters):
 
 @triton.jit
 def _consume_tile(
-    noise, features, dim, mean_ptr, std_ptr, groups_ptr, group_rows, member_valid,
-    count, member_mean, member_m2, member_m3, mean_error, std_error,
-    IPC: tl.constexpr, MATERIALISE: tl.constexpr,
+    noise,
+    features,
+    dim,
+    mean_ptr,
+    std_ptr,
+    groups_ptr,
+    group_rows,
+    member_valid,
+    count,
+    member_mean,
+    member_m2,
+    member_m3,
+    mean_error,
+    std_error,
+    IPC: tl.constexpr,
+    MATERIALISE: tl.constexpr,
 ):
     """Fold one [BLOCK_I, BLOCK_Q] tile of normals (features `features`) into the running statistics."""
     feature_valid = features < dim
@@ -112,10 +126,22 @@ def _consume_tile(
 
 @triton.jit
 def group_candidates_kernel(
-    mean_ptr, std_ptr, seed_ptr, index_ptr, scores_ptr, groups_ptr,
-    dim, w_mean, w_std, w_skew,
-    IPC: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_Q: tl.constexpr,
-    INDEXED: tl.constexpr, SCORE: tl.constexpr, MATERIALISE: tl.constexpr,
+    mean_ptr,
+    std_ptr,
+    seed_ptr,
+    index_ptr,
+    scores_ptr,
+    groups_ptr,
+    dim,
+    w_mean,
+    w_std,
+    w_skew,
+    IPC: tl.constexpr,
+    BLOCK_I: tl.constexpr,
+    BLOCK_Q: tl.constexpr,
+    INDEXED: tl.constexpr,
+    SCORE: tl.constexpr,
+    MATERIALISE: tl.constexpr,
 ):
     """Program p handles candidate c = index[p] (INDEXED) or p: scores[p] = its D3HR score (SCORE) and
     groups[p] = its members [IPC, dim] (MATERIALISE). mean, std: [dim] float32; seed: 0-dim int64."""
@@ -144,17 +170,77 @@ def group_candidates_kernel(
         n0, n1, n2, n3 = _standard_normals(seed, counters)
         d0 = block * 4 * BLOCK_Q
         count, member_mean, member_m2, member_m3, mean_error, std_error = _consume_tile(
-            n0, d0 + lanes, dim, mean_ptr, std_ptr, groups_ptr, group_rows, member_valid,
-            count, member_mean, member_m2, member_m3, mean_error, std_error, IPC, MATERIALISE)
+            n0,
+            d0 + lanes,
+            dim,
+            mean_ptr,
+            std_ptr,
+            groups_ptr,
+            group_rows,
+            member_valid,
+            count,
+            member_mean,
+            member_m2,
+            member_m3,
+            mean_error,
+            std_error,
+            IPC,
+            MATERIALISE,
+        )
         count, member_mean, member_m2, member_m3, mean_error, std_error = _consume_tile(
-            n1, d0 + BLOCK_Q + lanes, dim, mean_ptr, std_ptr, groups_ptr, group_rows, member_valid,
-            count, member_mean, member_m2, member_m3, mean_error, std_error, IPC, MATERIALISE)
+            n1,
+            d0 + BLOCK_Q + lanes,
+            dim,
+            mean_ptr,
+            std_ptr,
+            groups_ptr,
+            group_rows,
+            member_valid,
+            count,
+            member_mean,
+            member_m2,
+            member_m3,
+            mean_error,
+            std_error,
+            IPC,
+            MATERIALISE,
+        )
         count, member_mean, member_m2, member_m3, mean_error, std_error = _consume_tile(
-            n2, d0 + 2 * BLOCK_Q + lanes, dim, mean_ptr, std_ptr, groups_ptr, group_rows, member_valid,
-            count, member_mean, member_m2, member_m3, mean_error, std_error, IPC, MATERIALISE)
+            n2,
+            d0 + 2 * BLOCK_Q + lanes,
+            dim,
+            mean_ptr,
+            std_ptr,
+            groups_ptr,
+            group_rows,
+            member_valid,
+            count,
+            member_mean,
+            member_m2,
+            member_m3,
+            mean_error,
+            std_error,
+            IPC,
+            MATERIALISE,
+        )
         count, member_mean, member_m2, member_m3, mean_error, std_error = _consume_tile(
-            n3, d0 + 3 * BLOCK_Q + lanes, dim, mean_ptr, std_ptr, groups_ptr, group_rows, member_valid,
-            count, member_mean, member_m2, member_m3, mean_error, std_error, IPC, MATERIALISE)
+            n3,
+            d0 + 3 * BLOCK_Q + lanes,
+            dim,
+            mean_ptr,
+            std_ptr,
+            groups_ptr,
+            group_rows,
+            member_valid,
+            count,
+            member_mean,
+            member_m2,
+            member_m3,
+            mean_error,
+            std_error,
+            IPC,
+            MATERIALISE,
+        )
 
     if SCORE:
         # adjusted Fisher–Pearson skewness per member: Σ z³ · n / ((n − 1)(n − 2)), Σ z³ = M3 / s³
@@ -170,16 +256,32 @@ def group_candidates_kernel(
 def _launch(mean, std, seed, ipc, grid, index, scores, groups, weights, *, indexed, score, materialise):
     block_i, block_q = block_sizes(ipc)
     group_candidates_kernel[(grid,)](
-        mean, std, seed, index, scores, groups,
-        mean.shape[0], float(weights[0]), float(weights[1]), float(weights[2]),
-        IPC=ipc, BLOCK_I=block_i, BLOCK_Q=block_q, INDEXED=indexed, SCORE=score, MATERIALISE=materialise,
+        mean,
+        std,
+        seed,
+        index,
+        scores,
+        groups,
+        mean.shape[0],
+        float(weights[0]),
+        float(weights[1]),
+        float(weights[2]),
+        IPC=ipc,
+        BLOCK_I=block_i,
+        BLOCK_Q=block_q,
+        INDEXED=indexed,
+        SCORE=score,
+        MATERIALISE=materialise,
         num_warps=num_warps(ipc),
     )
 
 
 def _prepare(mean: Tensor, std: Tensor, seed: Tensor):
-    return (mean.detach().float().contiguous(), std.detach().float().contiguous(),
-            seed.to(device=mean.device, dtype=torch.int64).reshape(()))
+    return (
+        mean.detach().float().contiguous(),
+        std.detach().float().contiguous(),
+        seed.to(device=mean.device, dtype=torch.int64).reshape(()),
+    )
 
 
 def group_sampling_triton(mean: Tensor, std: Tensor, seed: Tensor, ipc: int, n_candidates: int, weights):
@@ -189,8 +291,9 @@ def group_sampling_triton(mean: Tensor, std: Tensor, seed: Tensor, ipc: int, n_c
     that candidate from the same stream: no host sync."""
     mean, std, seed = _prepare(mean, std, seed)
     scores = torch.empty(n_candidates, device=mean.device, dtype=torch.float32)
-    _launch(mean, std, seed, ipc, n_candidates, seed, scores, scores, weights,
-            indexed=False, score=True, materialise=False)
+    _launch(
+        mean, std, seed, ipc, n_candidates, seed, scores, scores, weights, indexed=False, score=True, materialise=False
+    )
     best = scores.argmin().view(1)
     group = torch.empty(ipc, mean.shape[0], device=mean.device, dtype=torch.float32)
     _launch(mean, std, seed, ipc, 1, best, scores, group, weights, indexed=True, score=False, materialise=True)
@@ -204,6 +307,7 @@ def group_candidates_triton(mean: Tensor, std: Tensor, seed: Tensor, ipc: int, n
     mean, std, seed = _prepare(mean, std, seed)
     scores = torch.empty(n_candidates, device=mean.device, dtype=torch.float32)
     groups = torch.empty(n_candidates, ipc, mean.shape[0], device=mean.device, dtype=torch.float32)
-    _launch(mean, std, seed, ipc, n_candidates, seed, scores, groups, weights,
-            indexed=False, score=True, materialise=True)
+    _launch(
+        mean, std, seed, ipc, n_candidates, seed, scores, groups, weights, indexed=False, score=True, materialise=True
+    )
     return groups, scores

@@ -4,6 +4,7 @@ cos(a, b) = a·b / (max(‖a‖, eps) · max(‖b‖, eps)), accumulated in floa
 float64); bfloat16 / float16 inputs are widened on load. The number of valid memory rows is read from
 a device tensor inside the kernels, so launching never syncs with the host. Ties go to the lowest index.
 """
+
 from __future__ import annotations
 
 import torch
@@ -38,10 +39,21 @@ def _inverse_norm(squared_norm, EPS: tl.constexpr):
 
 @triton.jit
 def max_cosine_kernel(
-    query_ptr, memory_ptr, count_ptr, values_ptr, indices_ptr,
-    batch, rows, dim, query_stride, memory_stride,
-    EPS: tl.constexpr, USE_FP64: tl.constexpr,
-    BLOCK_B: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+    query_ptr,
+    memory_ptr,
+    count_ptr,
+    values_ptr,
+    indices_ptr,
+    batch,
+    rows,
+    dim,
+    query_stride,
+    memory_stride,
+    EPS: tl.constexpr,
+    USE_FP64: tl.constexpr,
+    BLOCK_B: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     """One program per block of BLOCK_B queries: running max / argmax of cos over the valid memory rows.
 
@@ -72,11 +84,13 @@ def max_cosine_kernel(
             feature_mask = (d0 + features < dim)[None, :]
             q = tl.load(
                 query_ptr + queries[:, None] * query_stride + (d0 + features)[None, :],
-                mask=query_mask[:, None] & feature_mask, other=0.0,
+                mask=query_mask[:, None] & feature_mask,
+                other=0.0,
             ).to(acc_dtype)
             m = tl.load(
                 memory_ptr + memory_rows[:, None] * memory_stride + (d0 + features)[None, :],
-                mask=row_mask[:, None] & feature_mask, other=0.0,
+                mask=row_mask[:, None] & feature_mask,
+                other=0.0,
             ).to(acc_dtype)
             dots += tl.dot(q, tl.trans(m), input_precision="ieee", out_dtype=acc_dtype)
             row_sq += tl.sum(m * m, axis=1)
@@ -95,8 +109,16 @@ def max_cosine_kernel(
 
 @triton.jit
 def row_inverse_norms_kernel(
-    memory_ptr, count_ptr, inv_norm_ptr, rows, dim, memory_stride,
-    EPS: tl.constexpr, USE_FP64: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+    memory_ptr,
+    count_ptr,
+    inv_norm_ptr,
+    rows,
+    dim,
+    memory_stride,
+    EPS: tl.constexpr,
+    USE_FP64: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     """inv_norm[j] = 1 / max(‖memory_j‖, eps) for valid rows, 0 for the others. inv_norm: [rows]."""
     acc_dtype = tl.float64 if USE_FP64 else tl.float32
@@ -115,8 +137,16 @@ def row_inverse_norms_kernel(
 
 @triton.jit
 def unit_sum_kernel(
-    memory_ptr, count_ptr, inv_norm_ptr, unit_sum_ptr, rows, dim, memory_stride,
-    USE_FP64: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+    memory_ptr,
+    count_ptr,
+    inv_norm_ptr,
+    unit_sum_ptr,
+    rows,
+    dim,
+    memory_stride,
+    USE_FP64: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     """unit_sum[d] = Σ_{valid j} memory[j, d] · inv_norm[j]: one program per block of features. unit_sum: [dim]."""
     acc_dtype = tl.float64 if USE_FP64 else tl.float32
@@ -129,7 +159,8 @@ def unit_sum_kernel(
         row_mask = memory_rows < n_valid
         m = tl.load(
             memory_ptr + memory_rows[:, None] * memory_stride + features[None, :],
-            mask=row_mask[:, None] & feature_mask[None, :], other=0.0,
+            mask=row_mask[:, None] & feature_mask[None, :],
+            other=0.0,
         ).to(acc_dtype)
         inv_norm = tl.load(inv_norm_ptr + memory_rows, mask=row_mask, other=0.0)
         total += tl.sum(m * inv_norm[:, None], axis=0)
@@ -138,8 +169,17 @@ def unit_sum_kernel(
 
 @triton.jit
 def row_scores_kernel(
-    memory_ptr, count_ptr, inv_norm_ptr, unit_sum_ptr, scores_ptr, rows, dim, memory_stride,
-    USE_FP64: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+    memory_ptr,
+    count_ptr,
+    inv_norm_ptr,
+    unit_sum_ptr,
+    scores_ptr,
+    rows,
+    dim,
+    memory_stride,
+    USE_FP64: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     """scores[i] = inv_norm[i] · (memory_i · unit_sum) = Σ_j cos(memory_i, memory_j); -inf for invalid rows."""
     acc_dtype = tl.float64 if USE_FP64 else tl.float32
@@ -151,7 +191,8 @@ def row_scores_kernel(
         feature_mask = d0 + features < dim
         m = tl.load(
             memory_ptr + memory_rows[:, None] * memory_stride + (d0 + features)[None, :],
-            mask=valid[:, None] & feature_mask[None, :], other=0.0,
+            mask=valid[:, None] & feature_mask[None, :],
+            other=0.0,
         ).to(acc_dtype)
         s = tl.load(unit_sum_ptr + d0 + features, mask=feature_mask, other=0.0)
         dots += tl.sum(m * s[None, :], axis=1)
@@ -177,10 +218,22 @@ def max_cosine_triton(query: Tensor, memory: Tensor, count: Tensor) -> tuple[Ten
     indices = torch.empty(batch, device=query.device, dtype=torch.int64)
     grid = (triton.cdiv(batch, QUERY_TILE),)
     max_cosine_kernel[grid](
-        query, memory, count, values, indices,
-        batch, memory.shape[0], dim, query.stride(0), memory.stride(0),
-        EPS=COS_EPS, USE_FP64=acc == torch.float64,
-        BLOCK_B=QUERY_TILE, BLOCK_M=MEMORY_TILE, BLOCK_D=FEATURE_TILE, num_warps=NUM_WARPS,
+        query,
+        memory,
+        count,
+        values,
+        indices,
+        batch,
+        memory.shape[0],
+        dim,
+        query.stride(0),
+        memory.stride(0),
+        EPS=COS_EPS,
+        USE_FP64=acc == torch.float64,
+        BLOCK_B=QUERY_TILE,
+        BLOCK_M=MEMORY_TILE,
+        BLOCK_D=FEATURE_TILE,
+        num_warps=NUM_WARPS,
     )
     return values, indices
 
@@ -196,15 +249,43 @@ def most_similar_index_triton(memory: Tensor, count: Tensor) -> Tensor:
     scores = torch.empty(rows, device=memory.device, dtype=acc)
     row_grid = (triton.cdiv(rows, ROW_BLOCK),)
     row_inverse_norms_kernel[row_grid](
-        memory, count, inv_norm, rows, dim, memory.stride(0),
-        EPS=COS_EPS, USE_FP64=use_fp64, BLOCK_M=ROW_BLOCK, BLOCK_D=FEATURE_BLOCK, num_warps=NUM_WARPS,
+        memory,
+        count,
+        inv_norm,
+        rows,
+        dim,
+        memory.stride(0),
+        EPS=COS_EPS,
+        USE_FP64=use_fp64,
+        BLOCK_M=ROW_BLOCK,
+        BLOCK_D=FEATURE_BLOCK,
+        num_warps=NUM_WARPS,
     )
     unit_sum_kernel[(triton.cdiv(dim, FEATURE_BLOCK),)](
-        memory, count, inv_norm, unit_sum, rows, dim, memory.stride(0),
-        USE_FP64=use_fp64, BLOCK_M=ROW_BLOCK, BLOCK_D=FEATURE_BLOCK, num_warps=NUM_WARPS,
+        memory,
+        count,
+        inv_norm,
+        unit_sum,
+        rows,
+        dim,
+        memory.stride(0),
+        USE_FP64=use_fp64,
+        BLOCK_M=ROW_BLOCK,
+        BLOCK_D=FEATURE_BLOCK,
+        num_warps=NUM_WARPS,
     )
     row_scores_kernel[row_grid](
-        memory, count, inv_norm, unit_sum, scores, rows, dim, memory.stride(0),
-        USE_FP64=use_fp64, BLOCK_M=ROW_BLOCK, BLOCK_D=FEATURE_BLOCK, num_warps=NUM_WARPS,
+        memory,
+        count,
+        inv_norm,
+        unit_sum,
+        scores,
+        rows,
+        dim,
+        memory.stride(0),
+        USE_FP64=use_fp64,
+        BLOCK_M=ROW_BLOCK,
+        BLOCK_D=FEATURE_BLOCK,
+        num_warps=NUM_WARPS,
     )
     return scores.argmax()  # first of equal maxima; 0 when no row is valid (all -inf)

@@ -14,6 +14,7 @@ Backward: `grad_kernel`, grid (D tiles, B tiles): grad_x = g · (alpha · x − 
 float32 x with a float32 / widened y uses input_precision "tf32x3" (three TF32 tensor-core products: about
 float32 accuracy); float64 x uses float64 ("ieee").
 """
+
 from __future__ import annotations
 
 import torch
@@ -35,10 +36,24 @@ INTERPRETER_PROGRAMS = 4  # CPU interpreter: a few D splits, so the tests cover 
 
 @triton.jit
 def partial_dots_kernel(
-    x_ptr, y_ptr, dots_ptr, x_sq_ptr, y_sq_ptr,
-    batch, rows, dim, x_stride, y_stride, split_size,
-    COMPUTE_Y_SQ: tl.constexpr, NATIVE_DOT: tl.constexpr, USE_FP64: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    x_ptr,
+    y_ptr,
+    dots_ptr,
+    x_sq_ptr,
+    y_sq_ptr,
+    batch,
+    rows,
+    dim,
+    x_stride,
+    y_stride,
+    split_size,
+    COMPUTE_Y_SQ: tl.constexpr,
+    NATIVE_DOT: tl.constexpr,
+    USE_FP64: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_B: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     """dots[s, b, n] = Σ_{d in split s} x[b, d]·y[n, d]; x_sq[s, b] = Σ x[b, d]²; y_sq[s, n] = Σ y[n, d]².
 
@@ -94,9 +109,23 @@ def _integer_power(base, exponent):
 
 @triton.jit
 def epilogue_kernel(
-    dots_ptr, x_sq_ptr, y_sq_ptr, params_ptr, out_partial_ptr, alpha_partial_ptr, coef_ptr,
-    batch, rows, dim, splits, y_sq_splits, degree,
-    KERNEL: tl.constexpr, USE_FP64: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr,
+    dots_ptr,
+    x_sq_ptr,
+    y_sq_ptr,
+    params_ptr,
+    out_partial_ptr,
+    alpha_partial_ptr,
+    coef_ptr,
+    batch,
+    rows,
+    dim,
+    splits,
+    y_sq_splits,
+    degree,
+    KERNEL: tl.constexpr,
+    USE_FP64: tl.constexpr,
+    BLOCK_B: tl.constexpr,
+    BLOCK_N: tl.constexpr,
 ):
     """Kernel, sqrt and backward coefficients of a [BLOCK_B, BLOCK_N] tile of pairs.
 
@@ -160,10 +189,22 @@ def epilogue_kernel(
 
 @triton.jit
 def grad_kernel(
-    grad_out_ptr, x_ptr, y_ptr, coef_ptr, alpha_ptr, grad_x_ptr,
-    batch, rows, dim, x_stride, y_stride,
-    USE_FP64: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    grad_out_ptr,
+    x_ptr,
+    y_ptr,
+    coef_ptr,
+    alpha_ptr,
+    grad_x_ptr,
+    batch,
+    rows,
+    dim,
+    x_stride,
+    y_stride,
+    USE_FP64: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_B: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     """grad_x[b, d] = g_b · (alpha_b · x[b, d] − Σ_n coef[b, n] · y[n, d]). grad_x: [batch, dim] contiguous."""
     acc_dtype = tl.float64 if USE_FP64 else tl.float32
@@ -176,10 +217,13 @@ def grad_kernel(
     for n0 in range(0, rows, BLOCK_N):
         y_rows = n0 + tl.arange(0, BLOCK_N)
         y_mask = y_rows < rows
-        c = tl.load(coef_ptr + x_rows[:, None] * rows + y_rows[None, :], mask=x_mask[:, None] & y_mask[None, :], other=0.0)
+        c = tl.load(
+            coef_ptr + x_rows[:, None] * rows + y_rows[None, :], mask=x_mask[:, None] & y_mask[None, :], other=0.0
+        )
         yt = tl.load(
             y_ptr + y_rows.to(tl.int64)[:, None] * y_stride + features[None, :],
-            mask=y_mask[:, None] & feature_mask[None, :], other=0.0,
+            mask=y_mask[:, None] & feature_mask[None, :],
+            other=0.0,
         )
         weighted += tl.dot(c.to(acc_dtype), yt.to(acc_dtype), input_precision=PRECISION, out_dtype=acc_dtype)
     g = tl.load(grad_out_ptr + x_rows, mask=x_mask, other=0.0).to(acc_dtype)
@@ -206,7 +250,9 @@ def tile_config(x: Tensor, y: Tensor) -> dict:
     return {
         "USE_FP64": use_fp64,
         # (the CPU interpreter's 16-bit tl.dot is wrong: there the tiles are widened, same products)
-        "NATIVE_DOT": not use_fp64 and x.dtype == y.dtype and x.dtype in (torch.bfloat16, torch.float16)
+        "NATIVE_DOT": not use_fp64
+        and x.dtype == y.dtype
+        and x.dtype in (torch.bfloat16, torch.float16)
         and not triton_interpreted(),
         "PRECISION": "ieee" if use_fp64 else "tf32x3",
         "BLOCK_B": 16 if use_fp64 else batch_block(x.shape[0]),
@@ -240,8 +286,20 @@ def mercer_distance_triton(
     compute_y_sq = y_sqnorm is None
     y_sq = torch.empty(splits, rows, device=x.device, dtype=acc) if compute_y_sq else y_sqnorm.to(acc).contiguous()
     partial_dots_kernel[(n_tiles, splits, b_tiles)](
-        x, y, dots, x_sq, y_sq, batch, rows, dim, x.stride(0), y.stride(0), split_size,
-        COMPUTE_Y_SQ=compute_y_sq, num_warps=NUM_WARPS, **cfg,
+        x,
+        y,
+        dots,
+        x_sq,
+        y_sq,
+        batch,
+        rows,
+        dim,
+        x.stride(0),
+        y.stride(0),
+        split_size,
+        COMPUTE_Y_SQ=compute_y_sq,
+        num_warps=NUM_WARPS,
+        **cfg,
     )
     epilogue_block_n = EPILOGUE_TILE // block_b
     epilogue_tiles = triton.cdiv(rows, epilogue_block_n)
@@ -252,9 +310,24 @@ def mercer_distance_triton(
     for i, value in enumerate((1.0 / sigma**2, coef0, eps)):
         params[i].fill_(value)
     epilogue_kernel[(epilogue_tiles, b_tiles)](
-        dots, x_sq, y_sq, params, out_partial, alpha_partial, coef,
-        batch, rows, dim, splits, splits if compute_y_sq else 1, degree,
-        KERNEL=kernel, USE_FP64=cfg["USE_FP64"], BLOCK_B=block_b, BLOCK_N=epilogue_block_n, num_warps=NUM_WARPS,
+        dots,
+        x_sq,
+        y_sq,
+        params,
+        out_partial,
+        alpha_partial,
+        coef,
+        batch,
+        rows,
+        dim,
+        splits,
+        splits if compute_y_sq else 1,
+        degree,
+        KERNEL=kernel,
+        USE_FP64=cfg["USE_FP64"],
+        BLOCK_B=block_b,
+        BLOCK_N=epilogue_block_n,
+        num_warps=NUM_WARPS,
     )
     return out_partial.sum(0), coef, alpha_partial.sum(0)
 
@@ -267,8 +340,22 @@ def mercer_distance_backward_triton(grad_out: Tensor, x: Tensor, y: Tensor, coef
     grad_x = torch.empty(batch, dim, device=x.device, dtype=x.dtype)
     grid = (triton.cdiv(dim, cfg["BLOCK_D"]), triton.cdiv(batch, cfg["BLOCK_B"]))
     grad_kernel[grid](
-        grad_out.contiguous(), x, y, coef.contiguous(), alpha.contiguous(), grad_x, batch, rows, dim, x.stride(0), y.stride(0),
-        USE_FP64=cfg["USE_FP64"], PRECISION=cfg["PRECISION"], BLOCK_B=cfg["BLOCK_B"], BLOCK_N=cfg["BLOCK_N"],
-        BLOCK_D=cfg["BLOCK_D"], num_warps=NUM_WARPS,
+        grad_out.contiguous(),
+        x,
+        y,
+        coef.contiguous(),
+        alpha.contiguous(),
+        grad_x,
+        batch,
+        rows,
+        dim,
+        x.stride(0),
+        y.stride(0),
+        USE_FP64=cfg["USE_FP64"],
+        PRECISION=cfg["PRECISION"],
+        BLOCK_B=cfg["BLOCK_B"],
+        BLOCK_N=cfg["BLOCK_N"],
+        BLOCK_D=cfg["BLOCK_D"],
+        num_warps=NUM_WARPS,
     )
     return grad_x

@@ -420,14 +420,15 @@ class PreparedRun:
         labels = [models.class_labels[c] for c, _ in batch.items]
         if self.setup.prepare is not None:
             self.setup.prepare([c for c, _ in batch.items])
+        steps_bar = spec.progress and self.rank == 0  # the batch's sampling steps, under the run's image bar
         if self.setup.sample is not None:
             latents = self.setup.sample(self.sampler, labels, ids, models.latent_shape, models.device)
         elif spec.sampler == "ddim":
             latents = self.sampler.ddim_sample(
-                labels, ids, models.latent_shape, models.device, eta=spec.eta, progress=False
+                labels, ids, models.latent_shape, models.device, eta=spec.eta, progress=steps_bar
             )
         else:
-            latents = self.sampler.sample(labels, ids, models.latent_shape, models.device, progress=False)
+            latents = self.sampler.sample(labels, ids, models.latent_shape, models.device, progress=steps_bar)
         check_final_latents(latents, batch, self.data.class_names)
         with torch.no_grad():
             images = models.codec.decode(latents).float().cpu()

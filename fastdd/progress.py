@@ -1,5 +1,5 @@
 """Progress bars that stay readable in a log: tqdm on a terminal; elsewhere one plain line per update, at most every
-30 seconds (and at the end), instead of thousands of carriage-return redraws."""
+30 seconds (and at the end), instead of thousands of carriage-return redraws, and no transient inner bars."""
 
 from __future__ import annotations
 
@@ -27,9 +27,12 @@ class _LineWriter:
 
 
 def progress_bar(iterable: Any = None, **kwargs: Any) -> tqdm:
-    """`tqdm(iterable, **kwargs)`, throttled to one line per LOG_INTERVAL_S when stderr is not a terminal."""
+    """`tqdm(iterable, **kwargs)`; when stderr is not a terminal: one line per LOG_INTERVAL_S, and transient bars
+    (leave=False, e.g. the steps of one batch) not shown at all."""
     stream = kwargs.pop("file", sys.stderr)
     if not getattr(stream, "isatty", lambda: False)():
+        if kwargs.get("leave") is False:
+            kwargs["disable"] = True
         kwargs.update(
             file=_LineWriter(stream),
             mininterval=LOG_INTERVAL_S,

@@ -271,31 +271,60 @@ def run_cli(args: list[str], env_extra: dict[str, str] | None = None, **kwargs) 
     )
 
 
-def test_sigkill_then_resume_is_byte_identical_to_an_uninterrupted_run(tmp_path, assets):
-    """IGD (memories carried across images) with two class chunks; killed after its first finished batch."""
-    extra = ["--steps", "8", "--class-batch", "5", "--igd-range", "0,49"]
-    whole, resumed = tmp_path / "whole", tmp_path / "resumed"
-    proc = run_cli(distill_args(whole, assets, *extra, ipc=4))
-    assert proc.wait(timeout=300) == 0, proc.stderr.read()
-
-    proc = run_cli(distill_args(resumed, assets, *extra, ipc=4))
-    batches = resumed / ".fastdd" / "batches"
+def kill_after(proc: subprocess.Popen, batches: Path, count: int) -> None:
+    """SIGKILL proc once `count` batch records exist."""
     deadline = time.time() + 240
-    while not (batches.is_dir() and len(list(batches.glob("*.json"))) >= 2):
+    while not (batches.is_dir() and len(list(batches.glob("*.json"))) >= count):
         assert proc.poll() is None, f"finished before it could be killed: {proc.stderr.read()}"
         assert time.time() < deadline
         time.sleep(0.02)
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=60)
-    done = len(list(batches.glob("*.json")))
-    assert 2 <= done < 8, done
+
+
+def test_sigkill_twice_then_resume_is_byte_identical_to_an_uninterrupted_run(tmp_path, assets):
+    """IGD (memories carried across images) with two class chunks; killed after 2 finished batches, restarted,
+    killed again after 4 (the second kill lands in a resumed run), then finished."""
+    extra = ["--steps", "8", "--class-batch", "5", "--igd-range", "0,49"]
+    whole, resumed = tmp_path / "whole", tmp_path / "resumed"
+    proc = run_cli(distill_args(whole, assets, *extra, ipc=4))
+    assert proc.wait(timeout=300) == 0, proc.stderr.read()
+
+    batches = resumed / ".fastdd" / "batches"
+    kill_after(run_cli(distill_args(resumed, assets, *extra, ipc=4)), batches, 2)
+    assert 2 <= len(list(batches.glob("*.json"))) < 8
     assert json.loads((resumed / "manifest.json").read_text())["complete"] is False
+    kill_after(run_cli(distill_args(resumed, assets, *extra, ipc=4)), batches, 4)
+    assert 4 <= len(list(batches.glob("*.json"))) < 8
 
     proc = run_cli(distill_args(resumed, assets, *extra, ipc=4))
     assert proc.wait(timeout=300) == 0, proc.stderr.read()
     assert tree(resumed) == tree(whole)
     assert len(list(resumed.glob("*/*.png"))) == 40
     assert not list(resumed.rglob("*.tmp"))
+
+
+def test_sigkill_after_the_cache_and_before_the_manifest_then_other_data(tmp_path, assets):
+    """A process SIGKILLs itself right after MGD3 cached its modes (before manifest.json exists); the same command
+    with other --data recomputes them instead of reusing the first data's modes (the images match a fresh run)."""
+    other = copy_data(assets["data"], tmp_path / "other")
+    for png in sorted(other.glob("*/*.png"))[::2]:
+        Image.fromarray((torch.rand(16, 16) * 255).to(torch.uint8).numpy()).save(png)
+    out, fresh = tmp_path / "out", tmp_path / "fresh"
+    code = (
+        "import os, signal, fastdd\n"
+        f"spec = fastdd.RunSpec(method='mgd3', ipc=2, out={str(out)!r}, data={str(assets['data'])!r}, "
+        f"model={str(assets['abc_prior'])!r}, steps=5, quiet=True, device='cpu')\n"
+        "fastdd.prepare(spec)\n"
+        "os.kill(os.getpid(), signal.SIGKILL)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    assert list((out / ".fastdd").glob("mgd3_modes_*")) and not (out / "manifest.json").exists()
+    for folder in (out, fresh):
+        args = abc_args(folder, assets, other, "--method", "mgd3", "--ipc", "2", "--steps", "5")
+        assert run_cli(args).wait(timeout=300) == 0
+    assert pngs(out) == pngs(fresh)
 
 
 # ----------------------------------------------------------------------------------------- bad input

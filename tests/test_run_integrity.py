@@ -333,3 +333,44 @@ def test_an_unreadable_cache_is_computed_again(tmp_path, assets, capsys):
     assert {k: v for k, v in tree(first).items() if k.endswith(".png")} == {
         k: v for k, v in tree(second).items() if k.endswith(".png")
     }
+
+
+# ----------------------------------------------------------------------------------------- 8. the file system
+@pytest.fixture
+def small_tmpfs(tmp_path):
+    """A 96 KiB tmpfs mounted at tmp_path / 'fs' (root only; skipped where mounting is not allowed)."""
+    mount = tmp_path / "fs"
+    mount.mkdir()
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=96k", "tmpfs", str(mount)], capture_output=True)
+    if proc.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({proc.stderr.decode().strip()})")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def remount(mount: Path, options: str) -> None:
+    subprocess.run(["mount", "-o", f"remount,{options}", str(mount)], check=True)
+
+
+def test_a_full_disk_and_a_read_only_file_system_fail_in_one_line_and_stay_resumable(tmp_path, assets, small_tmpfs):
+    """Each attempt is its own process (as a user's would be), so the file system can be remounted between them."""
+    out, whole = small_tmpfs / "run", tmp_path / "whole"
+    argv = args(out, assets["digits_prior"], ipc=4, method="dit")
+    assert main(args(whole, assets["digits_prior"], ipc=4, method="dit")) == 0
+
+    def attempt() -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "fastdd", *argv], capture_output=True, text=True, timeout=300)
+
+    full = attempt()  # 40 PNGs, latents and records do not fit in 96 KiB
+    err = full.stderr.strip()
+    assert full.returncode == 2 and len(err.splitlines()) == 1, err
+    assert "No space left on device" in err and "run the same command again to resume" in err, err
+    remount(small_tmpfs, "ro")
+    read_only = attempt()
+    err = read_only.stderr.strip()
+    assert read_only.returncode == 2 and "Read-only file system" in err and len(err.splitlines()) == 1, err
+    remount(small_tmpfs, "rw,size=16m")
+    assert attempt().returncode == 0
+    assert {k: v for k, v in tree(out).items() if k.endswith(".png")} == {
+        k: v for k, v in tree(whole).items() if k.endswith(".png")
+    }

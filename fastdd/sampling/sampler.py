@@ -294,7 +294,7 @@ class GuidedSampler:
         for guidance in self.guidances:
             guidance.begin_batch(labels, image_ids)
         with value_checks(False):  # inputs were checked before the loop: no NaN scans (host syncs) per step
-            for index in progress_bar(indices, disable=not progress, desc=method, leave=False):
+            for index in progress_bar(indices, disable=not progress, desc=f"sampling ({method})", leave=False):
                 noise = None if noise_steps is None else noise_steps[index]
                 x = self._step(x, index, y, noise, batch, image_ids, method, eta)
         final = x[:batch]

@@ -442,10 +442,6 @@ class PreparedRun:
         for guidance in self.sampler.guidances:
             guidance.end_batch(latents.to(self.models.device), labels)
 
-    def guided_steps(self) -> int:
-        steps = self.spec.steps
-        return max((min(g.high, steps - 1) - g.low + 1 for g in self.sampler.guidances if g.requires_grad), default=0)
-
 
 def check_final_latents(latents: torch.Tensor, batch: Batch, class_names: list[str]) -> None:
     """ValueError naming the first image whose final latents hold NaN or Inf (nothing of the batch is written)."""
@@ -541,22 +537,66 @@ def prepare(spec: RunSpec, options: Any = None) -> PreparedRun:
     return PreparedRun(spec, method, options, models, data, setup, sampler, plan, directory, rank, world)
 
 
-def estimate_seconds(run: PreparedRun, batches: int) -> float:
-    """Seconds for `batches` batches: a timed model call (CFG included) × steps; guided steps count 4× (the
-    backward through the model, decoder and surrogate). Rough: the first batch also pays warm-up."""
-    models, sampler = run.models, run.sampler
-    batch_size = max(len(b.items) for b in run.plan)
-    x = torch.randn(batch_size * sampler.rows_per_image, *models.latent_shape, device=models.device)
-    y = torch.full((x.shape[0],), models.class_labels[0], device=models.device, dtype=torch.long)
-    t = torch.full((x.shape[0],), 500, device=models.device, dtype=torch.long)
-    with torch.no_grad():
-        sampler.model_fn(x, t, y)
+class Probe:
+    """Timed pieces of a run for the dry run's estimate: each measured once, after an untimed warm-up call."""
+
+    def __init__(self, run: PreparedRun):
+        self.run, self._calls = run, {}
+
+    def seconds(self, fn: Callable[[], object]) -> float:
+        fn()
         start = time.perf_counter()
-        sampler.model_fn(x, t, y)
-        if models.device.type == "cuda":
-            torch.cuda.synchronize(models.device)
-        per_call = time.perf_counter() - start
-    return per_call * (run.spec.steps + 3 * run.guided_steps()) * batches
+        fn()
+        if self.run.models.device.type == "cuda":
+            torch.cuda.synchronize(self.run.models.device)
+        return time.perf_counter() - start
+
+    def _inputs(self, rows: int, shape: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        device, label = self.run.models.device, self.run.models.class_labels[0]
+        x = torch.randn(rows, *shape, device=device)
+        full = lambda value: torch.full((rows,), value, device=device, dtype=torch.long)  # noqa: E731
+        return x, full(500), full(label)
+
+    def model_call(self, rows: int) -> float:
+        """Seconds of one no-grad sampler model call (CFG included) for `rows` images."""
+        if rows not in self._calls:
+            x, t, y = self._inputs(rows * self.run.sampler.rows_per_image, self.run.models.latent_shape)
+            with torch.no_grad():
+                self._calls[rows] = self.seconds(lambda: self.run.sampler.model_fn(x, t, y))
+        return self._calls[rows]
+
+    def model_train_step(self, rows: int) -> float:
+        """Seconds of a forward and backward of the prior on `rows` latents (a fine-tuning step)."""
+        x, t, y = self._inputs(rows, self.run.models.latent_shape)
+        prior = self.run.models.prior
+        parameters = [p for p in prior.parameters() if p.is_floating_point()]
+        with torch.enable_grad():
+            for p in parameters:
+                p.requires_grad_(True)
+            try:
+                return self.seconds(lambda: prior(x, t, y).float().square().mean().backward())
+            finally:
+                for p in parameters:
+                    p.requires_grad_(False)
+                    p.grad = None
+
+    def network_train_step(self, network: torch.nn.Module, rows: int) -> float:
+        """Seconds of a forward and backward of `network` on `rows` images of the run's image shape."""
+        network = network.to(self.run.models.device)
+        x = torch.randn(rows, *self.run.models.image_shape, device=self.run.models.device)
+        with torch.enable_grad():
+            return self.seconds(lambda: network(x).float().square().mean().backward())
+
+
+def estimate_seconds(run: PreparedRun, batches: int) -> float:
+    """Seconds for this process: `batches` batches of sampling (a timed model call × steps, guided steps × the
+    method's cost in model calls) plus the method's per-run state (`Cost.state`, from timed probes). Rough: within
+    2× of the real time on the digits default for every method (tests/test_run_integrity.py)."""
+    probe, cost = Probe(run), run.setup.cost
+    batch_size = max(len(b.items) for b in run.plan)
+    steps = cost.sampling_steps or run.spec.steps
+    sampling = probe.model_call(batch_size) * (steps + cost.guided_step_calls * cost.guided_steps) * batches
+    return sampling + (cost.state(probe) if cost.state is not None else 0.0)
 
 
 def print_plan(run: PreparedRun) -> None:
@@ -575,7 +615,7 @@ def print_plan(run: PreparedRun) -> None:
     )
     print(
         f"sampling    {spec.sampler}, {spec.steps} steps, CFG {spec.cfg_scale}{' (compat)' if spec.compat else ''}, "
-        f"{run.guided_steps()} guided steps, {spec.precision}{', fast (no DiT Jacobian)' if spec.fast else ''}, "
+        f"{run.setup.cost.guided_steps} guided steps, {spec.precision}{', fast (no DiT Jacobian)' if spec.fast else ''}, "
         f"device {models.device}"
     )
     print(f"data        {data.description}")
@@ -587,8 +627,8 @@ def print_plan(run: PreparedRun) -> None:
     done = sum(1 for b in mine if run.directory.batch_done(b))
     print(f"output      {spec.out} ({done} of {len(mine)} batches already done)")
     print(
-        f"estimate    ~{estimate_seconds(run, len(mine)):.0f} s for this process (timed model call × steps, "
-        "guided steps ×4)"
+        f"estimate    ~{estimate_seconds(run, len(mine)):.1f} s for this process (timed probes: the sampling steps, "
+        "the guided steps' backward and the method's per-run state)"
     )
 
 

@@ -13,6 +13,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -23,9 +24,9 @@ from fastdd.cli.main import build_parser, main
 from fastdd.methods import METHODS
 from fastdd.options import dest_of, flag_of, option_fields
 
-PACKAGE = Path(fastdd.__file__).resolve().parent
+PACKAGE = Path(fastdd.__file__).resolve().parent  # the fastdd that is imported (installed, or the checkout)
 ROOT = PACKAGE.parent
-README = ROOT / "README.md"
+README = Path(__file__).resolve().parents[1] / "README.md"
 RECORDED = Path(__file__).parent / "data" / "digits_ipc2_sha256.json"
 
 SMALL_OPTIONS = {
@@ -119,12 +120,18 @@ def test_python_api_refuses_options_of_another_method(tmp_path):
 
 
 @pytest.mark.parametrize("method", sorted(SMALL_OPTIONS))
-def test_default_run_is_byte_identical_to_the_recorded_one(tmp_path, method):
-    """`fastdd distill --method M --ipc 2` on the digits default with default options, recorded before the layout
-    redesign (tests/data/digits_ipc2_sha256.json)."""
+def test_default_run_is_byte_identical_to_the_recorded_one_and_its_dry_run_estimate_holds(tmp_path, capsys, method):
+    """`fastdd distill --method M --ipc 2` on the digits default with default options makes the images recorded
+    before the layout redesign (tests/data/digits_ipc2_sha256.json), and its --dry-run estimate is within 2× of the
+    real time (plus 1 s for the shortest runs, whose few seconds are timer noise on a shared CPU)."""
     out = tmp_path / method
+    fastdd.distill(method, 2, out, quiet=True, device="cpu", dry_run=True)
+    estimate = float(re.search(r"estimate\s+~(\d+(?:\.\d+)?) s", capsys.readouterr().out).group(1))
+    start = time.perf_counter()
     fastdd.distill(method, 2, out, quiet=True, device="cpu")
+    real = time.perf_counter() - start
     assert image_list(out) == json.loads(RECORDED.read_text())[method]
+    assert real / 2 - 1 <= estimate <= 2 * real + 1, (estimate, real)
 
 
 def module_names() -> list[str]:

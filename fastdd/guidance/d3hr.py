@@ -73,8 +73,28 @@ def invert_class_latents(
     batch_size: int = 64,
     progress: bool = True,
 ) -> Tensor:
-    """DDIM inversion of one class's clean latents [N, C, H, W] with label class_index to target_index,
-    batch_size images per `ddim_invert` call (CFG on all eps channels by default) -> [N, C, H, W]."""
+    """DDIM inversion of one class's clean latents with label class_index to target_index.
+
+    batch_size images per `ddim_invert` call (CFG on all eps channels by default).
+
+    Args:
+        model: the DiT.
+        diffusion: the respaced diffusion.
+        latents: [N, C, H, W] clean latents of the class (N >= 1).
+        class_index: the label.
+        target_index: respaced index to invert to.
+        cfg_scale: CFG scale.
+        null_class: the unconditional label.
+        cfg_channels: guided eps channels (None: all).
+        batch_size: images per call (> 0).
+        progress: show a progress bar.
+
+    Returns:
+        [N, C, H, W] latents at target_index.
+
+    Raises:
+        ValueError: if latents is not a non-empty [N, C, H, W] or batch_size <= 0.
+    """
     if latents.dim() != 4 or latents.shape[0] == 0:
         raise ValueError(f"latents: expected a non-empty [N, C, H, W] class, got shape {list(latents.shape)}")
     if batch_size <= 0:
@@ -90,8 +110,19 @@ def invert_class_latents(
 
 
 def class_statistics(latents: Tensor) -> tuple[Tensor, Tensor]:
-    """Per-feature mean and unbiased variance over N >= 2 latents [N, ...] -> ([...], [...]) (float64 sums,
-    returned in the latents' dtype)."""
+    """Per-feature mean and unbiased variance over N >= 2 latents.
+
+    float64 sums, returned in the latents' dtype.
+
+    Args:
+        latents: [N, ...].
+
+    Returns:
+        (mean [...], variance [...]).
+
+    Raises:
+        ValueError: if N < 2.
+    """
     if latents.shape[0] < 2:
         raise ValueError(f"latents: the unbiased variance needs at least 2 images, got {latents.shape[0]}")
     wide = latents.double()
@@ -100,18 +131,43 @@ def class_statistics(latents: Tensor) -> tuple[Tensor, Tensor]:
 
 # --------------------------------------------------------------------------------------------- files
 def statistics_path(stats_dir: str | Path, class_index: int) -> Path:
-    """Where `inverted_class_statistics` keeps class class_index: <stats_dir>/class_<index>.safetensors."""
+    """Where `inverted_class_statistics` keeps class class_index.
+
+    Args:
+        stats_dir: the statistics folder.
+        class_index: the class.
+
+    Returns:
+        Path <stats_dir>/class_<class_index, zero-padded to 5 digits>.safetensors.
+    """
     return Path(stats_dir) / f"class_{class_index:05d}.safetensors"
 
 
 def save_class_statistics(path: str | Path, stats: ClassStatistics) -> None:
-    """Write mean, variance and count (tensors) and the config (JSON metadata) atomically."""
+    """Write mean, variance and count (tensors) and the config (JSON metadata) atomically.
+
+    Args:
+        path: the safetensors file.
+        stats: the class statistics.
+    """
     tensors = {"mean": stats.mean, "variance": stats.variance, "count": torch.tensor([stats.count], dtype=torch.long)}
     save_safetensors_atomic(tensors, path, {"fastdd_d3hr": json.dumps(stats.config, sort_keys=True)})
 
 
 def load_class_statistics(path: str | Path, device: torch.device | str = "cpu") -> ClassStatistics:
-    """Read a file written by `save_class_statistics`; ValueError naming the file if it or an entry is missing."""
+    """Read a file written by `save_class_statistics`.
+
+    Args:
+        path: the safetensors file.
+        device: where the tensors are loaded.
+
+    Returns:
+        ClassStatistics: mean, variance [C, H, W], count, config.
+
+    Raises:
+        ValueError: naming the file, if it or an entry is missing, it is unreadable, or mean and variance differ
+            in shape.
+    """
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"statistics file {path} does not exist")
@@ -132,8 +188,21 @@ def load_class_statistics(path: str | Path, device: torch.device | str = "cpu") 
 
 
 def statistics_config(sampler: GuidedSampler, class_index: int, target_index: int, inputs: dict | None = None) -> dict:
-    """The facts a stored class Gaussian depends on (compared before a file is reused): the class, target step,
-    schedule, CFG settings and `inputs` (e.g. fingerprints of the real data and the weights, the seed)."""
+    """The facts a stored class Gaussian depends on (compared before a file is reused).
+
+    Args:
+        sampler: the sampler whose diffusion and CFG settings are recorded.
+        class_index: the class.
+        target_index: the respaced target index, in 0..N-1.
+        inputs: what else the statistics depend on (e.g. fingerprints of the real data and the weights, the seed).
+
+    Returns:
+        {class_index, target_index, timestep, num_steps, timestep_spacing, cfg_scale, cfg_channels, null_class}
+        (plus inputs when given).
+
+    Raises:
+        ValueError: if target_index is not an int in 0..N-1.
+    """
     diffusion = sampler.diffusion
     if (
         isinstance(target_index, bool)
@@ -155,7 +224,15 @@ def statistics_config(sampler: GuidedSampler, class_index: int, target_index: in
 
 
 def check_statistics_file(path: Path, config: dict) -> None:
-    """ValueError naming the file when a stored class Gaussian was made with another config."""
+    """Check that a stored class Gaussian was made with `config`.
+
+    Args:
+        path: the statistics file.
+        config: the `statistics_config` of the run.
+
+    Raises:
+        ValueError: naming the file, when it was made with another config (or cannot be read).
+    """
     stored = load_class_statistics(path).config
     if stored != config:
         changed = sorted(k for k in set(stored) | set(config) if stored.get(k) != config.get(k))
@@ -176,12 +253,29 @@ def inverted_class_statistics(
     inputs: dict | None = None,
     progress: bool = True,
 ) -> ClassStatistics:
-    """The class Gaussian at target_index: loaded from `statistics_path(stats_dir, class_index)` when that file
-    exists (latents may then be None), else computed by inverting latents [N, C, H, W] with the sampler's model,
-    diffusion and CFG settings and saved there (when stats_dir is given).
+    """The class Gaussian at target_index, reused from stats_dir or computed by DDIM inversion.
 
-    A stored file made with another config (target index, schedule, CFG, class, `inputs`) raises ValueError
-    instead of being silently reused or overwritten.
+    Loaded from `statistics_path(stats_dir, class_index)` when that file exists (latents may then be None),
+    else computed by inverting latents with the sampler's model, diffusion and CFG settings and saved there
+    (when stats_dir is given).
+
+    Args:
+        sampler: the sampler (model, diffusion, CFG settings).
+        latents: [N, C, H, W] clean latents of the class (N >= 2), or None when the file exists.
+        class_index: the class.
+        target_index: the respaced target index.
+        stats_dir: the statistics folder (None: not stored).
+        batch_size: images per inversion call.
+        inputs: what else the statistics depend on (see `statistics_config`).
+        progress: show a progress bar.
+
+    Returns:
+        ClassStatistics: mean, variance [C, H, W], count, config.
+
+    Raises:
+        ValueError: if a stored file was made with another config (target index, schedule, CFG, class,
+            `inputs`) instead of being silently reused or overwritten, or latents are None without a file, or
+            there are fewer than 2 latents.
     """
     config = statistics_config(sampler, class_index, target_index, inputs)
     path = statistics_path(stats_dir, class_index) if stats_dir is not None else None
@@ -215,7 +309,15 @@ def inverted_class_statistics(
 
 # --------------------------------------------------------------------------------------------- groups
 def group_seed(seed: int, class_index: int) -> int:
-    """Seed of class class_index's candidate generator in a run seeded with `seed` (a SplitMix64 hash)."""
+    """Seed of a class's candidate generator in a run seeded with `seed` (a SplitMix64 hash).
+
+    Args:
+        seed: the run seed.
+        class_index: the class.
+
+    Returns:
+        The seed.
+    """
     return image_seed(seed, class_index, 0)
 
 
@@ -228,11 +330,24 @@ def select_group(
     weights: tuple[float, float, float] = D3HR_WEIGHTS,
     backend: str = "auto",
 ) -> tuple[Tensor, Tensor]:
-    """The lowest-score group of ipc latents among n_candidates groups drawn from N(mean, variance):
-    (group [ipc, C, H, W], score 0-dim), via `fastdd.ops.group_sampling` on the flattened Gaussian.
+    """The lowest-score group of ipc latents among n_candidates drawn from the class Gaussian.
 
-    ValueError when ipc <= 0, n_candidates <= 0 or ipc exceeds the number of class images (a distilled class
-    larger than the real one).
+    Groups drawn from N(mean, variance) by `fastdd.ops.group_sampling` on the flattened Gaussian.
+
+    Args:
+        stats: the class Gaussian (mean, variance [C, H, W]).
+        ipc: group size.
+        n_candidates: groups drawn.
+        generator: generator of the draws, on the statistics' device.
+        weights: (w_mean, w_std, w_skew) of the score.
+        backend: the group_sampling backend.
+
+    Returns:
+        (group [ipc, C, H, W], score 0-dim).
+
+    Raises:
+        ValueError: if ipc or n_candidates is not a positive int, ipc exceeds the number of class images (a
+            distilled class larger than the real one), or mean / variance is not finite or the variance negative.
     """
     check_positive_int("ipc", ipc)
     check_positive_int("n_candidates", n_candidates)
@@ -267,9 +382,21 @@ def generate_from_group(
     *,
     progress: bool = True,
 ) -> Tensor:
-    """DDIM (η = 0) of every group latent [ipc, C, H, W] from start_index to the end with label class_index
-    -> final latents [ipc, C, H, W]. Build the sampler with compat=False and cfg_channels=None (D3HR's
-    diffusers pipeline guides all 4 eps channels); its guidances, if any, run too."""
+    """DDIM (η = 0) of every group latent from start_index to the end with label class_index.
+
+    Build the sampler with compat=False and cfg_channels=None (D3HR's diffusers pipeline guides all 4 eps
+    channels); its guidances, if any, run too.
+
+    Args:
+        sampler: the sampler.
+        group: [ipc, C, H, W] latents at start_index.
+        class_index: the label.
+        start_index: the respaced start index.
+        progress: show a progress bar.
+
+    Returns:
+        [ipc, C, H, W] final latents.
+    """
     labels = [class_index] * group.shape[0]
     return sampler.ddim_sample(labels, start_index=start_index, x_start=group, progress=progress)
 
@@ -290,13 +417,34 @@ def class_group(
     inputs: dict | None = None,
     progress: bool = True,
 ) -> Tensor:
-    """D3HR's representative group of one class: statistics (reused from stats_dir if present) -> the best of
-    n_candidates groups -> latents [ipc, C, H, W] at target_index, on the model's device.
+    """D3HR's representative group of one class.
 
-    latents: the class's clean VAE latents [N, C, H, W] (encoder samples, see `fastdd.guidance.mgd3.encode_latents`
-    with sample=True), or None when stats_dir holds the class's statistics. Candidates come from a generator on the
-    model's device seeded with group_seed(seed, class_index). inputs: what else the statistics depend on (see
-    `statistics_config`).
+    Statistics (reused from stats_dir if present) -> the best of n_candidates groups. Candidates come from a
+    generator on the model's device (latents' device when given) seeded with group_seed(seed, class_index).
+
+    Args:
+        sampler: the sampler (model, diffusion, CFG settings).
+        latents: the class's clean VAE latents [N, C, H, W] (encoder samples, see
+            `fastdd.guidance.mgd3.encode_latents` with sample=True), or None when stats_dir holds the class's
+            statistics.
+        class_index: the class.
+        ipc: group size.
+        target_index: the respaced inversion index.
+        n_candidates: groups drawn.
+        seed: the run seed.
+        stats_dir: the statistics folder.
+        batch_size: images per inversion call.
+        weights: (w_mean, w_std, w_skew) of the score.
+        backend: the group_sampling backend.
+        inputs: what else the statistics depend on (see `statistics_config`).
+        progress: show a progress bar.
+
+    Returns:
+        [ipc, C, H, W] latents at target_index, on the model's device (latents' device when given).
+
+    Raises:
+        ValueError: if ipc is not a positive int, latents is empty, or statistics or group selection fail (see
+            `inverted_class_statistics`, `select_group`).
     """
     check_positive_int("ipc", ipc)
     if latents is not None and latents.dim() == 4 and latents.shape[0] == 0:
@@ -329,9 +477,24 @@ def distill_class(
     progress: bool = True,
     **group_options,
 ) -> Tensor:
-    """D3HR for one class: `class_group` -> DDIM from start_index (default target_index) -> latents [ipc, C, H, W].
+    """D3HR for one class: `class_group` -> DDIM from start_index.
 
-    group_options: n_candidates, seed, stats_dir, batch_size, weights, backend, inputs (see `class_group`)."""
+    Args:
+        sampler: the sampler.
+        latents: [N, C, H, W] clean latents of the class, or None (see `class_group`).
+        class_index: the class.
+        ipc: images to distill.
+        target_index: the respaced inversion index.
+        start_index: the respaced DDIM start index (default: target_index).
+        progress: show progress bars.
+        **group_options: n_candidates, seed, stats_dir, batch_size, weights, backend, inputs (see `class_group`).
+
+    Returns:
+        [ipc, C, H, W] final latents.
+
+    Raises:
+        ValueError: as `class_group`.
+    """
     group = class_group(
         sampler, latents, class_index, ipc, target_index=target_index, progress=progress, **group_options
     )

@@ -42,8 +42,21 @@ T_MODES = ("zero", "noised")
 
 
 def jl_min_dim(num_pairs: int, epsilon: float, delta: float = 0.01) -> int:
-    """Smallest m with 2·num_pairs·exp(−(m/2)(ε²/2 − ε³/3)) <= δ (see `JLProjection`):
-    m = ⌈2 ln(2·num_pairs/δ) / (ε²/2 − ε³/3)⌉."""
+    """The smallest JL dimension m for num_pairs fixed pairs (see `JLProjection`).
+
+    m is the smallest with 2·num_pairs·exp(−(m/2)(ε²/2 − ε³/3)) <= δ: m = ⌈2 ln(2·num_pairs/δ) / (ε²/2 − ε³/3)⌉.
+
+    Args:
+        num_pairs: P, a positive int.
+        epsilon: ε in (0, 1).
+        delta: δ in (0, 1), the failure probability.
+
+    Returns:
+        m.
+
+    Raises:
+        ValueError: if num_pairs is not a positive int, or epsilon or delta is not in (0, 1).
+    """
     if not isinstance(num_pairs, int) or num_pairs < 1:
         raise ValueError(f"num_pairs must be a positive int, got {num_pairs!r}")
     if not 0 < epsilon < 1:
@@ -97,14 +110,35 @@ def _check_block(model: nn.Module, block_index: int) -> None:
 
 
 def block_features(model: nn.Module, x: Tensor, t: Tensor, y: Tensor, block_index: int) -> Tensor:
-    """φ: tokens after block `block_index`, flattened. x: [B, C, H, W]; t, y: [B] -> [B, T·hidden] (model dtype)."""
+    """φ: the tokens after block `block_index`, flattened.
+
+    Args:
+        model: a fastdd DiT (with forward_features).
+        x: [B, C, H, W] latents (cast to the model's dtype).
+        t: [B] timesteps.
+        y: [B] class labels.
+        block_index: the block whose output is taken.
+
+    Returns:
+        [B, T·hidden] features in the model's dtype.
+    """
     weight_dtype = next(model.parameters()).dtype
     return model.forward_features(x.to(weight_dtype), t, y, block_index).flatten(1)
 
 
 def real_noise(latents: Tensor, seed: int, class_index: int) -> Tensor:
-    """The fixed noise of the real latents of one class for t_mode="noised": randn of latents' shape from
-    torch.Generator().manual_seed(seed + class_index) on the CPU, float32. latents: [N, C, H, W]."""
+    """The fixed noise of the real latents of one class for t_mode="noised".
+
+    randn of latents' shape from torch.Generator().manual_seed(seed + class_index) on the CPU.
+
+    Args:
+        latents: [N, C, H, W] real latents of the class (only the shape is used).
+        seed: the base seed.
+        class_index: the class.
+
+    Returns:
+        [N, C, H, W] float32 noise on the CPU.
+    """
     generator = torch.Generator().manual_seed(seed + class_index)
     return torch.randn(latents.shape, generator=generator)
 
@@ -125,11 +159,32 @@ def real_features(
     device: torch.device | str | None = None,
     progress: bool = False,
 ) -> Tensor:
-    """φ of real latents with their class labels, without grad: [N, D] (D = T·hidden, or projection.out_dim).
+    """φ of real latents with their class labels, without grad.
 
-    latents: [N, C, H, W]; labels: [N]. t_mode="zero": at timestep 0 on the clean latents. t_mode="noised": at
-    the timestep of respaced `index` of `diffusion`, on q_sample(latents, index, noise) (noise: [N, C, H, W]).
-    Computed in chunks of batch_size on `device` (default: the model's), stored as `dtype`.
+    t_mode="zero": at timestep 0 on the clean latents. t_mode="noised": at the timestep of respaced `index` of
+    `diffusion`, on q_sample(latents, index, noise). Computed in chunks of batch_size.
+
+    Args:
+        model: the fastdd DiT.
+        latents: [N, C, H, W] real latents (N >= 1).
+        labels: [N] class labels.
+        block_index: the DiT block whose output is φ, in 0..depth - 1.
+        t_mode: "zero" or "noised".
+        diffusion: the respaced diffusion (needed for t_mode="noised").
+        index: respaced step index (needed for t_mode="noised").
+        noise: [N, C, H, W] noise (needed for t_mode="noised").
+        projection: JLProjection applied to the features.
+        batch_size: latents per forward (>= 1).
+        dtype: storage dtype of the result.
+        device: where φ is computed (default: the model's device).
+        progress: show a progress bar.
+
+    Returns:
+        [N, D] features in `dtype` on `device`, D = T·hidden (or projection.out_dim).
+
+    Raises:
+        ValueError: if model is not a fastdd DiT, block_index, t_mode or batch_size is invalid, latents or labels
+            have the wrong shape, or t_mode="noised" lacks diffusion, index or noise of the latents' shape.
     """
     _check_block(model, block_index)
     if t_mode not in T_MODES:
@@ -208,15 +263,35 @@ class RealFeatures:
         self._cache_index: int | None = None
 
     def class_latents(self, class_index: int) -> Tensor:
-        """The real latents of one class [N_c, C, H, W]; ValueError when the class has none."""
+        """The real latents of one class.
+
+        Args:
+            class_index: the class.
+
+        Returns:
+            [N_c, C, H, W] latents.
+
+        Raises:
+            ValueError: if the class has no real latents.
+        """
         rows = (self.labels == class_index).nonzero().flatten()
         if rows.numel() == 0:
             raise ValueError(f"labels: class {class_index} has no real latents (DAP needs at least one)")
         return self.latents[rows.to(self.latents.device)]
 
     def get(self, class_index: int, index: int) -> tuple[Tensor, Tensor]:
-        """(features [N_c, D] in self.dtype, squared norms [N_c] float32) of class `class_index` at respaced
-        step `index` (ignored for t_mode="zero")."""
+        """The features of one class at a respaced step, computed on first use and cached.
+
+        Args:
+            class_index: the class.
+            index: respaced step index (ignored for t_mode="zero").
+
+        Returns:
+            (features [N_c, D] in self.dtype, squared norms [N_c] float32).
+
+        Raises:
+            ValueError: if the class has no real latents.
+        """
         if self.t_mode == "noised" and index != self._cache_index:
             self._cache.clear()
             self._cache_index = index
@@ -307,7 +382,19 @@ class MercerGuidance(Guidance):
         return not isinstance(self.real, RealFeatures)
 
     def class_features(self, class_index: int, index: int) -> tuple[Tensor, Tensor]:
-        """(φ(real) [N_c, D], ‖φ(real)‖² [N_c]) of one class at respaced step `index`."""
+        """(φ(real), ‖φ(real)‖²) of one class at respaced step `index`.
+
+        Args:
+            class_index: the class.
+            index: respaced step index (used by a RealFeatures).
+
+        Returns:
+            (features [N_c, D], squared norms [N_c] float32).
+
+        Raises:
+            ValueError: if the class has no real latents / features, or its precomputed features are not a non-empty
+                [N_c, D].
+        """
         if isinstance(self.real, RealFeatures):
             return self.real.get(class_index, index)
         if isinstance(self.real, Mapping):
@@ -325,7 +412,15 @@ class MercerGuidance(Guidance):
         return features, self._sqnorms[class_index]
 
     def begin_batch(self, labels: Tensor, image_ids: Sequence[ImageId]) -> None:
-        """Fails early (ValueError) when a class of the batch has no real latents / features."""
+        """Fail early when a class of the batch has no real latents / features.
+
+        Args:
+            labels: [B] class labels of the batch.
+            image_ids: the batch's (class_index, image_index, seed) triples (not used).
+
+        Raises:
+            ValueError: if a class of the batch has no real latents / features.
+        """
         for class_index in sorted(set(labels.tolist())):
             if isinstance(self.real, RealFeatures):
                 self.real.class_latents(class_index)
@@ -333,8 +428,20 @@ class MercerGuidance(Guidance):
                 self.class_features(class_index, 0)
 
     def energy(self, x_t: Tensor, t: Tensor, y: Tensor, classes: Sequence[int], index: int) -> Tensor:
-        """Σ_b E_b: the summed DAP energy of the rows x_t [B, C, H, W] (t, y: [B]; classes: y on the host).
-        Differentiable w.r.t. x_t through the truncated DiT forward."""
+        """Σ_b E_b: the summed DAP energy of the rows.
+
+        Differentiable w.r.t. x_t through the truncated DiT forward.
+
+        Args:
+            x_t: [B, C, H, W] latents.
+            t: [B] timesteps.
+            y: [B] class labels.
+            classes: y as host ints.
+            index: respaced step index (for the real features).
+
+        Returns:
+            0-dim energy.
+        """
         features = block_features(self.model, x_t, t, y, self.block_index)
         if self.projection is not None:
             features = self.projection(features)
@@ -350,6 +457,17 @@ class MercerGuidance(Guidance):
         return total
 
     def step(self, ctx: StepContext) -> Tensor:
+        """The update −γ·∇_{x_t} Σ_b E_b on the conditional rows.
+
+        Runs its own truncated forward of x_t[:rows] at ctx.timestep with autograd on.
+
+        Args:
+            ctx: the step's context: x_t [R, C, H, W] (R = rows, or 2·rows in compat mode); the classes come from
+                image_ids (else from y).
+
+        Returns:
+            [R, C, H, W] delta in ctx.sample's dtype: the update on the first ctx.rows rows, zeros on the shadow rows.
+        """
         rows = ctx.rows
         if ctx.image_ids:
             classes = [image_id[0] for image_id in ctx.image_ids]  # host-side labels: no sync

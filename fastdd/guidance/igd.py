@@ -43,8 +43,15 @@ from ..sampling.sampler import Guidance, StepContext
 def deviation_gradient(x_t: Tensor, memory: Tensor, count: Tensor | int | None = None) -> Tensor:
     """∇_{x_t} max_j cos(x_t, memory_j) per row (zero where the memory is empty).
 
-    x_t: [B, C, H, W]; memory: [M, C·H·W] rows < count valid -> [B, C, H, W]. Drop-in for other loops:
-    s = s - gamma * deviation_gradient(x_t, memory).
+    Drop-in for other loops: s = s - gamma * deviation_gradient(x_t, memory).
+
+    Args:
+        x_t: [B, C, H, W] latents (detached: no graph back to the caller's x_t).
+        memory: [M, C·H·W] memory rows; rows >= count are not valid.
+        count: number of valid rows: None (all M), an int, or a 0-dim integer tensor on memory's device.
+
+    Returns:
+        [B, C, H, W] gradient of each row's max cosine, in x_t's dtype.
     """
     query = x_t.detach().flatten(1).requires_grad_(True)
     with torch.enable_grad():
@@ -88,6 +95,16 @@ class DeviationGuidance(Guidance):
         ]
 
     def step(self, ctx: StepContext) -> Tensor:
+        """The update −γ·∇G_D of each conditional row against its class's memory.
+
+        Args:
+            ctx: the step's context: x_t [R, C, H, W] (R = rows, or 2·rows in compat mode); image_ids give each
+                row's class on the host.
+
+        Returns:
+            [R, C, H, W] delta: the update on the first ctx.rows rows; the shadow rows get zeros, or the conditional
+            row's update with compat=True.
+        """
         rows = ctx.rows
         x_t = ctx.x_t[:rows].detach()
         grads = []
@@ -100,6 +117,12 @@ class DeviationGuidance(Guidance):
         return torch.cat([update, torch.zeros_like(ctx.x_t[rows:])])
 
     def end_batch(self, final_latents: Tensor, labels: Tensor) -> None:
+        """Add each final latent (flattened, as float32) to its class's memory.
+
+        Args:
+            final_latents: [B, C, H, W] final latents of the real rows.
+            labels: [B] class of each row.
+        """
         for latent, label in zip(final_latents.detach(), labels.tolist()):
             self.memories[label].add(latent.flatten().float())
 
@@ -109,12 +132,30 @@ RHO_CONSTANT = 0.0015
 
 
 def rms(t: Tensor) -> Tensor:
-    """Root mean square per row. t: [B, ...] -> [B, 1, 1, 1] (broadcastable to t)."""
+    """Root mean square per row.
+
+    Args:
+        t: [B, ...] tensor.
+
+    Returns:
+        [B, 1, ..., 1] (t's number of dims, e.g. [B, 1, 1, 1]), broadcastable to t.
+    """
     return t.flatten(1).pow(2).mean(1).sqrt().view(-1, *([1] * (t.dim() - 1)))
 
 
 def adaptive_scale(eps: Tensor, grad: Tensor, alpha_bar: float, k: float, constant: float = RHO_CONSTANT) -> Tensor:
-    """ρ_t · k per row = constant · √(1 − ᾱ_t) · RMS(ε) / RMS(g) · k. eps, grad: [B, C, H, W] -> [B, 1, 1, 1]."""
+    """ρ_t · k per row = constant · √(1 − ᾱ_t) · RMS(ε) / RMS(g) · k.
+
+    Args:
+        eps: [B, C, H, W] predicted noise ε.
+        grad: [B, C, H, W] guidance gradient g (its RMS is clamped at 1e-20).
+        alpha_bar: ᾱ_t of the step.
+        k: the multiplier k.
+        constant: the authors' constant (0.0015).
+
+    Returns:
+        [B, 1, 1, 1] scale per row.
+    """
     return constant * (1.0 - alpha_bar) ** 0.5 * rms(eps) / rms(grad).clamp_min(1e-20) * k
 
 
@@ -126,9 +167,21 @@ def influence_loss(
     real_grads: Tensor,
     groups: Tensor | None = None,
 ) -> Tensor:
-    """Σ over images (or groups) of (1/K) Σ_k (1 − cos(g_k, G_k)): one scalar, so one backward serves every row.
+    """Σ over images (or groups) of (1/K) Σ_k (1 − cos(g_k, G_k)).
 
-    images: [R, C, H, W]; labels: [R]; flat_params: [K, P]; real_grads: [K, P] (one class) or [G, K, P] (per row/group).
+    One scalar, so one backward serves every row.
+
+    Args:
+        images: [R, C, H, W] images.
+        labels: [R] class labels.
+        surrogate: the surrogate network (its own parameter values are not used).
+        flat_params: [K, P] flattened parameters of the K checkpoints.
+        real_grads: [K, P] (one class) or [G, K, P] (per row/group) real gradients G_k.
+        groups: None or [R] group ids 0..G-1: the rows of a group give one gradient (see
+            `fastdd.ops.grad_cosine`).
+
+    Returns:
+        0-dim loss.
     """
     cos = ops.grad_cosine(surrogate, flat_params, images, labels, real_grads, groups=groups)  # [G, K]
     return (1.0 - cos).mean(dim=1).sum()
@@ -146,10 +199,22 @@ def influence_gradient(
 ) -> Tensor:
     """∇_{x_t} G_I(x̂0): the drop-in IGD gradient for another repo's sampling loop.
 
-    x_t: [B, C, H, W] with requires_grad, pred_xstart: x̂0 computed from x_t with autograd recording the
-    model forward; decode: latents -> images in the surrogate's input range; real_grads: [K, P] or [B, K, P].
-    Usage:  g = influence_gradient(x_t, x0, decode, surrogate, flat_params, real_grads, y)
-            s = s - adaptive_scale(eps, g, alpha_bar_t, k) * g
+    Example:
+        g = influence_gradient(x_t, x0, decode, surrogate, flat_params, real_grads, y)
+        s = s - adaptive_scale(eps, g, alpha_bar_t, k) * g
+
+    Args:
+        x_t: [B, C, H, W] latents with requires_grad.
+        pred_xstart: [B, C, H, W] x̂0 computed from x_t with autograd recording the model forward.
+        decode: latents -> images in the surrogate's input range.
+        surrogate: the surrogate network (its own parameter values are not used).
+        flat_params: [K, P] flattened checkpoint parameters.
+        real_grads: [K, P] or [B, K, P] real gradients.
+        y: [B] class labels.
+        groups: None or [B] group ids (see `influence_loss`).
+
+    Returns:
+        [B, C, H, W] gradient w.r.t. x_t.
     """
     loss = influence_loss(decode(pred_xstart), y, surrogate, flat_params, real_grads, groups)
     (grad,) = torch.autograd.grad(loss, x_t)
@@ -189,6 +254,15 @@ class InfluenceGuidance(Guidance):
         self.flat_params, self.real_grads = flat_params, real_grads
 
     def step(self, ctx: StepContext) -> Tensor:
+        """The update −ρ_t·k·∇G_I on the conditional rows.
+
+        Args:
+            ctx: the step's context: x_t [R, C, H, W] (R = rows, or 2·rows in compat mode) with the model forward
+                recorded; ctx.y[:rows] selects each row's real gradients.
+
+        Returns:
+            [R, C, H, W] delta: the update on the first ctx.rows rows, zeros on the shadow rows.
+        """
         rows = ctx.rows
         labels = ctx.y[:rows]  # device labels; real_grads rows are gathered on the device, no host sync
         if self.compat:
@@ -210,8 +284,24 @@ class InfluenceGuidance(Guidance):
 def class_mean_gradient(
     surrogate: nn.Module, flat_params: Tensor, images: Tensor, label: int, max_images: int = 200, chunk: int = 50
 ) -> Tensor:
-    """G for one class and parameter set: mean CE gradient over the first max_images images, computed in
-    chunks of `chunk` and averaged over chunks (the authors' 4 × 50). images: [N, C, H, W] -> [P] fp32."""
+    """G for one class and parameter set: the mean CE gradient over the class's first images.
+
+    Computed in chunks of `chunk` images and averaged over chunks (the authors' 4 × 50).
+
+    Args:
+        surrogate: the surrogate network (its own parameter values are not used).
+        flat_params: [P] one flattened parameter set.
+        images: [N, C, H, W] images of the class.
+        label: the class index.
+        max_images: how many of the first images are used.
+        chunk: images per chunk.
+
+    Returns:
+        [P] float32 gradient.
+
+    Raises:
+        ValueError: if images is empty.
+    """
     images = images[:max_images]
     if len(images) == 0:
         raise ValueError(f"class {label} has no images to compute its real gradient")
@@ -229,7 +319,22 @@ def class_mean_gradient(
 def real_gradients(
     surrogate: nn.Module, flat_params: Tensor, images: Tensor, labels: Tensor, num_classes: int, **kwargs
 ) -> Tensor:
-    """G_k,c for every class and parameter set: [num_classes, K, P] (images sorted by file within a class)."""
+    """G_k,c for every class c and parameter set k.
+
+    Args:
+        surrogate: the surrogate network (its own parameter values are not used).
+        flat_params: [K, P] parameter sets.
+        images: [N, C, H, W] real images (sorted by file within a class).
+        labels: [N] class labels.
+        num_classes: number of classes.
+        **kwargs: max_images, chunk (see `class_mean_gradient`).
+
+    Returns:
+        [num_classes, K, P] float32 gradients.
+
+    Raises:
+        ValueError: if a class has no images.
+    """
     out = []
     for c in range(num_classes):
         class_images = images[labels == c]
@@ -238,8 +343,21 @@ def real_gradients(
 
 
 def select_checkpoints(epoch_class_grads: Tensor, threshold: float = 0.7) -> list[int]:
-    """Algorithm 2: keep epoch 0; walk the epochs and keep e when cos(mean gradient at e, reference) < threshold,
-    making it the new reference. epoch_class_grads: [E+1, num_classes, P] per-class mean gradients."""
+    """Algorithm 2: the checkpoint epochs.
+
+    Keep epoch 0; walk the epochs and keep e when cos(mean gradient at e, reference) < threshold, making it the
+    new reference (mean gradient: the mean of the per-class gradients).
+
+    Args:
+        epoch_class_grads: [E+1, num_classes, P] per-class mean gradients at each epoch.
+        threshold: in (0, 1].
+
+    Returns:
+        The kept epochs, ascending, starting with 0.
+
+    Raises:
+        ValueError: if threshold is not in (0, 1].
+    """
     if not 0 < threshold <= 1:
         raise ValueError(f"threshold must be in (0, 1], got {threshold}")
     mean_grads = epoch_class_grads.mean(dim=1)  # [E+1, P]
@@ -264,6 +382,11 @@ class SurrogateConfig:
     im_size: int = 256
 
     def build(self) -> ConvNet:
+        """A new ConvNet of this config.
+
+        Returns:
+            ConvNet(channel, num_classes, width=width, depth=depth, im_size=im_size).
+        """
         return ConvNet(self.channel, self.num_classes, width=self.width, depth=self.depth, im_size=self.im_size)
 
 
@@ -273,8 +396,21 @@ DIGITS_SURROGATE = SurrogateConfig(channel=1, num_classes=10, width=32, depth=3,
 
 
 def surrogate_config_for(image_shape: tuple[int, int, int], num_classes: int) -> SurrogateConfig:
-    """ConvNet for images of image_shape (C, S, S): ConvNet-6 width 128 when S is a multiple of 64 (SPEC), else
-    the deepest ConvNet (≤ 3 pools, width 32 below 64 px) that S allows."""
+    """The surrogate ConvNet for images of image_shape.
+
+    ConvNet-6 width 128 when S is a multiple of 64 (SPEC), else the deepest ConvNet (≤ 3 pools, width 32 below
+    64 px) that S allows.
+
+    Args:
+        image_shape: (C, S, S).
+        num_classes: number of classes.
+
+    Returns:
+        The SurrogateConfig.
+
+    Raises:
+        ValueError: if S is too small or odd for a ConvNet surrogate.
+    """
     channels, size, _ = image_shape
     if size % 64 == 0:
         return SurrogateConfig(channels, num_classes, width=128, depth=6, im_size=size)
@@ -299,7 +435,26 @@ def train_trajectory(
     device: torch.device | str = "cpu",
     progress: bool = True,
 ) -> Tensor:
-    """Train config.build() with SGD on (images [N, C, H, W] in [-1, 1], labels [N]); -> snapshots [epochs + 1, P]."""
+    """Train config.build() with SGD, keeping its parameters after every epoch.
+
+    SGD with momentum 0.9 and weight decay 5e-4; every batch is augmented by random_resized_crop (with
+    horizontal flips when flip).
+
+    Args:
+        config: the surrogate architecture.
+        images: [N, C, H, W] in [-1, 1].
+        labels: [N] class labels.
+        epochs: number of epochs E.
+        lr: learning rate.
+        batch_size: batch size.
+        flip: random horizontal flips.
+        seed: seeds torch.manual_seed (initialisation) and the generator of batch order and augmentation.
+        device: where the model trains.
+        progress: show a progress bar.
+
+    Returns:
+        [epochs + 1, P] snapshots on the CPU (row 0: the initial parameters).
+    """
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
     model = config.build().to(device)
@@ -322,7 +477,22 @@ def train_trajectory(
 def epoch_class_gradients(
     config: SurrogateConfig, snapshots: Tensor, images: Tensor, labels: Tensor, progress: bool = False, **kwargs
 ) -> Tensor:
-    """Per-class mean gradients at every snapshot: [E + 1, num_classes, P] (input of Algorithm 2)."""
+    """Per-class mean gradients at every snapshot (the input of Algorithm 2).
+
+    Args:
+        config: the surrogate architecture.
+        snapshots: [E + 1, P] parameter snapshots.
+        images: [N, C, H, W] real images.
+        labels: [N] class labels.
+        progress: show a progress bar.
+        **kwargs: max_images, chunk (see `class_mean_gradient`).
+
+    Returns:
+        [E + 1, num_classes, P] float32 gradients.
+
+    Raises:
+        ValueError: if a class has no images.
+    """
     model = config.build().eval()
     return torch.stack(
         [
@@ -344,16 +514,43 @@ class SurrogateBundle:
     epochs: list[int]
 
     def save(self, path: str | Path) -> None:
-        """Write the bundle to a safetensors file, atomically (config and epochs as JSON metadata)."""
+        """Write the bundle to a safetensors file, atomically.
+
+        config and epochs are stored as JSON metadata.
+
+        Args:
+            path: the file to write.
+        """
         metadata = {"config": json.dumps(asdict(self.config)), "epochs": json.dumps(self.epochs)}
         save_safetensors_atomic({"flat_params": self.flat_params, "real_grads": self.real_grads}, path, metadata)
 
     def network(self, device: torch.device | str = "cpu") -> nn.Module:
-        """The surrogate ConvNet (eval mode, frozen); `grad_cosine` swaps in each row of flat_params as its weights."""
+        """The surrogate ConvNet, in eval mode and frozen.
+
+        `grad_cosine` swaps in each row of flat_params as its weights.
+
+        Args:
+            device: where to put it.
+
+        Returns:
+            The ConvNet of config.
+        """
         return self.config.build().to(device).eval().requires_grad_(False)
 
     @classmethod
     def load(cls, path: str | Path) -> SurrogateBundle:
+        """Read a bundle written by `save`.
+
+        Args:
+            path: the safetensors file.
+
+        Returns:
+            The SurrogateBundle (CPU tensors).
+
+        Raises:
+            ValueError: if the file does not exist, is not a readable safetensors file or a fastdd surrogate file,
+                is malformed, or its flat_params [K, P] / real_grads [num_classes, K, P] do not fit the config.
+        """
         from safetensors import safe_open
 
         path = Path(path)
@@ -384,7 +581,11 @@ class SurrogateBundle:
 
 
 def load_digits_surrogate() -> SurrogateBundle:
-    """The surrogate bundle shipped for the digits default (`fastdd/assets/digits_surrogate.safetensors`)."""
+    """The surrogate bundle shipped for the digits default.
+
+    Returns:
+        The SurrogateBundle of `fastdd/assets/digits_surrogate.safetensors`.
+    """
     return SurrogateBundle.load(DIGITS_SURROGATE_PATH)
 
 
@@ -400,7 +601,25 @@ def build_surrogate_bundle(
     chunk: int = 50,
     progress: bool = False,
 ) -> SurrogateBundle:
-    """Pick checkpoints (given `epochs`, or Algorithm 2 over all snapshots) and compute real gradients."""
+    """Pick checkpoints and compute their real gradients.
+
+    Args:
+        config: the surrogate architecture.
+        snapshots: [E + 1, P] parameter snapshots.
+        images: [N, C, H, W] real images.
+        labels: [N] class labels.
+        epochs: snapshot indices to keep (None: Algorithm 2).
+        threshold: Algorithm 2's threshold.
+        max_images: see `class_mean_gradient`.
+        chunk: see `class_mean_gradient`.
+        progress: show a progress bar (Algorithm 2's gradients).
+
+    Returns:
+        SurrogateBundle: flat_params [K, P], real_grads [num_classes, K, P], the K kept epochs.
+
+    Raises:
+        ValueError: if a class has no images or threshold is not in (0, 1].
+    """
     model = config.build().eval()
     if epochs is None:
         grads = epoch_class_gradients(config, snapshots, images, labels, progress, max_images=max_images, chunk=chunk)
@@ -423,7 +642,26 @@ def compute_surrogate_bundle(
     device: torch.device | str = "cpu",
     progress: bool = True,
 ) -> SurrogateBundle:
-    """Train the trajectory on (images [N, C, S, S] in [-1, 1], labels [N]) and build the bundle from it."""
+    """Train the trajectory and build the bundle from it.
+
+    Args:
+        config: the surrogate architecture.
+        images: [N, C, S, S] real images in [-1, 1].
+        labels: [N] class labels.
+        epochs: training epochs.
+        epoch_list: snapshot indices to keep (None: Algorithm 2).
+        threshold: Algorithm 2's threshold.
+        flip: random horizontal flips in training.
+        seed: training seed (see `train_trajectory`).
+        device: where the model trains.
+        progress: show progress bars.
+
+    Returns:
+        SurrogateBundle: flat_params [K, P], real_grads [num_classes, K, P], the K kept epochs.
+
+    Raises:
+        ValueError: if a class has no images or threshold is not in (0, 1].
+    """
     snapshots = train_trajectory(
         config, images, labels, epochs=epochs, flip=flip, seed=seed, device=device, progress=progress
     )

@@ -82,7 +82,20 @@ def _check_non_negative(name: str, value: float) -> None:
 
 
 def default_depth(im_size: int, max_depth: int = 6) -> int:
-    """The largest depth <= max_depth leaving a final map of at least 2×2 (im_size divisible by 2**depth)."""
+    """The largest depth <= max_depth leaving a final map of at least 2×2.
+
+    At that depth im_size is divisible by 2**depth.
+
+    Args:
+        im_size: image side.
+        max_depth: the largest depth considered.
+
+    Returns:
+        The depth (>= 1).
+
+    Raises:
+        ValueError: if no depth fits (im_size is not an even number >= 4).
+    """
     depth = 0
     while depth < max_depth and im_size % 2 ** (depth + 1) == 0 and im_size // 2 ** (depth + 1) >= 2:
         depth += 1
@@ -92,7 +105,19 @@ def default_depth(im_size: int, max_depth: int = 6) -> int:
 
 
 def beta_for_ipc(ipc: int) -> float:
-    """β of L for a target IPC: 0.5 · log(ipc) / log(50) clipped to [0, 0.5] (0 at IPC 1, 0.5 at IPC >= 50)."""
+    """β of L for a target IPC: 0.5 · log(ipc) / log(50) clipped to [0, 0.5].
+
+    0 at IPC 1, 0.5 at IPC >= 50.
+
+    Args:
+        ipc: images per class, an integer >= 1.
+
+    Returns:
+        β.
+
+    Raises:
+        ValueError: if ipc is not an integer >= 1.
+    """
     if isinstance(ipc, bool) or int(ipc) != ipc or ipc < 1:
         raise ValueError(f"ipc must be an integer >= 1, got {ipc!r}")
     return min(0.5, 0.5 * math.log(ipc) / math.log(50))
@@ -131,6 +156,7 @@ class InformationEstimator(nn.Module):
 
     @property
     def config(self) -> dict:
+        """The constructor arguments (stored by `save`, used by `load`)."""
         return {
             "channel": self.channel,
             "num_classes": self.num_classes,
@@ -142,7 +168,18 @@ class InformationEstimator(nn.Module):
         }
 
     def embed(self, images: Tensor) -> Tensor:
-        """x̂ = f(x) / ‖f(x)‖. images: [B, channel, H, W] -> [B, dim]."""
+        """x̂ = f(x) / ‖f(x)‖.
+
+        Args:
+            images: [B, channel, H, W] in [-1, 1] (cast to the estimator's dtype, resized bilinearly to im_size if
+                H, W differ).
+
+        Returns:
+            [B, dim] unit rows.
+
+        Raises:
+            ValueError: if images is not [B, channel, H, W].
+        """
         if images.dim() != 4 or images.shape[1] != self.channel:
             raise ValueError(f"images: expected [B, {self.channel}, H, W], got {list(images.shape)}")
         images = images.to(self.class_means.dtype)
@@ -151,16 +188,43 @@ class InformationEstimator(nn.Module):
         return F.normalize(self.encoder(images), dim=1)
 
     def sigma(self, embedding: Tensor) -> Tensor:
-        """σ(x̂) = softmax(x̂ / tau) over the dim coordinates. embedding: [B, dim] -> [B, dim]."""
+        """σ(x̂) = softmax(x̂ / tau) over the dim coordinates.
+
+        Args:
+            embedding: [B, dim].
+
+        Returns:
+            [B, dim] rows summing to 1.
+        """
         return torch.softmax(embedding / self.tau, dim=1)
 
     def forward(self, images: Tensor) -> tuple[Tensor, Tensor]:
+        """Classifier logits and σ of the embedding.
+
+        Args:
+            images: [B, channel, H, W] in [-1, 1] (see `embed`).
+
+        Returns:
+            (logits [B, num_classes], σ [B, dim]).
+
+        Raises:
+            ValueError: if images is not [B, channel, H, W].
+        """
         embedding = self.embed(images)
         return self.classifier(embedding), self.sigma(embedding)
 
     @torch.no_grad()
     def set_class_means(self, images: Tensor, labels: Tensor, batch_size: int = 512) -> None:
-        """Q_y = mean of σ(f(x)) over the images of class y. images: [N, C, H, W]; labels: [N] (every class present)."""
+        """Set Q_y = mean of σ(f(x)) over the images of class y, without grad.
+
+        Args:
+            images: [N, C, H, W].
+            labels: [N] (every class present).
+            batch_size: images per forward.
+
+        Raises:
+            ValueError: if a class has no images.
+        """
         labels = labels.to(self.class_means.device)
         counts = torch.bincount(labels, minlength=self.num_classes)
         if counts.shape[0] != self.num_classes or bool((counts == 0).any()):
@@ -172,12 +236,27 @@ class InformationEstimator(nn.Module):
         self.class_means.copy_(sums / counts[:, None].to(sums.dtype))
 
     def save(self, path: str | Path) -> None:
-        """Weights and config as safetensors, written atomically."""
+        """Weights and config as safetensors, written atomically.
+
+        Args:
+            path: the file to write.
+        """
         save_safetensors_atomic(self.state_dict(), path, {"fastdd_information_estimator": json.dumps(self.config)})
 
     @classmethod
     def load(cls, path: str | Path, device: torch.device | str = "cpu") -> InformationEstimator:
-        """An estimator written by `save`, in eval mode with frozen parameters."""
+        """An estimator written by `save`, in eval mode with frozen parameters.
+
+        Args:
+            path: the safetensors file.
+            device: where to put it.
+
+        Returns:
+            The InformationEstimator.
+
+        Raises:
+            ValueError: if the file does not exist or is not a fastdd information estimator.
+        """
         from safetensors import safe_open
         from safetensors.torch import load_file
 
@@ -195,8 +274,19 @@ class InformationEstimator(nn.Module):
 
 # --------------------------------------------------------------------------- the guidance loss
 def information_terms(images: Tensor, labels: Tensor, estimator: InformationEstimator) -> tuple[Tensor, Tensor, Tensor]:
-    """The three terms of L. images: [B, C, H, W]; labels: [B] ->
-    (log P(ŷ = y | x) [B], H(Ŷ) of the batch-marginal prediction (scalar), KL(σ(x̂) ‖ Q_y) [B])."""
+    """The three terms of L.
+
+    Args:
+        images: [B, C, H, W].
+        labels: [B].
+        estimator: the variational estimator.
+
+    Returns:
+        (log P(ŷ = y | x) [B], H(Ŷ) of the batch-marginal prediction (0-dim), KL(σ(x̂) ‖ Q_y) [B]).
+
+    Raises:
+        ValueError: if labels is not [B].
+    """
     if labels.shape != (images.shape[0],):
         raise ValueError(f"labels: expected shape [{images.shape[0]}], got {list(labels.shape)}")
     embedding = estimator.embed(images)
@@ -210,8 +300,22 @@ def information_terms(images: Tensor, labels: Tensor, estimator: InformationEsti
 
 
 def information_loss(images: Tensor, labels: Tensor, estimator: InformationEstimator, beta: float) -> Tensor:
-    """L = mean_i log P(ŷ = y_i | x_i) + H(Ŷ) + β · mean_i KL(σ(x̂_i) ‖ Q_{y_i}), to be maximised.
-    images: [B, C, H, W]; labels: [B] -> scalar."""
+    """The IGDS objective L, to be maximised.
+
+    L = mean_i log P(ŷ = y_i | x_i) + H(Ŷ) + β · mean_i KL(σ(x̂_i) ‖ Q_{y_i}).
+
+    Args:
+        images: [B, C, H, W].
+        labels: [B].
+        estimator: the variational estimator.
+        beta: β >= 0.
+
+    Returns:
+        0-dim L.
+
+    Raises:
+        ValueError: if beta < 0 or labels is not [B].
+    """
     _check_non_negative("beta", beta)
     log_likelihood, marginal_entropy, kl = information_terms(images, labels, estimator)
     return log_likelihood.mean() + marginal_entropy + beta * kl.mean()
@@ -227,12 +331,27 @@ def information_gradient(
     *,
     retain_graph: bool = False,
 ) -> Tensor:
-    """∇_{x_t} (B · L(decode(pred_xstart))): the drop-in IGDS gradient for another repo's sampling loop.
+    """∇_{x_t} (B · L(decode(pred_xstart))): the drop-in IGDS gradient for other sampling loops.
 
-    x_t: [B, C, H, W] with requires_grad; pred_xstart: x̂0 computed from x_t with autograd recording the model
-    forward (or x'_{t-1} for the paper's literal form); decode: latents -> images in [-1, 1]; y: [B].
-    Usage:  g = information_gradient(x_t, x0, decode, estimator, y, beta_for_ipc(ipc))
-            x_prev = x_prev + eta * g
+    Example:
+        g = information_gradient(x_t, x0, decode, estimator, y, beta_for_ipc(ipc))
+        x_prev = x_prev + eta * g
+
+    Args:
+        x_t: [B, C, H, W] with requires_grad.
+        pred_xstart: [B, C, H, W] x̂0 computed from x_t with autograd recording the model forward (or x'_{t-1}
+            for the paper's literal form).
+        decode: latents -> images in [-1, 1].
+        estimator: the variational estimator.
+        y: [B] class labels.
+        beta: β >= 0.
+        retain_graph: keep the graph for a later backward.
+
+    Returns:
+        [B, C, H, W] gradient w.r.t. x_t.
+
+    Raises:
+        ValueError: if beta < 0 or y is not [B].
     """
     loss = pred_xstart.shape[0] * information_loss(decode(pred_xstart), y, estimator, beta)
     (grad,) = torch.autograd.grad(loss, x_t, retain_graph=retain_graph)
@@ -270,6 +389,15 @@ class InformationGuidance(Guidance):
         self.low, self.high, self.source = low, high, source
 
     def step(self, ctx: StepContext) -> Tensor:
+        """The update η · ∇_{x_t} (B · L) on the conditional rows.
+
+        Args:
+            ctx: the step's context: x_t [R, C, H, W] (R = rows, or 2·rows in compat mode) with the model forward
+                recorded; the VE sees D(pred_xstart) or, with source="sample", D(x'_{t-1}).
+
+        Returns:
+            [R, C, H, W] delta: the update on the first ctx.rows rows, zeros on the shadow rows.
+        """
         rows = ctx.rows
         if self.source == "xstart":
             latents = ctx.pred_xstart[:rows]
@@ -291,7 +419,18 @@ def augment(
     flip: bool = True,
     jitter: float = 0.4,
 ) -> Tensor:
-    """One random view per image (assumption 7), batched with affine_grid. images: [B, C, H, W] in [-1, 1]."""
+    """One random view per image (assumption 7), batched with affine_grid.
+
+    Args:
+        images: [B, C, H, W] in [-1, 1].
+        generator: CPU generator of every draw.
+        crop_scale: (low, high) range of the crop area fraction.
+        flip: random horizontal flips.
+        jitter: brightness and contrast jitter on the [-1, 1] scale.
+
+    Returns:
+        [B, C, H, W] views, clamped to [-1, 1].
+    """
     batch = images.shape[0]
 
     def uniform(low: float, high: float) -> Tensor:
@@ -317,13 +456,31 @@ def augment(
 
 def info_nce(queries: Tensor, keys: Tensor, queue: Tensor, tau: float) -> Tensor:
     """MoCo InfoNCE: CE of logits q·[k; queue]ᵀ / tau with query i's positive at key i.
-    queries, keys: [B, d] unit rows; queue: [Q, d] (Q may be 0) -> scalar."""
+
+    Args:
+        queries: [B, d] unit rows.
+        keys: [B, d] unit rows.
+        queue: [Q, d] (Q may be 0).
+        tau: temperature.
+
+    Returns:
+        0-dim loss.
+    """
     logits = queries @ torch.cat([keys, queue]).T / tau
     return F.cross_entropy(logits, torch.arange(queries.shape[0], device=queries.device))
 
 
 def class_mean_kl(sigma: Tensor, labels: Tensor, num_classes: int) -> Tensor:
-    """mean_i KL(σ_i ‖ Q_{y_i}) with Q_y the detached mean of σ over the batch rows of class y. sigma: [B, d]."""
+    """mean_i KL(σ_i ‖ Q_{y_i}) with Q_y the detached mean of σ over the batch rows of class y.
+
+    Args:
+        sigma: [B, d] rows of σ.
+        labels: [B].
+        num_classes: number of classes.
+
+    Returns:
+        0-dim KL.
+    """
     one_hot = F.one_hot(labels, num_classes).to(sigma.dtype)  # [B, classes]
     means = (one_hot.T @ sigma.detach()) / one_hot.sum(0).clamp_min(1)[:, None]
     return (sigma * (sigma.log() - means[labels].log())).sum(1).mean()
@@ -376,13 +533,42 @@ def train_information_estimator(
     device: torch.device | str = "cpu",
     progress: bool = True,
 ) -> InformationEstimator:
-    """Train the VE on (images [N, C, S, S] in [-1, 1], labels [N]) -> InformationEstimator (eval, frozen).
+    """Train the VE on (images, labels).
 
-    Stage 1 (`epochs`): encoder with J_VE = InfoNCE(τ) + lam · KL to in-batch class means, momentum key
-    encoder and a key queue (queue_size None: min(4096, N // 2); 0: in-batch negatives only). Stage 2: the class
-    means Q over the unaugmented images. Stage 3 (`classifier_epochs`): the linear classifier on frozen x̂.
-    The returned module has `history` = {"info_nce": [...], "kl": [...], "classifier_ce": [...]} (epoch means).
-    Seeded: parameters from torch.manual_seed(seed), batch order and augmentations from a generator seeded too.
+    Stage 1 (`epochs`): encoder with J_VE = InfoNCE(τ) + lam · KL to in-batch class means, momentum key encoder
+    and a key queue. Stage 2: the class means Q over the unaugmented images. Stage 3 (`classifier_epochs`): the
+    linear classifier on frozen x̂. Seeded: parameters from torch.manual_seed(seed), batch order and
+    augmentations from a generator seeded too.
+
+    Args:
+        images: [N, C, S, S] in [-1, 1] (N >= 2, finite).
+        labels: [N] integer classes.
+        num_classes: number of classes (default: labels.max() + 1); every class needs an image.
+        dim: embedding dimension d.
+        width: ConvNet width.
+        depth: ConvNet depth (default: `default_depth`).
+        tau: temperature τ > 0.
+        lam: λ >= 0, weight of the KL term.
+        epochs: encoder epochs (>= 0).
+        batch_size: batch size (>= 2).
+        lr: encoder Adam learning rate.
+        momentum: key encoder momentum in [0, 1).
+        queue_size: key queue length in 0..N (None: min(4096, N // 2); 0: in-batch negatives only).
+        classifier_epochs: classifier epochs (>= 0).
+        classifier_lr: classifier Adam learning rate.
+        crop_scale: see `augment`.
+        flip: see `augment`.
+        jitter: see `augment`.
+        seed: the seed.
+        device: where to train.
+        progress: show progress bars.
+
+    Returns:
+        InformationEstimator (eval, frozen) with `history` = {"info_nce": [...], "kl": [...],
+        "classifier_ce": [...]} (epoch means).
+
+    Raises:
+        ValueError: if images / labels are malformed (see the arguments) or an argument is out of range.
     """
     num_classes = _check_training_data(images, labels, num_classes)
     _check_positive("tau", tau)

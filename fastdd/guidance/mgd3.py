@@ -43,18 +43,36 @@ class KMeansResult(NamedTuple):
 
 
 def squared_distances(points: Tensor, centroids: Tensor) -> Tensor:
-    """‖x_n − c_j‖² for points [N, D] and centroids [k, D] -> [N, k] (clamped at 0 against rounding)."""
+    """‖x_n − c_j‖² for every point and centroid (clamped at 0 against rounding).
+
+    Args:
+        points: [N, D].
+        centroids: [k, D].
+
+    Returns:
+        [N, k] squared distances.
+    """
     cross = points @ centroids.T
     return (points.pow(2).sum(1, keepdim=True) - 2 * cross + centroids.pow(2).sum(1)).clamp_min(0)
 
 
 def kmeans_plus_plus(points: Tensor, k: int, generator: torch.Generator | None = None) -> Tensor:
-    """k-means++ seeding (Arthur & Vassilvitskii 2007): the first centroid is a uniformly drawn point, each next
-    one a point drawn with probability ∝ its squared distance to the nearest centroid chosen so far.
+    """k-means++ seeding (Arthur & Vassilvitskii 2007).
 
-    points: [N, D] -> initial centroids [k, D] (rows of points). Random draws: one `torch.randint` then k − 1
+    The first centroid is a uniformly drawn point, each next one a point drawn with probability ∝ its squared
+    distance to the nearest centroid chosen so far. Random draws: one `torch.randint` then k − 1
     `torch.multinomial` calls, all from `generator` (a CPU generator; probabilities are moved to the CPU).
-    Raises ValueError when the points have fewer than k distinct rows.
+
+    Args:
+        points: [N, D].
+        k: number of centroids.
+        generator: the CPU generator of the draws.
+
+    Returns:
+        [k, D] initial centroids (rows of points).
+
+    Raises:
+        ValueError: if the points have fewer than k distinct rows.
     """
     n = points.shape[0]
     first = int(torch.randint(n, (1,), generator=generator))
@@ -90,15 +108,28 @@ def kmeans(
     init: Tensor | None = None,
     max_iter: int = 300,
 ) -> KMeansResult:
-    """Lloyd's k-means of points [N, D] into k clusters.
+    """Lloyd's k-means of points into k clusters.
 
-    init: initial centroids [k, D] (default: `kmeans_plus_plus(points, k, generator)`). Each iteration assigns
-    every point to its nearest centroid (squared Euclidean distance) and moves every
+    Each iteration assigns every point to its nearest centroid (squared Euclidean distance) and moves every
     centroid to the mean of its points; it stops when the assignment no longer changes (the centroids are then
     a fixed point) or after max_iter iterations. Empty clusters: a centroid that gets no point is moved onto
     the point farthest from its own centroid (distinct points for several empty clusters, largest distance
     first), as scikit-learn does, and the assignment is recomputed. Arithmetic in float32 (float64 for
     float64 points). Deterministic for a given generator state.
+
+    Args:
+        points: [N, D], finite.
+        k: number of clusters, a positive int <= N.
+        generator: generator of the k-means++ seeding.
+        init: [k, D] initial centroids (default: `kmeans_plus_plus(points, k, generator)`).
+        max_iter: maximum number of iterations (> 0).
+
+    Returns:
+        KMeansResult: centroids [k, D] in points' dtype, assignments [N] (long), inertia, iterations, converged.
+
+    Raises:
+        ValueError: if points is not a non-empty, finite [N, D], k is not a positive int <= N, max_iter <= 0,
+            init is not [k, D], or (without init) the points have fewer than k distinct rows.
     """
     _check_points(points, k)
     if max_iter <= 0:
@@ -147,10 +178,23 @@ def encode_latents(
     generator: torch.Generator | None = None,
     progress: bool = True,
 ) -> Tensor:
-    """Codec latents of images [N, 3, H, W] in [-1, 1], encoded batch by batch without autograd -> [N, C, h, w].
+    """Codec latents of images, encoded batch by batch without autograd.
 
-    sample=False: the encoder mean (MGD3's modes); True: a draw of the encoder's Gaussian (D3HR).
     The codec applies the latent scale (0.18215 for the SD VAE).
+
+    Args:
+        codec: the latent codec (`encode(images, sample=, generator=)`).
+        images: [N, 3, H, W] in [-1, 1].
+        batch_size: images per encode call (> 0).
+        sample: False: the encoder mean (MGD3's modes); True: a draw of the encoder's Gaussian (D3HR).
+        generator: generator of the draws (sample=True).
+        progress: show a progress bar.
+
+    Returns:
+        [N, C, h, w] latents.
+
+    Raises:
+        ValueError: if batch_size <= 0 or images is not a non-empty [N, C, H, W] batch.
     """
     if batch_size <= 0:
         raise ValueError(f"batch_size must be > 0, got {batch_size}")
@@ -166,10 +210,22 @@ def encode_latents(
 
 
 def class_modes(latents: Tensor, ipc: int, *, seed: int = 0, max_iter: int = 300) -> Tensor:
-    """MGD3 modes of one class: k-means centroids of its flattened latents [N, C, H, W] -> [ipc, C, H, W].
+    """MGD3 modes of one class: k-means centroids of its flattened latents.
 
     The k-means++ seeding uses a CPU generator seeded with `seed` (the same seed for every class, as the
     authors' random_state=0), so a class's modes do not depend on which other classes are processed.
+
+    Args:
+        latents: [N, C, H, W] latents of the class.
+        ipc: number of modes.
+        seed: seed of the k-means++ seeding.
+        max_iter: maximum k-means iterations.
+
+    Returns:
+        [ipc, C, H, W] modes.
+
+    Raises:
+        ValueError: if latents is not [N, C, H, W], or k-means cannot make ipc clusters of them (see `kmeans`).
     """
     if latents.dim() != 4:
         raise ValueError(f"latents: expected [N, C, H, W], got shape {list(latents.shape)}")
@@ -188,7 +244,23 @@ def fit_modes(
     max_iter: int = 300,
     progress: bool = True,
 ) -> dict[int, Tensor]:
-    """`class_modes` for each class in `classes`: {class_index: [ipc, C, H, W]}. latents: [N, C, H, W]; labels: [N]."""
+    """`class_modes` for each class in `classes`.
+
+    Args:
+        latents: [N, C, H, W] latents of all classes.
+        labels: [N] class labels.
+        ipc: modes per class.
+        classes: the classes to fit.
+        seed: seed of each class's k-means++ seeding.
+        max_iter: maximum k-means iterations.
+        progress: show a progress bar.
+
+    Returns:
+        {class_index: [ipc, C, H, W] modes}.
+
+    Raises:
+        ValueError: if labels is not [N], a class has no latents, or k-means fails (see `class_modes`).
+    """
     if labels.shape != (latents.shape[0],):
         raise ValueError(f"labels: expected shape [{latents.shape[0]}], got {list(labels.shape)}")
     labels = labels.to(latents.device)
@@ -203,10 +275,18 @@ def fit_modes(
 
 # --------------------------------------------------------------------------------------------- guidance
 def mode_update(pred_xstart: Tensor, mode: Tensor, log_variance: Tensor, lam: float = MGD3_LAMBDA) -> Tensor:
-    """g = −λ · (x̂0 − mode) · exp(0.5 · log_variance), the MGD3 term added to the posterior mean.
+    """The MGD3 term g = −λ · (x̂0 − mode) · exp(0.5 · log_variance), added to the posterior mean.
 
-    pred_xstart, mode, log_variance: broadcastable to [B, C, H, W]. Drop-in for another loop:
-    mean = mean + mode_update(x0, mode, log_variance) before adding the noise.
+    Drop-in for another loop: mean = mean + mode_update(x0, mode, log_variance) before adding the noise.
+
+    Args:
+        pred_xstart: x̂0, broadcastable to [B, C, H, W].
+        mode: the target modes, broadcastable to [B, C, H, W].
+        log_variance: posterior log variance, broadcastable to [B, C, H, W].
+        lam: λ.
+
+    Returns:
+        [B, C, H, W] g (the broadcast shape).
     """
     return -lam * (pred_xstart - mode) * torch.exp(0.5 * log_variance)
 
@@ -257,6 +337,15 @@ class ModeGuidance(Guidance):
         self._in_batch = False
 
     def begin_batch(self, labels: Tensor, image_ids: Sequence[ImageId]) -> None:
+        """Look up the target mode of every image of the batch.
+
+        Args:
+            labels: [B] class labels (not used: the classes come from image_ids).
+            image_ids: the B (class_index, image_index, seed) triples; image j of class c targets mode j.
+
+        Raises:
+            ValueError: if image_ids is empty, or names a class without modes or an image without a mode.
+        """
         targets = []
         for class_index, image_index, _ in image_ids:
             if class_index not in self.modes:
@@ -278,9 +367,27 @@ class ModeGuidance(Guidance):
         self._in_batch = True
 
     def end_batch(self, final_latents: Tensor, labels: Tensor) -> None:
+        """End the batch (`step` refuses to run until the next begin_batch).
+
+        Args:
+            final_latents: [B, C, H, W] final latents (not used).
+            labels: [B] class labels (not used).
+        """
         self._in_batch = False
 
     def step(self, ctx: StepContext) -> Tensor:
+        """The mode update −λ(x̂0_cond − mode)·σ of the batch's images.
+
+        Args:
+            ctx: the step's context: pred_xstart and log_variance [R, C, H, W] (R = rows, or 2·rows in compat mode).
+
+        Returns:
+            [R, C, H, W] delta: the update on the first ctx.rows rows and zeros on the others; with compat=True every
+            row of pair b gets −λ(x̂0_cond,b − mode_b) times its own σ.
+
+        Raises:
+            ValueError: if called outside a batch (begin_batch was not called).
+        """
         if not self._in_batch:
             raise ValueError("ModeGuidance.step called outside a batch (begin_batch was not called)")
         rows = ctx.rows

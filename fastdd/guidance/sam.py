@@ -70,11 +70,22 @@ class LatentMemory:
         return self.count
 
     def view(self) -> Tensor:
-        """The stored rows [count, dim], oldest first."""
+        """The stored rows, oldest first.
+
+        Returns:
+            [count, dim] view of the buffer.
+        """
         return self.buffer[: self.count]
 
     def add(self, rows: Tensor) -> None:
-        """Append rows [n, dim] (in order), then pop while more than `capacity` rows are stored."""
+        """Append rows (in order), then pop while more than `capacity` rows are stored.
+
+        Args:
+            rows: [n, dim] (detached, cast to the buffer's dtype).
+
+        Raises:
+            ValueError: if rows is not [n, dim].
+        """
         if rows.dim() != 2 or rows.shape[1] != self.dim:
             raise ValueError(f"rows: expected [n, {self.dim}], got {list(rows.shape)}")
         needed = self.count + rows.shape[0]
@@ -90,12 +101,26 @@ class LatentMemory:
             self.count -= 1
 
     def max_cosine(self, query: Tensor) -> Tensor:
-        """max over rows b and stored j of cos(query_b, memory_j): a scalar, differentiable w.r.t. query [B, dim]."""
+        """max over rows b and stored j of cos(query_b, memory_j).
+
+        Args:
+            query: [B, dim].
+
+        Returns:
+            0-dim maximum, differentiable w.r.t. query.
+        """
         values, _ = ops.max_cosine(query, self.buffer, self.count)
         return values.max()
 
     def min_cosine(self, query: Tensor) -> Tensor:
-        """min over rows b and stored j of cos(query_b, memory_j) = −max cos(−query_b, memory_j)."""
+        """min over rows b and stored j of cos(query_b, memory_j) = −max cos(−query_b, memory_j).
+
+        Args:
+            query: [B, dim].
+
+        Returns:
+            0-dim minimum, differentiable w.r.t. query.
+        """
         return -self.max_cosine(-query)
 
 
@@ -135,8 +160,22 @@ class SamMemory:
         return labels
 
     def loss(self, z_hat: Tensor, labels: Sequence[int]) -> Tensor:
-        """Σ_c weight_c · (L_real,c + L_gen,c) over the classes of the batch whose generated memory is not
-        empty. z_hat: [B, dim] predicted x0 (differentiable); labels: [B] host ints -> scalar."""
+        """SAM's memory loss Σ_c weight_c · (L_real,c + L_gen,c).
+
+        Summed over the classes of the batch whose generated memory is not empty.
+
+        weight_c = 1/n over the n classes of the batch ((n − k)/n for the k-th class with compat=True).
+
+        Args:
+            z_hat: [B, dim] predicted x0 (differentiable).
+            labels: the B classes as host ints.
+
+        Returns:
+            0-dim loss.
+
+        Raises:
+            ValueError: if labels is empty or has a class outside 0..num_classes - 1.
+        """
         labels = self._check_labels(labels)
         classes = list(set(labels))  # the authors' iteration order (matters for compat only)
         total = z_hat.new_zeros(())
@@ -152,7 +191,16 @@ class SamMemory:
         return total
 
     def update(self, real: Tensor, z_hat: Tensor, labels: Sequence[int]) -> None:
-        """Append each class's real latents real [B, dim] and generated z_hat [B, dim] (detached), then pop."""
+        """Append each class's real and generated (detached) latents to its memories, then pop.
+
+        Args:
+            real: [B, dim] real latents.
+            z_hat: [B, dim] predicted x0.
+            labels: the B classes as host ints.
+
+        Raises:
+            ValueError: if labels is empty or has a class outside 0..num_classes - 1.
+        """
         labels = self._check_labels(labels)
         for c in dict.fromkeys(labels):
             rows = [b for b, label in enumerate(labels) if label == c]
@@ -162,13 +210,34 @@ class SamMemory:
 
 # ------------------------------------------------------------------------------------------- DiffFit params
 def difffit_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
-    """The DiffFit subset the authors train: parameters whose name contains "bias", "norm", "gamma" or
-    "y_embed" (biases, norm affines, DiffFit gammas, the class embedding table), in named_parameters order."""
+    """The DiffFit subset the authors train, in named_parameters order.
+
+    Parameters whose name contains "bias", "norm", "gamma" or "y_embed" (biases, norm affines, DiffFit gammas,
+    the class embedding table).
+
+    Args:
+        model: the network.
+
+    Returns:
+        {name: parameter}.
+    """
     return {name: p for name, p in model.named_parameters() if any(key in name for key in DIFFFIT_KEYWORDS)}
 
 
 def to_difffit(model: DiT) -> DiT:
-    """A copy of `model` with DiffFit gammas (all ones: identical outputs) in its first depth // 2 blocks."""
+    """A copy of `model` with DiffFit gammas in its first depth // 2 blocks.
+
+    The gammas are all ones: identical outputs.
+
+    Args:
+        model: a fastdd DiT without DiffFit gammas.
+
+    Returns:
+        The new DiT, on the model's device and dtype, in its training mode.
+
+    Raises:
+        ValueError: if the model already has DiffFit gammas.
+    """
     if model.diffit:
         raise ValueError("model: already has DiffFit gammas")
     parameter = next(model.parameters())
@@ -184,8 +253,19 @@ def _approx_standard_normal_cdf(x: Tensor) -> Tensor:
 
 
 def discretized_gaussian_log_likelihood(x: Tensor, mean: Tensor, log_scale: Tensor) -> Tensor:
-    """log P(x) of data in [−1, 1] discretized to 256 bins (bin half-width 1/255) under N(mean, e^{2·log_scale});
-    the edge bins x < −0.999 / x > 0.999 take the whole tail (ADM's decoder term). Elementwise."""
+    """log P(x) of data discretized to 256 bins under N(mean, e^{2·log_scale}), elementwise.
+
+    Data in [−1, 1], bin half-width 1/255; the edge bins x < −0.999 / x > 0.999 take the whole tail (ADM's
+    decoder term).
+
+    Args:
+        x: data, e.g. [B, C, H, W].
+        mean: broadcastable to x.
+        log_scale: log standard deviation, broadcastable to x.
+
+    Returns:
+        The log-likelihood of each element, in the broadcast shape.
+    """
     centered = x - mean
     inv_std = torch.exp(-log_scale)
     cdf_plus = _approx_standard_normal_cdf(inv_std * (centered + 1.0 / 255.0))
@@ -199,8 +279,20 @@ def discretized_gaussian_log_likelihood(x: Tensor, mean: Tensor, log_scale: Tens
 def variational_bound_terms(
     diffusion: GaussianDiffusion, model_output: Tensor, x0: Tensor, x_t: Tensor, t: Tensor
 ) -> Tensor:
-    """ADM's L_t in bits/dim per row: KL(q(x_{t−1}|x_t, x0) ‖ p(x_{t−1}|x_t)) for t > 0, the decoder NLL at t = 0.
-    model_output: [B, 2C, H, W] (ε frozen by the caller); x0, x_t: [B, C, H, W]; t: [B] indices -> [B]."""
+    """ADM's L_t in bits/dim per row.
+
+    KL(q(x_{t−1}|x_t, x0) ‖ p(x_{t−1}|x_t)) for t > 0, the decoder NLL at t = 0.
+
+    Args:
+        diffusion: the diffusion.
+        model_output: [B, 2C, H, W] (ε frozen by the caller).
+        x0: [B, C, H, W] clean latents.
+        x_t: [B, C, H, W] noised latents.
+        t: [B] indices.
+
+    Returns:
+        [B] L_t.
+    """
     kl, out = diffusion.posterior_kl_bits(model_output, x0, x_t, t)
     log_likelihood = discretized_gaussian_log_likelihood(x0, out["mean"], 0.5 * out["log_variance"])
     nll = -log_likelihood.mean(dim=(1, 2, 3)) / math.log(2.0)
@@ -210,8 +302,19 @@ def variational_bound_terms(
 def diffusion_training_loss(
     model: nn.Module, diffusion: GaussianDiffusion, x0: Tensor, t: Tensor, noise: Tensor, y: Tensor
 ) -> tuple[Tensor, Tensor]:
-    """DiT training loss per row and the predicted x̂0 (differentiable). x0, noise: [B, C, H, W]; t: [B]
-    indices of the unrespaced diffusion; y: [B] model labels -> (loss [B], pred_xstart [B, C, H, W])."""
+    """DiT training loss per row and the predicted x̂0 (differentiable).
+
+    Args:
+        model: the DiT.
+        diffusion: the unrespaced diffusion.
+        x0: [B, C, H, W] clean latents.
+        t: [B] indices of the unrespaced diffusion.
+        noise: [B, C, H, W].
+        y: [B] model labels.
+
+    Returns:
+        (loss [B], pred_xstart [B, C, H, W]).
+    """
     x_t = diffusion.q_sample(x0, t, noise)
     model_output = model(x_t, diffusion.timesteps_on(x0.device)[t], y)
     eps, variance_values = diffusion.split_model_output(model_output, x_t)
@@ -234,7 +337,11 @@ class SamFinetune:
     losses: list[float] = field(default_factory=list)  # total loss per step
 
     def ema_model(self) -> DiT:
-        """A copy of the model with the EMA weights."""
+        """A copy of the model with the EMA weights.
+
+        Returns:
+            The DiT, on the model's device and dtype, in eval mode.
+        """
         state = {**self.model.state_dict(), **self.ema}
         copy = type(self.model)(**self.model.config())
         parameter = next(self.model.parameters())
@@ -261,20 +368,44 @@ def finetune_sam(
     seed: int = 0,
     progress: bool = True,
 ) -> SamFinetune:
-    """Fine-tune the DiffFit parameters of `model` in place with the diffusion loss plus SAM's memory terms.
+    """Fine-tune the DiffFit parameters of `model` in place (diffusion loss + SAM's memory terms).
 
-    model: a fastdd DiT with DiffFit gammas (`to_difffit` adds them); diffusion: the unrespaced training
-    diffusion (GaussianDiffusion(1000), learn_sigma as the model); latents: [N, C, H, W] real latents
-    (VAE latents × 0.18215); labels: [N] classes. AdamW(lr, weight decay 0) over `difffit_parameters`;
-    every other parameter is frozen (requires_grad flags are restored afterwards). policy="fifo" gives
-    Minimax. class_dropout_prob: label dropout to the null class (default: the model's, 0.1 for DiT),
-    drawn here so the model stays in eval mode. EMA of the DiffFit parameters with ema_decay after each step.
+    AdamW(lr, weight decay 0) over `difffit_parameters`; every other parameter is frozen (requires_grad flags
+    are restored afterwards). Label dropout to the null class is drawn here so the model stays in eval mode.
+    EMA of the DiffFit parameters with ema_decay after each step.
 
     Randomness, from torch.Generator().manual_seed(seed) on the CPU, in this order: per epoch a permutation
     of the N latents (batches of batch_size, the last partial batch dropped, as the authors' drop_last);
     per step t = randint(0, T, [B]), noise = randn([B, C, H, W]), dropout = rand([B]) < p.
     Differences from the authors' script: fixed latents (they draw a new VAE posterior sample of a randomly
     flipped image each time), one process.
+
+    Args:
+        model: a fastdd DiT with DiffFit gammas (`to_difffit` adds them).
+        diffusion: the unrespaced training diffusion (GaussianDiffusion(1000), learn_sigma as the model).
+        latents: [N, C, H, W] real latents (VAE latents × 0.18215), C, H, W the model's.
+        labels: [N] classes.
+        epochs: number of epochs.
+        batch_size: batch size (<= N).
+        lr: AdamW learning rate.
+        lambda_real: λ_r.
+        lambda_gen: λ_g.
+        capacity: capacity of each memory.
+        policy: "most_similar" (SAM) or "fifo" (Minimax).
+        class_dropout_prob: label dropout probability p (default: the model's, 0.1 for DiT).
+        ema_decay: EMA decay in [0, 1].
+        compat: the SAM code's in-loop loss accumulation.
+        seed: seed of the CPU generator.
+        progress: show a progress bar.
+
+    Returns:
+        SamFinetune: the model, the EMA of its DiffFit parameters, the memories and the loss per step.
+
+    Raises:
+        ValueError: if model is not a fastdd DiT with DiffFit gammas, diffusion is respaced or its learn_sigma
+            differs from the model's, latents or labels do not fit the model, epochs or batch_size is not a
+            positive int, batch_size > N, lr <= 0, ema_decay or class_dropout_prob is out of range, or dropout
+            is asked of a model without a null-class embedding.
     """
     if not isinstance(model, DiT):
         raise ValueError(f"model: expected a fastdd DiT, got {type(model).__name__}")
@@ -374,10 +505,21 @@ def finetune_sam(
 
 
 def save_finetuned(path: str | os.PathLike, model: DiT, ema: dict[str, Tensor] | None = None) -> None:
-    """Write Minimax/SAM-style weights, loadable by `DiT.from_checkpoint` / `load_dit_checkpoint` (which picks
-    "ema" when present, as the authors' sampler does). ".safetensors": one flat state dict (the EMA weights
-    if given, else the model's); otherwise torch.save of {"model": state, "ema": state with the EMA DiffFit
-    parameters} (or the plain state dict without ema). Written atomically (fastdd.data.atomic)."""
+    """Write Minimax/SAM-style weights, atomically (fastdd.data.atomic).
+
+    Loadable by `DiT.from_checkpoint` / `load_dit_checkpoint` (which picks "ema" when present, as the authors'
+    sampler does).
+
+    Args:
+        path: ".safetensors": one flat state dict (the EMA weights if given, else the model's); otherwise
+            torch.save of {"model": state, "ema": state with the EMA DiffFit parameters} (or the plain state
+            dict without ema).
+        model: the DiT.
+        ema: EMA parameters by name (as `finetune_sam` returns), or None.
+
+    Raises:
+        ValueError: if ema has keys not in the model, or path's folder does not exist.
+    """
     path = os.fspath(path)
     state = {key: value.detach().cpu().contiguous() for key, value in model.state_dict().items()}
     if ema is not None:

@@ -146,19 +146,35 @@ class Models:
 
 
 @dataclass
+class Cost:
+    """What a method adds to plain sampling, for the dry run's time estimate (`fastdd.pipeline.estimate_seconds`).
+
+    guided_steps: sampling steps with a guidance backward, each costing `guided_step_calls` model forwards (measured
+    per method on the digits default); sampling_steps: the steps each image is sampled for (default: the run's);
+    state(probe) -> seconds of the per-run state (surrogate, fine-tuning, inversion, estimator), from timed probes.
+    """
+
+    guided_steps: int = 0
+    guided_step_calls: float = 3.0
+    sampling_steps: int | None = None
+    state: Callable[[Any], float] | None = None
+
+
+@dataclass
 class MethodSetup:
     """What a method contributes to the run.
 
     guidances: in the order their deltas are added; params: the method's resolved hyper-parameters (JSON-able) for
     the manifest; prepare(local_classes): called before each batch with the local class of each of its rows;
     sample(sampler, labels, image_ids, latent_shape, device) -> final latents [B, C, h, w]: replaces the default
-    sampling call (e.g. DDIM from inverted latents).
+    sampling call (e.g. DDIM from inverted latents); cost: the dry run's estimate of its extra work.
     """
 
     guidances: list[Guidance] = field(default_factory=list)
     params: dict = field(default_factory=dict)
     prepare: Callable[[Sequence[int]], None] | None = None
     sample: Callable[..., Tensor] | None = None
+    cost: Cost = field(default_factory=Cost)
 
 
 @dataclass(frozen=True)

@@ -5,6 +5,7 @@ run's sampler and eta."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +24,7 @@ from ..guidance.d3hr import (
 from ..options import documented, option
 from ..sampling import GaussianDiffusion, GuidedSampler
 from .base import (
+    Cost,
     Method,
     MethodSetup,
     Models,
@@ -95,8 +97,13 @@ def build(options: D3HROptions, spec: RunSpec, models: Models, data: RealData) -
                 check_statistics_file(
                     statistics_path(stats_dir, label), statistics_config(like_run, label, target, inputs)
                 )
+    class_batches = [(math.ceil(n / options.batch), min(n, options.batch)) for n in data.class_counts()]
+    cost = Cost(
+        sampling_steps=target + 1,
+        state=lambda probe: sum(k * target * probe.model_call(rows) for k, rows in class_batches),
+    )
     if spec.dry_run:
-        return MethodSetup(params=params)
+        return MethodSetup(params=params, cost=cost)
     if stats_dir is None:  # private to the run, named by what the statistics depend on
         stats_dir = spec.state_dir / f"d3hr_stats_{cache_key(models, data, {'seed': spec.seed})}"
     samplers: dict[int, GuidedSampler] = {}
@@ -137,7 +144,7 @@ def build(options: D3HROptions, spec: RunSpec, models: Models, data: RealData) -
         x_start = torch.stack([group_of(d3hr_sampler, c)[i] for c, i, _ in ids]).to(device)
         return d3hr_sampler.ddim_sample(labels, ids, start_index=target, x_start=x_start, progress=False)
 
-    return MethodSetup(params=params, sample=sample)
+    return MethodSetup(params=params, sample=sample, cost=cost)
 
 
 METHOD = Method(

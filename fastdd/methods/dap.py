@@ -14,8 +14,9 @@ from torch import Tensor, nn
 
 from ..guidance.dap import KERNELS, T_MODES, JLProjection, MercerGuidance, RealFeatures
 from ..options import documented, option, parse_range
-from .base import Method, MethodSetup, Models, RealData, RunSpec, check, check_pool, guided_range, real_latents
+from .base import Cost, Method, MethodSetup, Models, RealData, RunSpec, check, check_pool, guided_range, real_latents
 
+DAP_GUIDED_STEP_CALLS = 3.0  # a guided step in model forwards (the backward through the first blocks; digits)
 DAP_GAMMA_PRESETS = {"digits": 0.1}  # pixel-space prior: γ = 1 turns the digits into noise (checked visually)
 
 
@@ -96,8 +97,14 @@ def build(options: DAPOptions, spec: RunSpec, models: Models, data: RealData) ->
         "guided_range": [low, high],
         "feature_dtype": str(dtype).removeprefix("torch."),
     }
+    count = sum(data.class_counts())
+    cost = Cost(
+        guided_steps=high - low + 1,
+        guided_step_calls=DAP_GUIDED_STEP_CALLS,
+        state=lambda probe: math.ceil(count / 64) * probe.model_call(min(count, 64)),
+    )
     if spec.dry_run:
-        return MethodSetup(params=params)
+        return MethodSetup(params=params, cost=cost)
     model = ModelLabelsDiT(prior, models.class_labels, models.device)
     projection = None
     if options.proj_dim:
@@ -118,7 +125,7 @@ def build(options: DAPOptions, spec: RunSpec, models: Models, data: RealData) ->
         max_cached_classes=max(8, min(spec.class_batch, data.num_classes)),
     )
     guidance = MercerGuidance(model, real, block, options.kernel, gamma, low=low, high=high)
-    return MethodSetup(guidances=[guidance], params=params)
+    return MethodSetup(guidances=[guidance], params=params, cost=cost)
 
 
 METHOD = Method(

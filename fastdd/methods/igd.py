@@ -23,6 +23,7 @@ from ..guidance.igd import (
 )
 from ..options import documented, option, parse_range
 from .base import (
+    Cost,
     Method,
     MethodSetup,
     Models,
@@ -35,6 +36,7 @@ from .base import (
     require_one_image_per_batch,
 )
 
+IGD_GUIDED_STEP_CALLS = 12.0  # a guided step in model forwards (decoder + K surrogate grads + backward; digits)
 # dataset -> [(IPC bound or None, k, gamma)]
 IGD_PRESETS = {
     "imagenette": [(10, 5.0, 50.0), (None, 5.0, 120.0)],
@@ -132,8 +134,12 @@ def build(options: IGDOptions, spec: RunSpec, models: Models, data: RealData) ->
     low, high = guided_range(spec, (low, high))
     bundle, source = surrogate_bundle(options, spec, models, data)
     params = {"k": k, "gamma": gamma, "guided_range": [low, high], "memory": options.memory, "surrogate": source}
-    if bundle is None:
-        return MethodSetup(params=params)
+    cost = Cost(guided_steps=high - low + 1, guided_step_calls=IGD_GUIDED_STEP_CALLS)
+    if bundle is None:  # a dry run that would train the surrogate: a trajectory and Algorithm 2's gradients
+        count, config = sum(data.class_counts()), surrogate_config_for(models.image_shape, data.num_classes)
+        steps = 2 * options.surrogate_epochs * math.ceil(count / 64)
+        cost.state = lambda probe: steps * probe.network_train_step(config.build(), min(count, 64))
+        return MethodSetup(params=params, cost=cost)
     params["surrogate_epochs_kept"] = bundle.epochs
     device, codec, size = models.device, models.codec, bundle.config.im_size
 
@@ -163,7 +169,7 @@ def build(options: IGDOptions, spec: RunSpec, models: Models, data: RealData) ->
         high=high,
         compat=spec.compat,
     )
-    return MethodSetup(guidances=[deviation, influence], params=params)
+    return MethodSetup(guidances=[deviation, influence], params=params, cost=cost)
 
 
 METHOD = Method(

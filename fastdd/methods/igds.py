@@ -11,10 +11,13 @@ from ..guidance.igds import (
     InformationEstimator,
     InformationGuidance,
     beta_for_ipc,
+    default_depth,
     train_information_estimator,
 )
+from ..models.convnet import ConvNet
 from ..options import documented, option, parse_range
 from .base import (
+    Cost,
     Method,
     MethodSetup,
     Models,
@@ -27,6 +30,7 @@ from .base import (
     read_cache,
 )
 
+IGDS_GUIDED_STEP_CALLS = 6.0  # a guided step in model forwards (decoder + estimator + backward; digits)
 IGDS_ETA_PRESETS = {"digits": 2.0}  # no published η: only the digits default is set (moves the images about as DAP)
 
 
@@ -86,8 +90,17 @@ def build(options: IGDSOptions, spec: RunSpec, models: Models, data: RealData) -
             "flip": flip,
         },
     }
+    count, channels, size = sum(data.class_counts()), models.image_shape[0], models.image_shape[1]
+    # a contrastive epoch: two encoder forwards and one backward (≈ 1.5 training steps); the linear probe is cheap
+    batches = 1.5 * options.epochs * math.ceil(count / 256)
+    encoder = ConvNet(channels, 128, width=64, depth=default_depth(size), im_size=size)
+    cost = Cost(
+        guided_steps=high - low + 1,
+        guided_step_calls=IGDS_GUIDED_STEP_CALLS,
+        state=lambda probe: batches * probe.network_train_step(encoder, min(count, 256)),
+    )
     if spec.dry_run:
-        return MethodSetup(params=params)
+        return MethodSetup(params=params, cost=cost)
     cache = cache_path(spec, models, data, "igds_estimator", params["estimator"])
     estimator = read_cache(cache, lambda path: InformationEstimator.load(path, models.device))
     if estimator is None:
@@ -108,7 +121,7 @@ def build(options: IGDSOptions, spec: RunSpec, models: Models, data: RealData) -
         estimator.save(cache)
     params["estimator_file"] = str(cache)
     guidance = InformationGuidance(models.codec.decode, estimator, eta, beta, low=low, high=high, source=options.source)
-    return MethodSetup(guidances=[guidance], params=params)
+    return MethodSetup(guidances=[guidance], params=params, cost=cost)
 
 
 METHOD = Method(

@@ -13,6 +13,7 @@ from ..data.atomic import save_safetensors_atomic
 from ..guidance.mgd3 import MGD3_LAMBDA, MGD3_STOP_INDEX, ModeGuidance, fit_modes
 from ..options import documented, option
 from .base import (
+    Cost,
     Method,
     MethodSetup,
     Models,
@@ -54,8 +55,9 @@ def build(options: MGD3Options, spec: RunSpec, models: Models, data: RealData) -
         "kmeans_seed": options.kmeans_seed,
         "modes": f"k-means of the encoder-mean latents, {spec.ipc} per class",
     }
+    cost = Cost()  # k-means and the mode pull cost little next to sampling
     if spec.dry_run:
-        return MethodSetup(params=params)
+        return MethodSetup(params=params, cost=cost)
     cache = cache_path(spec, models, data, "mgd3_modes", {"ipc": spec.ipc, "seed": options.kmeans_seed})
     modes = read_cache(cache, lambda path: load_file(str(path))["modes"])
     if modes is None:
@@ -66,7 +68,7 @@ def build(options: MGD3Options, spec: RunSpec, models: Models, data: RealData) -
         modes = torch.stack([fitted[c] for c in range(data.num_classes)])
         save_safetensors_atomic({"modes": modes}, cache)
     guidance = ModeGuidance(modes.to(models.device), lam=options.lam, stop_index=stop, compat=spec.compat)
-    return MethodSetup(guidances=[guidance], params=params)
+    return MethodSetup(guidances=[guidance], params=params, cost=cost)
 
 
 METHOD = Method(

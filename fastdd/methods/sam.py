@@ -3,6 +3,7 @@ the memory losses (cached in the state folder), then sample its EMA weights with
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -15,6 +16,7 @@ from ..models.dit import DiT
 from ..options import documented, option
 from ..sampling import GaussianDiffusion, GuidedSampler
 from .base import (
+    Cost,
     Method,
     MethodSetup,
     Models,
@@ -82,8 +84,11 @@ def build(options: SAMOptions, spec: RunSpec, models: Models, data: RealData) ->
         "fine_tune_seed": spec.seed,
         "trained": "DiffFit subset (bias, norm, gamma, class embedding) of a copy of the prior",
     }
+    steps = options.epochs * math.ceil(total / options.batch)
+    # a step: the loss terms, memory updates, AdamW and EMA on top of a forward and backward (×2.5, digits)
+    cost = Cost(state=lambda probe: 2.5 * steps * probe.model_train_step(options.batch))
     if spec.dry_run:
-        return MethodSetup(params=params)
+        return MethodSetup(params=params, cost=cost)
     cache = cache_path(spec, models, data, "sam_difffit", params)
     finetuned = to_difffit(prior)
     weights = read_cache(cache, lambda path: load_file(str(path)))
@@ -121,7 +126,7 @@ def build(options: SAMOptions, spec: RunSpec, models: Models, data: RealData) ->
             samplers[id(sampler)] = sampler.replace(model=finetuned)
         return default_sample(spec, samplers[id(sampler)], labels, ids, latent_shape, device)
 
-    return MethodSetup(params=params, sample=sample)
+    return MethodSetup(params=params, sample=sample, cost=cost)
 
 
 METHOD = Method(

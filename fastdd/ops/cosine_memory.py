@@ -100,11 +100,23 @@ register_kernels(_max_cosine_op, "max_cosine", _MAX_COSINE)
 
 
 def max_cosine(query: Tensor, memory: Tensor, count: Tensor | int | None = None, *, backend: str = "auto"):
-    """Most similar memory row per query: (values [B], indices [B] int64).
+    """Most similar memory row per query.
 
-    query: [B, D]; memory: [M, D] (rows >= count are ignored; count: None, int, or 0-dim device tensor).
     values = max_j cos(query_b, memory_j) (norms clamped at reference.COS_EPS), 0 when no row is valid; ties go
-    to the lowest index. Gradient w.r.t. query. backend: "auto" (OP_BACKENDS) or an implementation to force.
+    to the lowest index. Differentiable w.r.t. query.
+
+    Args:
+        query: [B, D].
+        memory: [M, D], non-empty, on query's device; rows >= count are ignored.
+        count: valid rows: None (all M), an int in [0, M], or a 0-dim integer tensor on memory's device.
+        backend: "auto" (OP_BACKENDS) or an implementation to force.
+
+    Returns:
+        (values [B] in query's dtype, indices [B] int64).
+
+    Raises:
+        ValueError: if query / memory are not floating-point 2-D tensors on one device with the same D, memory
+            is empty, or count is invalid.
     """
     check_tensor("query", query, ndim=2)
     check_tensor("memory", memory, ndim=2)
@@ -133,8 +145,22 @@ register_kernels(_most_similar_index_op, "most_similar_index", _MOST_SIMILAR_IND
 
 
 def most_similar_index(memory: Tensor, count: Tensor | int | None = None, *, backend: str = "auto") -> Tensor:
-    """0-dim int64 index of the valid row of memory [M, D] with the largest summed cosine similarity
-    to all valid rows (itself included), the lowest of tied rows. O(M·D): score_i = m̂_i · Σ_j m̂_j."""
+    """The valid row of memory most similar to all valid rows.
+
+    The row with the largest summed cosine similarity to all valid rows (itself included), the lowest of tied
+    rows. O(M·D): score_i = m̂_i · Σ_j m̂_j.
+
+    Args:
+        memory: [M, D], non-empty.
+        count: valid rows: None (all M), an int in [0, M], or a 0-dim integer tensor on memory's device.
+        backend: "auto" (OP_BACKENDS) or an implementation to force.
+
+    Returns:
+        0-dim int64 index.
+
+    Raises:
+        ValueError: if memory is not a non-empty floating-point [M, D] or count is invalid.
+    """
     check_tensor("memory", memory, ndim=2)
     check_nonempty("memory", memory)
     count = check_count(count, memory.shape[0], memory.device)

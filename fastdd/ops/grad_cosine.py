@@ -655,16 +655,29 @@ def grad_dot_and_norm(
     num_groups: int | None = None,
     backend: str = "auto",
 ) -> tuple[Tensor, Tensor]:
-    """(⟨g_ik, ref_grads[k]⟩, ‖g_ik‖), both [B, K] (or [G, K] with groups), g_ik = ∇_θ CE(f_θk(x_i), y_i).
+    """(⟨g_ik, ref_grads[k]⟩, ‖g_ik‖) with g_ik = ∇_θ CE(f_θk(x_i), y_i).
 
-    model: the architecture (its own parameter values are not used); flat_params: [K, P] parameter sets in
-    `parameters_to_vector(model.parameters())` order; x: [B, ...]; y: [B] labels; ref_grads: [K, P], or
-    [G, K, P] with one reference per gradient (G = B without groups); groups: None or [B] group ids 0..G-1:
-    the rows of a group give ONE gradient, that of their averaged CE; num_groups: G, needed only with groups
-    and [K, P] ref_grads under torch.compile (eager reads groups.max() + 1). Differentiable w.r.t. x and ref_grads
-    (to any order); flat_params is treated as a constant. backend: "auto" (OP_BACKENDS: "fused"), "fused" (the
-    fast path; models it cannot run fall back to torch.func with a warning) or "reference" (one autograd.grad
-    per sample and set).
+    Differentiable w.r.t. x and ref_grads (to any order); flat_params is treated as a constant.
+
+    Args:
+        model: the architecture (its own parameter values are not used).
+        flat_params: [K, P] parameter sets in `parameters_to_vector(model.parameters())` order, x's dtype.
+        x: [B, ...] inputs.
+        y: [B] integer labels.
+        ref_grads: [K, P], or [G, K, P] with one reference per gradient (G = B without groups).
+        groups: None or [B] group ids 0..G-1 (each used): the rows of a group give ONE gradient, that of their
+            averaged CE.
+        num_groups: G, needed only with groups and [K, P] ref_grads under torch.compile (eager reads
+            groups.max() + 1).
+        backend: "auto" (OP_BACKENDS: "fused"), "fused" (the fast path; models it cannot run fall back to
+            torch.func with a warning) or "reference" (one autograd.grad per sample and set).
+
+    Returns:
+        (dots, norms), both [B, K] (or [G, K] with groups).
+
+    Raises:
+        ValueError: if an argument has the wrong type, shape, dtype or device, contains NaN/Inf, or groups /
+            num_groups are inconsistent.
     """
     return _dot_and_norm("grad_dot_and_norm", model, flat_params, x, y, ref_grads, groups, num_groups, backend)
 
@@ -681,9 +694,28 @@ def grad_cosine(
     num_groups: int | None = None,
     backend: str = "auto",
 ) -> Tensor:
-    """cos(∇_θ CE(f_θk(x_i), y_i), ref_grads[k]) -> [B, K] (or [G, K] with groups); both norms clamped at
-    eps like F.cosine_similarity. Arguments as grad_dot_and_norm; differentiable w.r.t. x (IGD's double
-    backward) and ref_grads."""
+    """cos(∇_θ CE(f_θk(x_i), y_i), ref_grads[k]).
+
+    Both norms are clamped at eps like F.cosine_similarity. Differentiable w.r.t. x (IGD's double backward) and
+    ref_grads.
+
+    Args:
+        model: see `grad_dot_and_norm`.
+        flat_params: [K, P] (see `grad_dot_and_norm`).
+        x: [B, ...] inputs.
+        y: [B] integer labels.
+        ref_grads: [K, P] or [G, K, P].
+        groups: None or [B] group ids 0..G-1 (see `grad_dot_and_norm`).
+        eps: norm clamp.
+        num_groups: see `grad_dot_and_norm`.
+        backend: see `grad_dot_and_norm`.
+
+    Returns:
+        [B, K] cosines (or [G, K] with groups).
+
+    Raises:
+        ValueError: as `grad_dot_and_norm`.
+    """
     dots, norms = _dot_and_norm("grad_cosine", model, flat_params, x, y, ref_grads, groups, num_groups, backend)
     ref = ref_grads.to(dots.dtype).norm(dim=-1).clamp_min(eps)  # [K] or [G, K]
     return dots / (norms.clamp_min(eps) * ref)

@@ -62,9 +62,21 @@ register_kernels(_group_score_op, "group_score", _GROUP_SCORE)
 
 
 def group_score(groups: Tensor, mean: Tensor, std: Tensor, weights=DEFAULT_WEIGHTS, *, backend: str = "auto") -> Tensor:
-    """D3HR score of each candidate group (lower is better). groups: [G, ipc, D]; mean, std: [D] -> [G].
+    """D3HR score of each candidate group (lower is better).
 
-    backend "cpp" (CPU) is one fused pass per group (float64 accumulation); "reference" is reference.group_score.
+    Args:
+        groups: [G, ipc, D].
+        mean: [D] (D >= 3), on groups' device.
+        std: [D], non-negative, mean's dtype.
+        weights: (w_mean, w_std, w_skew), non-negative and finite.
+        backend: "cpp" (CPU) is one fused pass per group (float64 accumulation); "reference" is
+            reference.group_score; "auto": OP_BACKENDS.
+
+    Returns:
+        [G] scores.
+
+    Raises:
+        ValueError: if the shapes, dtypes, devices or weights are invalid or std has negative entries.
     """
     check_tensor("groups", groups, ndim=3)
     _check_distribution(mean, std, groups.device)
@@ -119,8 +131,24 @@ register_kernels(_group_sampling_op, "group_sampling", _GROUP_SAMPLING)
 def philox_candidates(
     mean: Tensor, std: Tensor, ipc: int, n_candidates: int, *, seed: int | Tensor, weights=DEFAULT_WEIGHTS
 ):
-    """The candidates backend="triton" draws for `seed`, materialised, with its fused scores:
-    (groups [n_candidates, ipc, D], scores [n_candidates]), float32. For tests and small sizes."""
+    """The candidates backend="triton" draws for `seed`, materialised, with their fused scores.
+
+    For tests and small sizes.
+
+    Args:
+        mean: [D] (D >= 3).
+        std: [D], non-negative.
+        ipc: group size.
+        n_candidates: number of groups.
+        seed: an int in [0, 2**63) or a 0-dim integer tensor.
+        weights: (w_mean, w_std, w_skew).
+
+    Returns:
+        (groups [n_candidates, ipc, D], scores [n_candidates]), float32.
+
+    Raises:
+        ValueError: if mean / std, ipc, n_candidates, weights or seed are invalid.
+    """
     from .triton.group_sampling import group_candidates_triton
 
     _check_sizes(mean, std, ipc, n_candidates)
@@ -140,18 +168,32 @@ def group_sampling(
     chunk: int = 1024,
     backend: str = "auto",
 ) -> tuple[Tensor, Tensor]:
-    """Best of n_candidates groups of ipc latents from N(mean, diag(std²)): (group [ipc, D], score 0-dim).
+    """Best of n_candidates groups of ipc latents from N(mean, diag(std²)).
 
-    mean, std: [D] (D >= 3: the skewness needs 3 features); weights: (w_mean, w_std, w_skew) >= 0.
-    Randomness: `generator` (a torch.Generator on mean's device) or `seed` (an int; for triton also a 0-dim
-    integer tensor: with value_checks(False) the call is then free of host syncs), not both; neither: the
-    device's default generator.
-    reference / cpp draw randn(chunk, ipc, D) * std + mean from the generator chunk after chunk and agree
-    with each other; triton draws one 64-bit Philox seed from the generator (or uses `seed`) and generates
-    the candidates in-kernel: the same scoring, another random stream (see the module docstring); it takes
-    ipc <= 64 ("auto" falls back to the reference above) and computes in float32 (output in mean's dtype).
-    chunk: candidates drawn and scored at once by reference / cpp (memory: chunk · ipc · D values).
-    Not differentiable.
+    reference / cpp draw randn(chunk, ipc, D) * std + mean from the generator chunk after chunk and agree with
+    each other; triton draws one 64-bit Philox seed from the generator (or uses `seed`) and generates the
+    candidates in-kernel: the same scoring, another random stream (see the module docstring); it takes ipc <= 64
+    ("auto" falls back to the reference above) and computes in float32 (output in mean's dtype). Not
+    differentiable.
+
+    Args:
+        mean: [D] (D >= 3: the skewness needs 3 features).
+        std: [D], non-negative, mean's dtype.
+        ipc: group size.
+        n_candidates: number of groups.
+        generator: a torch.Generator on mean's device (not with seed; neither: the device's default generator).
+        weights: (w_mean, w_std, w_skew) >= 0.
+        seed: an int; for triton also a 0-dim integer tensor (with value_checks(False) the call is then free of
+            host syncs).
+        chunk: candidates drawn and scored at once by reference / cpp (memory: chunk · ipc · D values).
+        backend: "auto" (OP_BACKENDS) or an implementation to force.
+
+    Returns:
+        (group [ipc, D], score 0-dim), in mean's dtype.
+
+    Raises:
+        ValueError: if mean / std, ipc, n_candidates, weights, chunk, generator or seed are invalid, both
+            generator and seed are given, or ipc > 64 with backend="triton".
     """
     _check_sizes(mean, std, ipc, n_candidates)
     weights = _check_weights(weights)

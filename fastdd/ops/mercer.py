@@ -187,14 +187,31 @@ def mercer_distance(
     eps: float = 1e-12,
     backend: str = "auto",
 ) -> Tensor:
-    """Mean kernel distance of every x_b to the set y (DAP energy). x: [B, D], y: [N, D] -> [B].
+    """Mean kernel distance of every x_b to the set y (DAP energy).
 
-    out_b = (1/N) Σ_n √(max(K(x_b,x_b) + K(y_n,y_n) − 2K(x_b,y_n), 0) + eps) with kernel
-    "linear" (x·y: the Euclidean distance), "rbf" (exp(−‖x−y‖²/2σ²), σ = √D by default) or
-    "poly" ((x·y/D + coef0)^degree). y may be bfloat16 / float16: it is widened on load and everything
-    accumulates in float32 (float64 for float64 x); the result has that dtype. y_sqnorm [N] = ‖y_n‖²
-    (float32) may be passed to save the fast backends a pass; it is trusted, not checked against y.
-    Differentiable w.r.t. x (finite at zero distance thanks to eps); y is a constant.
+    out_b = (1/N) Σ_n √(max(K(x_b,x_b) + K(y_n,y_n) − 2K(x_b,y_n), 0) + eps). Everything accumulates in
+    float32 (float64 for float64 x). Differentiable w.r.t. x (finite at zero distance thanks to eps); y is a
+    constant.
+
+    Args:
+        x: [B, D].
+        y: [N, D], on x's device, not requiring grad; may be bfloat16 / float16 (widened on load).
+        kernel: "linear" (x·y: the Euclidean distance), "rbf" (exp(−‖x−y‖²/2σ²)) or "poly"
+            ((x·y/D + coef0)^degree).
+        sigma: rbf σ > 0 (default √D).
+        degree: poly degree, an int >= 1.
+        coef0: poly coef0, finite.
+        y_sqnorm: [N] = ‖y_n‖² (float32), may be passed to save the fast backends a pass; it is trusted, not
+            checked against y.
+        eps: > 0, added under the square root.
+        backend: "auto" (OP_BACKENDS) or an implementation to force.
+
+    Returns:
+        [B] distances in the accumulation dtype.
+
+    Raises:
+        ValueError: if x, y or y_sqnorm have bad shapes, dtypes, devices or NaN/Inf values, y requires grad, or
+            kernel, sigma, degree, coef0 or eps is invalid.
     """
     _check_inputs(x, y, kernel, sigma, degree, coef0, y_sqnorm, eps)
     sigma = reference.default_sigma(x.shape[1]) if sigma is None else float(sigma)

@@ -219,21 +219,46 @@ class GaussianDiffusion:
         raise AttributeError(f"{type(self).__name__} has no attribute {name!r}")
 
     def tables(self, device: torch.device | str, dtype: torch.dtype = torch.float32) -> dict[str, Tensor]:
-        """All respaced tables ([N] each, see TABLE_NAMES) on `device` as `dtype`, cached."""
+        """All respaced tables (see TABLE_NAMES) on `device` as `dtype`, cached.
+
+        Args:
+            device: the device.
+            dtype: the dtype.
+
+        Returns:
+            {name: [N] table}.
+        """
         key = (torch.device(device), dtype)
         if key not in self._on_device:
             self._on_device[key] = {n: t.to(device=key[0], dtype=dtype) for n, t in self._master.items()}
         return self._on_device[key]
 
     def timesteps_on(self, device: torch.device | str) -> Tensor:
-        """`timesteps` (long [N]) on `device`, cached."""
+        """`timesteps` on `device`, cached.
+
+        Args:
+            device: the device.
+
+        Returns:
+            [N] long original timesteps.
+        """
         device = torch.device(device)
         if device not in self._timesteps_on_device:
             self._timesteps_on_device[device] = self.timesteps.to(device)
         return self._timesteps_on_device[device]
 
     def alpha_bar(self, index: int) -> float:
-        """ᾱ at respaced index `index` as a Python float (from the float64 master table; no device work)."""
+        """ᾱ at a respaced index as a Python float (from the float64 master table; no device work).
+
+        Args:
+            index: respaced index in 0..N-1.
+
+        Returns:
+            ᾱ_index.
+
+        Raises:
+            ValueError: if index is not an int in 0..N-1.
+        """
         return self._alpha_bar_list[self._check_index(index)]
 
     def _check_index(self, index: int, upper: int | None = None) -> int:
@@ -256,27 +281,65 @@ class GaussianDiffusion:
 
     # ---------------------------------------------------------------------------- step functions
     def q_sample(self, x0: Tensor, i: Index, noise: Tensor) -> Tensor:
-        """Forward process: x_i = sqrt(ᾱ_i) · x0 + sqrt(1 - ᾱ_i) · noise. x0, noise: [B, C, H, W]."""
+        """Forward process: x_i = sqrt(ᾱ_i) · x0 + sqrt(1 - ᾱ_i) · noise.
+
+        Args:
+            x0: [B, C, H, W] clean latents.
+            i: respaced index: an int or a [B] tensor.
+            noise: [B, C, H, W].
+
+        Returns:
+            [B, C, H, W] x_i.
+        """
         return (
             self._coefficient("sqrt_alphas_cumprod", i, x0) * x0
             + self._coefficient("sqrt_one_minus_alphas_cumprod", i, x0) * noise
         )
 
     def predict_xstart(self, x_t: Tensor, i: Index, eps: Tensor) -> Tensor:
-        """x̂0 = sqrt(1/ᾱ_i) · x_t - sqrt(1/ᾱ_i - 1) · eps. [B, C, H, W]."""
+        """x̂0 = sqrt(1/ᾱ_i) · x_t - sqrt(1/ᾱ_i - 1) · eps.
+
+        Args:
+            x_t: [B, C, H, W].
+            i: respaced index: an int or a [B] tensor.
+            eps: [B, C, H, W] predicted noise.
+
+        Returns:
+            [B, C, H, W] x̂0.
+        """
         return (
             self._coefficient("sqrt_recip_alphas_cumprod", i, x_t) * x_t
             - self._coefficient("sqrt_recipm1_alphas_cumprod", i, x_t) * eps
         )
 
     def predict_eps(self, x_t: Tensor, i: Index, pred_xstart: Tensor) -> Tensor:
-        """The eps consistent with x̂0: (sqrt(1/ᾱ_i) · x_t - x̂0) / sqrt(1/ᾱ_i - 1). [B, C, H, W]."""
+        """The eps consistent with x̂0: (sqrt(1/ᾱ_i) · x_t - x̂0) / sqrt(1/ᾱ_i - 1).
+
+        Args:
+            x_t: [B, C, H, W].
+            i: respaced index: an int or a [B] tensor.
+            pred_xstart: [B, C, H, W] x̂0.
+
+        Returns:
+            [B, C, H, W] eps.
+        """
         return (self._coefficient("sqrt_recip_alphas_cumprod", i, x_t) * x_t - pred_xstart) / self._coefficient(
             "sqrt_recipm1_alphas_cumprod", i, x_t
         )
 
     def split_model_output(self, model_output: Tensor, x_t: Tensor) -> tuple[Tensor, Tensor | None]:
-        """model_output [B, 2C or C, H, W] -> (eps [B, C, H, W], v [B, C, H, W] or None)."""
+        """Split the model output into eps and the variance values v.
+
+        Args:
+            model_output: [B, 2C, H, W] with learn_sigma, else [B, C, H, W].
+            x_t: [B, C, H, W] (gives B and C).
+
+        Returns:
+            (eps [B, C, H, W], v [B, C, H, W] with learn_sigma, else None).
+
+        Raises:
+            ValueError: if model_output's shape does not fit x_t and learn_sigma.
+        """
         channels = x_t.shape[1]
         expected = 2 * channels if self.learn_sigma else channels
         if (
@@ -295,10 +358,20 @@ class GaussianDiffusion:
     def p_mean_variance(
         self, model_output: Tensor, x_t: Tensor, i: Index, clip_denoised: bool | None = None
     ) -> dict[str, Tensor]:
-        """Posterior p(x_{i-1} | x_i) of ADM: dict(mean, variance, log_variance, pred_xstart, eps), each [B, C, H, W].
+        """Posterior p(x_{i-1} | x_i) of ADM.
 
-        model_output: [B, 2C, H, W] (eps, v) with learn_sigma, else [B, C, H, W]. clip_denoised: clamp x̂0 to
-        [-1, 1] before forming the mean (default: the diffusion's clip_denoised, False).
+        Args:
+            model_output: [B, 2C, H, W] (eps, v) with learn_sigma, else [B, C, H, W].
+            x_t: [B, C, H, W].
+            i: respaced index: an int or a [B] tensor.
+            clip_denoised: clamp x̂0 to [-1, 1] before forming the mean (default: the diffusion's clip_denoised,
+                False).
+
+        Returns:
+            dict(mean, variance, log_variance, pred_xstart, eps), each [B, C, H, W].
+
+        Raises:
+            ValueError: if model_output's shape does not fit x_t and learn_sigma.
         """
         eps, v = self.split_model_output(model_output, x_t)
         if v is None:
@@ -328,10 +401,19 @@ class GaussianDiffusion:
     def posterior_kl_bits(
         self, model_output: Tensor, x0: Tensor, x_t: Tensor, i: Index
     ) -> tuple[Tensor, dict[str, Tensor]]:
-        """KL(q(x_{i-1} | x_i, x0) ‖ p(x_{i-1} | x_i)) in bits per dimension, per row (ADM's L_t for i > 0).
+        """KL(q(x_{i-1} | x_i, x0) ‖ p(x_{i-1} | x_i)) in bits per dimension, per row.
 
-        model_output: [B, 2C, H, W] (freeze its eps part to train only the variance, as ADM does); x0, x_t:
-        [B, C, H, W] -> (kl [B], the p_mean_variance dict of model_output)."""
+        ADM's L_t for i > 0.
+
+        Args:
+            model_output: [B, 2C, H, W] (freeze its eps part to train only the variance, as ADM does).
+            x0: [B, C, H, W] clean latents.
+            x_t: [B, C, H, W].
+            i: respaced index: an int or a [B] tensor.
+
+        Returns:
+            (kl [B], the p_mean_variance dict of model_output).
+        """
         out = self.p_mean_variance(model_output, x_t, i)
         true_mean = (
             self._coefficient("posterior_mean_coef1", i, x0) * x0
@@ -349,9 +431,18 @@ class GaussianDiffusion:
         return kl.flatten(1).mean(1) / math.log(2.0), out
 
     def ddpm_step(self, out: dict[str, Tensor], noise: Tensor | None, i: Index) -> Tensor:
-        """Ancestral sample x_{i-1} = mean + exp(0.5 · log_variance) · noise, with no noise at i == 0.
+        """Ancestral sample x_{i-1} = mean + exp(0.5 · log_variance) · noise (no noise at i == 0).
 
-        out: a p_mean_variance dict; noise: [B, C, H, W] (may be None when i is the int 0).
+        Args:
+            out: a p_mean_variance dict ([B, C, H, W] entries).
+            noise: [B, C, H, W] (may be None when i is the int 0).
+            i: respaced index: an int or a [B] tensor.
+
+        Returns:
+            [B, C, H, W] x_{i-1}.
+
+        Raises:
+            ValueError: if noise is None at an int i > 0.
         """
         mean = out["mean"]
         if isinstance(i, Tensor):
@@ -372,10 +463,23 @@ class GaussianDiffusion:
         return pred_xstart, eps
 
     def ddim_step(self, eps: Tensor, x_t: Tensor, i: Index, eta: float = 0.0, noise: Tensor | None = None) -> Tensor:
-        """DDIM update from index i to i-1 (to ᾱ_prev = 1 at i == 0, i.e. x̂0):
+        """DDIM update from index i to i-1 (to ᾱ_prev = 1 at i == 0, i.e. x̂0).
 
         x_{i-1} = sqrt(ᾱ_prev) · x̂0 + sqrt(1 - ᾱ_prev - σ²) · eps + σ · noise,
-        σ = η · sqrt((1 - ᾱ_prev)/(1 - ᾱ)) · sqrt(1 - ᾱ/ᾱ_prev). eps, x_t, noise: [B, C, H, W].
+        σ = η · sqrt((1 - ᾱ_prev)/(1 - ᾱ)) · sqrt(1 - ᾱ/ᾱ_prev).
+
+        Args:
+            eps: [B, C, H, W] predicted noise.
+            x_t: [B, C, H, W].
+            i: respaced index: an int or a [B] tensor.
+            eta: η >= 0.
+            noise: [B, C, H, W] (needed when eta > 0).
+
+        Returns:
+            [B, C, H, W] x_{i-1}.
+
+        Raises:
+            ValueError: if eta < 0, or noise is None with eta > 0.
         """
         if eta < 0:
             raise ValueError(f"eta must be >= 0, got {eta}")
@@ -393,12 +497,23 @@ class GaussianDiffusion:
         return torch.sqrt(ac_prev) * pred_xstart + direction * eps + sigma * noise
 
     def ddim_inversion_step(self, eps: Tensor, x_t: Tensor, i: Index) -> Tensor:
-        """Deterministic DDIM inversion from index i to i+1 (i < N-1):
+        """Deterministic DDIM inversion from index i to i+1 (i < N-1).
 
         x_{i+1} = sqrt(ᾱ_{i+1}) · x̂0 + sqrt(1 - ᾱ_{i+1}) · eps, x̂0 = (x_i - sqrt(1 - ᾱ_i) · eps) / sqrt(ᾱ_i).
         Which eps to pass is the caller's choice: D3HR evaluates the model at the *target* timestep
         timesteps[i+1] on the current latent x_i (`ddim_invert`'s default); IDDPM's ddim_reverse_sample uses
         timesteps[i]. A clean latent is x at index 0 (ᾱ_0 = ᾱ at original step 0, not 1), as in D3HR.
+
+        Args:
+            eps: [B, C, H, W] predicted noise.
+            x_t: [B, C, H, W] x_i.
+            i: respaced index: an int in 0..N-2 or a [B] tensor.
+
+        Returns:
+            [B, C, H, W] x_{i+1}.
+
+        Raises:
+            ValueError: if an int i is not in 0..N-2.
         """
         if not isinstance(i, Tensor):
             self._check_index(i, self.num_steps - 2)

@@ -121,15 +121,34 @@ def sample_step(
     eta: float = 0.0,
     model_jacobian: bool = True,
 ) -> Tensor:
-    """One guided step at respaced index `index`: x [R, C, H, W] -> next latent [R, C, H, W] (detached).
+    """One guided step at respaced index `index`.
 
-    model_fn(x, t, y) returns the model output after CFG in this row layout (see cfg.guided_model);
-    noise: [R, C, H, W] for this step (unused at index 0 and by DDIM with eta = 0); rows: the number of
-    real rows B (default R); method: "ddpm" (ancestral) or "ddim" (x_{i-1} = DDIM update with eta; ctx.mean and
-    ctx.log_variance are still the ancestral posterior's); model_jacobian=False (fast mode) runs the model
-    without autograd and stands in for its Jacobian with that of the ideal denoiser of unit-variance data,
-    ∂ε/∂x_t = √(1 − ᾱ)·I (so ∂x̂0/∂x_t = √ᾱ·I): values are unchanged, guidance gradients skip the model's
-    backward. (Taking ∂ε/∂x_t = 0 instead gives ∂x̂0/∂x_t = I/√ᾱ, up to 150× too large at high noise.)
+    method "ddpm": ancestral; "ddim": x_{i-1} = the DDIM update with eta (ctx.mean and ctx.log_variance are
+    still the ancestral posterior's). model_jacobian=False (fast mode) runs the model without autograd and
+    stands in for its Jacobian with that of the ideal denoiser of unit-variance data, ∂ε/∂x_t = √(1 − ᾱ)·I (so
+    ∂x̂0/∂x_t = √ᾱ·I): values are unchanged, guidance gradients skip the model's backward. (Taking
+    ∂ε/∂x_t = 0 instead gives ∂x̂0/∂x_t = I/√ᾱ, up to 150× too large at high noise.)
+
+    Args:
+        model_fn: model_fn(x, t, y) returns the model output after CFG in this row layout (see
+            cfg.guided_model).
+        diffusion: the respaced diffusion.
+        x: [R, C, H, W] latents at index.
+        index: respaced index.
+        y: [R] labels of the rows.
+        noise: [R, C, H, W] noise of this step (unused at index 0 and by DDIM with eta = 0).
+        guidances: the guidances; those active at index add their deltas, in order.
+        rows: the number of real rows B (default R).
+        image_ids: the (class_index, image_index, seed) of each real row, for the guidances.
+        method: "ddpm" or "ddim".
+        eta: DDIM η.
+        model_jacobian: False: the fast mode above.
+
+    Returns:
+        [R, C, H, W] next latent (detached).
+
+    Raises:
+        ValueError: if method is not "ddpm" or "ddim", or a guidance returns a delta of another shape.
     """
     if method not in ("ddpm", "ddim"):
         raise ValueError(f"method must be 'ddpm' or 'ddim', got {method!r}")
@@ -252,8 +271,17 @@ class GuidedSampler:
     def replace(
         self, *, model: nn.Module | ModelFn | None = None, diffusion: GaussianDiffusion | None = None
     ) -> GuidedSampler:
-        """A sampler with another model and/or diffusion and every other setting of this one (CFG, labels,
-        guidances, speed options)."""
+        """A sampler with another model and/or diffusion and every other setting of this one.
+
+        CFG, labels, guidances and speed options are kept.
+
+        Args:
+            model: the new model (None: this sampler's).
+            diffusion: the new diffusion (None: this sampler's).
+
+        Returns:
+            The new GuidedSampler.
+        """
         return GuidedSampler(
             self.model if model is None else model,
             self.diffusion if diffusion is None else diffusion,
@@ -346,9 +374,23 @@ class GuidedSampler:
         progress: bool = True,
         dtype: torch.dtype = torch.float32,
     ) -> Tensor:
-        """Ancestral sampling over all N steps. labels: [B]; image_ids: [(class_index, image_index, seed)] per
-        image; latent_shape: (C, H, W) -> final latents [B, C, H, W] (the x̂0 of index 0, plus any guidance
-        delta of that step), in `dtype`."""
+        """Ancestral sampling over all N steps.
+
+        Args:
+            labels: [B] class labels.
+            image_ids: [(class_index, image_index, seed)] per image; they give the trajectory noise.
+            latent_shape: (C, H, W).
+            device: where to sample.
+            progress: show a progress bar.
+            dtype: dtype of the noise and latents.
+
+        Returns:
+            [B, C, H, W] final latents (the x̂0 of index 0, plus any guidance delta of that step), in `dtype`.
+
+        Raises:
+            ValueError: if labels is not a non-empty [B] of classes in 0..num_classes - 1, or image_ids are not B
+                triples.
+        """
         labels = _as_labels(labels, self.num_classes)
         image_ids = _check_image_ids(image_ids, labels.shape[0])
         noise = batch_trajectory_noise(
@@ -371,15 +413,32 @@ class GuidedSampler:
         progress: bool = True,
         dtype: torch.dtype = torch.float32,
     ) -> Tensor:
-        """DDIM from respaced index start_index (default N-1) down to 0 -> final latents [B, C, H, W].
+        """DDIM from respaced index start_index down to 0.
 
-        x_start: [B, C, H, W] latents at start_index (e.g. from `ddim_invert`, as D3HR); without it the
-        initial latents come from image_ids' trajectory noise (then image_ids, latent_shape and device are
-        needed). eta > 0 draws the per-step noise from image_ids too. Guidances run as in `sample`.
         The last step goes from index 0 to ᾱ = 1 (returns x̂0), as diffusers' DDIMScheduler with
-        set_alpha_to_one. D3HR: GaussianDiffusion(50, timestep_spacing="leading"), its start_step 18 (of 50,
-        timestep 620) is start_index=31 here. Not reproduced: D3HR's own update uses ᾱ at max(1, t - 20) as the
-        previous ᾱ, so its last two steps end at ᾱ_1 instead of ᾱ_0 and 1.
+        set_alpha_to_one. Guidances run as in `sample`. D3HR: GaussianDiffusion(50, timestep_spacing="leading"),
+        its start_step 18 (of 50, timestep 620) is start_index=31 here. Not reproduced: D3HR's own update uses ᾱ at
+        max(1, t - 20) as the previous ᾱ, so its last two steps end at ᾱ_1 instead of ᾱ_0 and 1.
+
+        Args:
+            labels: [B] class labels.
+            image_ids: [(class_index, image_index, seed)] per image, for the noise (needed without x_start, or with
+                eta > 0).
+            latent_shape: (C, H, W) (needed without x_start).
+            device: where to sample (needed without x_start).
+            start_index: the first respaced index (default N-1).
+            x_start: [B, C, H, W] latents at start_index (e.g. from `ddim_invert`, as D3HR); without it the
+                initial latents come from image_ids' trajectory noise.
+            eta: DDIM η; eta > 0 draws the per-step noise from image_ids.
+            progress: show a progress bar.
+            dtype: dtype of the noise and latents.
+
+        Returns:
+            [B, C, H, W] final latents.
+
+        Raises:
+            ValueError: if labels, image_ids, start_index or x_start are invalid, or the noise is needed and
+                image_ids (and latent_shape, device without x_start) are missing.
         """
         labels = _as_labels(labels, self.num_classes)
         start = self.diffusion.num_steps - 1 if start_index is None else self.diffusion._check_index(start_index)
@@ -415,10 +474,28 @@ class GuidedSampler:
         progress: bool = True,
         dtype: torch.dtype = torch.float32,
     ) -> Tensor:
-        """Deterministic DPM-Solver++ (diffusers' DPMSolverMultistepScheduler on the original T-step betas,
-        its default "linspace" timesteps) from the same initial latents as `sample`. Guidances are not run
-        (a multistep solver has no single-step update to add deltas to), so a sampler with guidances refuses.
-        The scheduler itself does a few host syncs per step (diffusers' step-index bookkeeping)."""
+        """Deterministic DPM-Solver++ from the same initial latents as `sample`.
+
+        diffusers' DPMSolverMultistepScheduler on the original T-step betas, its default "linspace" timesteps.
+        Guidances are not run (a multistep solver has no single-step update to add deltas to), so a sampler with
+        guidances refuses. The scheduler itself does a few host syncs per step (diffusers' step-index bookkeeping).
+
+        Args:
+            labels: [B] class labels.
+            image_ids: [(class_index, image_index, seed)] per image.
+            latent_shape: (C, H, W).
+            device: where to sample.
+            num_steps: solver steps.
+            solver_order: the solver order.
+            progress: show a progress bar.
+            dtype: dtype of the initial noise.
+
+        Returns:
+            [B, C, H, W] final latents.
+
+        Raises:
+            ValueError: if the sampler has guidances, labels is invalid or image_ids are not B triples.
+        """
         from diffusers import DPMSolverMultistepScheduler
 
         if self.guidances:
@@ -458,15 +535,33 @@ def ddim_invert(
     return_intermediates: bool = False,
     progress: bool = False,
 ) -> Tensor:
-    """Deterministic DDIM inversion of clean latents x0 [B, C, H, W] (taken as index 0) to respaced index
-    target_index, with clean CFG (all eps channels by default, as D3HR's diffusers pipeline).
+    """Deterministic DDIM inversion of clean latents x0 (index 0) to respaced index target_index.
 
-    eps_timestep="next" (D3HR): step i -> i+1 evaluates the model at timesteps[i+1] on x_i; "current"
-    (IDDPM ddim_reverse_sample): at timesteps[i]. Returns x at target_index [B, C, H, W], or with
-    return_intermediates the latents at indices 0..target_index: [target_index + 1, B, C, H, W].
-    To reproduce D3HR use GaussianDiffusion(50, timestep_spacing="leading") (timesteps 0, 20, ..., 980): its
-    stored latent after inversion step k (timestep 20k) is index k here. Sampling back down to index 0 ends
-    with the step to ᾱ = 1, so a round trip returns x̂0 of x0 at timestep 0, not x0 itself.
+    Clean CFG (all eps channels by default, as D3HR's diffusers pipeline). To reproduce D3HR use
+    GaussianDiffusion(50, timestep_spacing="leading") (timesteps 0, 20, ..., 980): its stored latent after
+    inversion step k (timestep 20k) is index k here. Sampling back down to index 0 ends with the step to
+    ᾱ = 1, so a round trip returns x̂0 of x0 at timestep 0, not x0 itself.
+
+    Args:
+        model: model(x, t, y) or a ModelFn.
+        diffusion: the respaced diffusion.
+        x0: [B, C, H, W] clean latents.
+        y: [B] class labels.
+        target_index: respaced index to invert to.
+        cfg_scale: CFG scale.
+        null_class: the unconditional label.
+        cfg_channels: guided eps channels (None: all).
+        eps_timestep: "next" (D3HR): step i -> i+1 evaluates the model at timesteps[i+1] on x_i; "current"
+            (IDDPM ddim_reverse_sample): at timesteps[i].
+        return_intermediates: return the latents of every index 0..target_index, stacked.
+        progress: show a progress bar.
+
+    Returns:
+        [B, C, H, W] x at target_index, or with return_intermediates the latents at indices 0..target_index:
+        [target_index + 1, B, C, H, W].
+
+    Raises:
+        ValueError: if eps_timestep or target_index is invalid, or x0 / y are not [B, C, H, W] / [B].
     """
     if eps_timestep not in ("next", "current"):
         raise ValueError(f"eps_timestep must be 'next' or 'current', got {eps_timestep!r}")

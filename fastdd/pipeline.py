@@ -30,6 +30,7 @@ import hashlib
 import io
 import json
 import os
+import statistics
 import sys
 import time
 from collections.abc import Callable
@@ -538,18 +539,22 @@ def prepare(spec: RunSpec, options: Any = None) -> PreparedRun:
 
 
 class Probe:
-    """Timed pieces of a run for the dry run's estimate: each measured once, after an untimed warm-up call."""
+    """Timed pieces of a run for the dry run's estimate: each the median of a few calls after a warm-up call."""
 
     def __init__(self, run: PreparedRun):
         self.run, self._calls = run, {}
 
-    def seconds(self, fn: Callable[[], object]) -> float:
+    def seconds(self, fn: Callable[[], object], repeats: int = 5) -> float:
+        """Median seconds of `repeats` calls of fn after one untimed warm-up call."""
         fn()
-        start = time.perf_counter()
-        fn()
-        if self.run.models.device.type == "cuda":
-            torch.cuda.synchronize(self.run.models.device)
-        return time.perf_counter() - start
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            fn()
+            if self.run.models.device.type == "cuda":
+                torch.cuda.synchronize(self.run.models.device)
+            times.append(time.perf_counter() - start)
+        return statistics.median(times)
 
     def _inputs(self, rows: int, shape: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         device, label = self.run.models.device, self.run.models.class_labels[0]

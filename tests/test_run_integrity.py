@@ -115,11 +115,18 @@ def test_shared_d3hr_statistics_of_other_data_are_refused(tmp_path, assets, caps
     refused(capsys, other_cfg + d3hr, tmp_path / "z", "differs in: cfg_scale")
 
 
-@pytest.mark.parametrize(
-    "method, extra",
-    [("mgd3", []), ("d3hr", ["--d3hr-candidates", "20"]), ("sam", ["--sam-epochs", "1", "--sam-batch", "4"])],
-)
-def test_state_of_a_run_killed_before_its_manifest_is_not_reused_with_other_data(tmp_path, assets, method, extra):
+SMALL_STATE = {  # (CLI flags, options) of each method that caches state, at small settings
+    "igd": (["--surrogate-epochs", "2"], {"surrogate_epochs": 2}),
+    "mgd3": ([], {}),
+    "d3hr": (["--d3hr-candidates", "20"], {"candidates": 20}),
+    "sam": (["--sam-epochs", "1", "--sam-batch", "4"], {"epochs": 1, "batch": 4}),
+    "igds": (["--igds-eta", "0.5", "--igds-epochs", "1", "--igds-classifier-epochs", "2"],
+             {"eta": 0.5, "epochs": 1, "classifier_epochs": 2}),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("method", sorted(SMALL_STATE))
+def test_state_of_a_run_killed_before_its_manifest_is_not_reused_with_other_data(tmp_path, assets, method):
     """Killed after its cache was written and before manifest.json: the restart with other --data recomputes."""
     out = tmp_path / "run"
     spec = fastdd.RunSpec(
@@ -132,9 +139,8 @@ def test_state_of_a_run_killed_before_its_manifest_is_not_reused_with_other_data
         quiet=True,
         device="cpu",
     )
-    options = fastdd.METHODS[method].options(
-        **{"d3hr": {"candidates": 20}, "sam": {"epochs": 1, "batch": 4}}.get(method, {})
-    )
+    extra, values = SMALL_STATE[method]
+    options = fastdd.METHODS[method].options(**values)
     prepared = fastdd.prepare(spec, options)  # builds the method (writes its cache), then "dies" before start()
     if method == "d3hr":  # D3HR computes its statistics lazily, at the first batch
         prepared.sample_batch(prepared.plan[0])
@@ -333,6 +339,35 @@ def test_an_unreadable_cache_is_computed_again(tmp_path, assets, capsys):
     assert {k: v for k, v in tree(first).items() if k.endswith(".png")} == {
         k: v for k, v in tree(second).items() if k.endswith(".png")
     }
+
+
+def test_a_decompression_bomb_in_the_data_is_refused_in_one_line(tmp_path, assets, capsys):
+    data = tmp_path / "data"
+    for name in "abc":
+        (data / name).mkdir(parents=True)
+        for i in range(2):
+            (data / name / f"{i}.png").write_bytes((assets["data_a"] / name / f"{i}.png").read_bytes())
+    Image.new("1", (14_000, 14_000)).save(data / "b" / "bomb.png")  # 196 Mpixel: over twice PIL's limit
+    for method in ("dit", "mgd3"):  # checked up front (dit), or when the images load (mgd3)
+        out = tmp_path / method
+        refused(capsys, args(out, assets["abc_prior"], "--data", str(data), method=method), out, "bomb.png")
+
+
+def test_a_diffusers_folder_changed_in_place_makes_the_folder_another_run(tmp_path, capsys):
+    from diffusers import DiTTransformer2DModel
+
+    torch.manual_seed(0)
+    model = DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=16, in_channels=1, out_channels=2,
+                                  num_layers=1, sample_size=16, patch_size=4, num_embeds_ada_norm=10)  # fmt: skip
+    folder, out = tmp_path / "transformer", tmp_path / "run"
+    model.save_pretrained(folder)
+    assert main(args(out, folder, "--vae", "none")) == 0
+    config = json.loads((out / "manifest.json").read_text())["config"]
+    assert config["model_sha256"].startswith("folder:")
+    with torch.no_grad():
+        model.proj_out_2.bias.add_(1.0)
+    model.save_pretrained(folder)  # the same file names, new weights
+    refused(capsys, args(out, folder, "--vae", "none"), out, "differs in: model_sha256", exists_before=True)
 
 
 # ----------------------------------------------------------------------------------------- 8. the file system

@@ -101,7 +101,7 @@ def invert_class_latents(
         raise ValueError(f"batch_size must be > 0, got {batch_size}")
     out = []
     for start in progress_bar(
-        range(0, latents.shape[0], batch_size), disable=not progress, desc="ddim inversion", leave=False
+        range(0, latents.shape[0], batch_size), disable=not progress, desc=f"d3hr inversion, class {class_index}"
     ):
         chunk = latents[start : start + batch_size]
         labels = torch.full((chunk.shape[0],), class_index, dtype=torch.long, device=chunk.device)

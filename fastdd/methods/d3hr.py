@@ -5,7 +5,6 @@ run's sampler and eta."""
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -97,11 +96,16 @@ def build(options: D3HROptions, spec: RunSpec, models: Models, data: RealData) -
                 check_statistics_file(
                     statistics_path(stats_dir, label), statistics_config(like_run, label, target, inputs)
                 )
-    class_batches = [(math.ceil(n / options.batch), min(n, options.batch)) for n in data.class_counts()]
-    cost = Cost(
-        sampling_steps=target + 1,
-        state=lambda probe: sum(k * target * probe.model_call(rows) for k, rows in class_batches),
-    )
+
+    def inversion_seconds(probe) -> float:
+        """Each class inverted in batches of options.batch images, `target` DDIM steps per batch."""
+        seconds = 0.0
+        for n in data.class_counts():
+            full, rest = divmod(n, options.batch)
+            seconds += full * probe.model_call(options.batch) + (probe.model_call(rest) if rest else 0.0)
+        return target * seconds
+
+    cost = Cost(sampling_steps=target + 1, state=inversion_seconds)
     if spec.dry_run:
         return MethodSetup(params=params, cost=cost)
     if stats_dir is None:  # private to the run, named by what the statistics depend on

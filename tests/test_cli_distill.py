@@ -17,6 +17,7 @@ import pytest
 import torch
 from PIL import Image
 from safetensors.torch import load_file
+from tiny_dit import TINY_PIXEL_DIT, save_tiny_prior
 
 import fastdd.pipeline as pipeline
 from fastdd.cli.main import main
@@ -25,20 +26,6 @@ from fastdd.guidance.igd import SurrogateBundle, SurrogateConfig
 from fastdd.models.dit import DiT
 from fastdd.prior import save_prior
 from fastdd.sampling import acceleration
-
-TINY_DIT = dict(input_size=16, patch_size=4, in_channels=1, hidden_size=32, depth=1, num_heads=2)
-
-
-def tiny_prior(path: Path, classes: list[str], dataset: str) -> Path:
-    torch.manual_seed(0)
-    model = DiT(**TINY_DIT, num_classes=len(classes))
-    with torch.no_grad():  # DiT zero-initialises its output layers: give them weights so the output depends on x
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    save_prior(
-        model, path, {"dataset": dataset, "classes": classes, "image_size": 16, "channels": 1, "latent": "pixel"}
-    )
-    return path
 
 
 def tiny_bundle(path: Path, num_classes: int, k: int = 2) -> Path:
@@ -59,8 +46,8 @@ def assets(tmp_path_factory):
             pixels = (torch.rand(16, 16) * 255).to(torch.uint8).numpy()
             Image.fromarray(pixels).save(data / name / f"{i}.png")
     return {
-        "digits_prior": tiny_prior(root / "digits.safetensors", DIGITS_CLASSES, "digits"),
-        "abc_prior": tiny_prior(root / "abc.safetensors", list("abc"), "custom"),
+        "digits_prior": save_tiny_prior(root / "digits.safetensors", DIGITS_CLASSES, "digits"),
+        "abc_prior": save_tiny_prior(root / "abc.safetensors", list("abc"), "custom"),
         "bundle": tiny_bundle(root / "bundle.safetensors", 10),
         "data": data,
     }
@@ -419,14 +406,14 @@ def test_checkpoints_of_the_wrong_shape(tmp_path, assets, capsys):
         capsys, distill_args(out, assets, "--surrogate", str(tmp_path / "short.safetensors")), out, "flat_params"
     )
     # prior whose tensors do not match the config in its metadata
-    big = DiT(**{**TINY_DIT, "hidden_size": 48}, num_classes=10)
+    big = DiT(**{**TINY_PIXEL_DIT, "hidden_size": 48}, num_classes=10)
     save_prior(big, tmp_path / "bad.safetensors", {"dataset": "digits", "classes": DIGITS_CLASSES})
     from safetensors import safe_open
     from safetensors.torch import save_file
 
     with safe_open(str(tmp_path / "bad.safetensors"), framework="pt") as f:
         tensors, metadata = {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
-    metadata["fastdd_dit_config"] = json.dumps(DiT(**TINY_DIT, num_classes=10).config())
+    metadata["fastdd_dit_config"] = json.dumps(DiT(**TINY_PIXEL_DIT, num_classes=10).config())
     save_file(tensors, str(tmp_path / "bad.safetensors"), metadata)
     args = distill_args(out, assets, method="dit")
     args[args.index("--model") + 1] = str(tmp_path / "bad.safetensors")

@@ -13,28 +13,12 @@ from pathlib import Path
 import pytest
 import torch
 from PIL import Image
+from tiny_dit import TINY_PIXEL_DIT, save_tiny_prior
 
 import fastdd
 from fastdd.cli.main import main
 from fastdd.data.digits import DIGITS_CLASSES
 from fastdd.models.dit import DiT
-from fastdd.prior import save_prior
-
-TINY_DIT = dict(input_size=16, patch_size=4, in_channels=1, hidden_size=32, depth=1, num_heads=2)
-
-
-def tiny_prior(path: Path, classes: list[str], dataset: str, nan: bool = False) -> Path:
-    torch.manual_seed(0)
-    model = DiT(**TINY_DIT, num_classes=len(classes))
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-        if nan:
-            model.blocks[0].attn.qkv.weight[0, 0] = float("nan")
-    save_prior(
-        model, path, {"dataset": dataset, "classes": classes, "image_size": 16, "channels": 1, "latent": "pixel"}
-    )
-    return path
 
 
 def image_folder(root: Path, seed: int) -> Path:
@@ -51,9 +35,9 @@ def image_folder(root: Path, seed: int) -> Path:
 def assets(tmp_path_factory):
     root = tmp_path_factory.mktemp("assets")
     return {
-        "digits_prior": tiny_prior(root / "digits.safetensors", DIGITS_CLASSES, "digits"),
-        "abc_prior": tiny_prior(root / "abc.safetensors", list("abc"), "custom"),
-        "nan_prior": tiny_prior(root / "nan.safetensors", DIGITS_CLASSES, "digits", nan=True),
+        "digits_prior": save_tiny_prior(root / "digits.safetensors", DIGITS_CLASSES, "digits"),
+        "abc_prior": save_tiny_prior(root / "abc.safetensors", list("abc"), "custom"),
+        "nan_prior": save_tiny_prior(root / "nan.safetensors", DIGITS_CLASSES, "digits", nan=True),
         "data_a": image_folder(root / "a", 1),
         "data_b": image_folder(root / "b", 2),
     }
@@ -273,7 +257,7 @@ def official(tmp_path_factory):
     """A 10-class pixel DiT saved as an official state dict (.pt), whole and without one block's qkv weight."""
     root = tmp_path_factory.mktemp("official")
     torch.manual_seed(0)
-    model = DiT(**(TINY_DIT | {"hidden_size": 384, "num_heads": 6}), num_classes=10)  # DiT-S width, 1 block
+    model = DiT(**(TINY_PIXEL_DIT | {"hidden_size": 384, "num_heads": 6}), num_classes=10)  # DiT-S width, 1 block
     with torch.no_grad():
         for p in model.parameters():
             p.add_(0.05 * torch.randn_like(p))

@@ -12,6 +12,8 @@ import torch
 
 from fastdd.models import DiT
 
+TINY_PIXEL_DIT = dict(input_size=16, patch_size=4, in_channels=1, hidden_size=32, depth=1, num_heads=2)
+
 _TRAIN_ALPHAS_CUMPROD = torch.from_numpy(np.cumprod(1.0 - np.linspace(1e-4, 0.02, 1000, dtype=np.float64))).float()
 
 
@@ -101,3 +103,19 @@ def tiny_vae():
 def relative_error(actual: torch.Tensor, expected: torch.Tensor, floor: float = 0.0) -> float:
     """‖actual − expected‖ / max(‖expected‖, floor) (floor 0: a zero `expected` gives inf or nan)."""
     return float((actual - expected).detach().norm() / expected.detach().norm().clamp_min(floor))
+
+
+def save_tiny_prior(path, classes: list[str], dataset: str, nan: bool = False):
+    """A 1-block 16×16 pixel-space fastdd prior for `classes` saved at path (with one NaN weight if nan)."""
+    from fastdd.prior import save_prior
+
+    torch.manual_seed(0)
+    model = DiT(**TINY_PIXEL_DIT, num_classes=len(classes))
+    with torch.no_grad():  # DiT zero-initialises its output layers: give them weights so the output depends on x
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+        if nan:
+            model.blocks[0].attn.qkv.weight[0, 0] = float("nan")
+    metadata = {"dataset": dataset, "classes": classes, "image_size": 16, "channels": 1, "latent": "pixel"}
+    save_prior(model, path, metadata)
+    return path

@@ -55,6 +55,32 @@ def is_fastdd_prior(path: Path) -> bool:
         raise ValueError(f"--model {path} is not a readable safetensors file ({err})") from None
 
 
+def looks_like_hub_id(spec: str) -> bool:
+    """'org/name': one '/', no leading '.', '/' or '~', no weight-file suffix, not an existing path."""
+    return (
+        spec.count("/") == 1
+        and not spec.startswith((".", "/", "~"))
+        and Path(spec).suffix not in (".pt", ".pth", ".safetensors", ".bin", ".ckpt")
+        and not Path(spec).exists()
+    )
+
+
+def resolve_hub_id(spec: str, option: str, revision: str | None = None) -> Path:
+    """The local snapshot folder of a Hugging Face hub repository: downloaded when online, else the cached one
+    (HF_HOME, HF_HUB_OFFLINE and a revision honoured as huggingface_hub does); ValueError naming the option."""
+    import huggingface_hub
+    from huggingface_hub.utils import HfHubHTTPError
+
+    try:
+        return Path(huggingface_hub.snapshot_download(spec, revision=revision))
+    except (HfHubHTTPError, OSError, ValueError) as err:
+        offline = " and offline (HF_HUB_OFFLINE=1)" if huggingface_hub.constants.HF_HUB_OFFLINE else ""
+        raise ValueError(
+            f"{option} {spec}: not in the Hugging Face cache{offline} ({type(err).__name__}); download it with "
+            f"`huggingface-cli download {spec}` where the hub is reachable, or pass a local folder"
+        ) from None
+
+
 def load_checkpoint(path: Path, device: torch.device, allow_missing_keys: bool, description: dict) -> nn.Module:
     """An official / EMA / Minimax DiT checkpoint, strictly; with allow_missing_keys a checkpoint lacking keys loads
     too, and the keys are listed on stderr and in description["missing_keys"]."""
@@ -71,6 +97,19 @@ def load_checkpoint(path: Path, device: torch.device, allow_missing_keys: bool, 
         return network
 
 
+def load_codec(vae: str, device: torch.device, precision: str):
+    """The LatentCodec of --vae: an alias (mse | ema), a hub id (resolved through the cache) or a folder."""
+    from .vae import VAE_ALIASES, LatentCodec
+
+    name = VAE_ALIASES.get(vae, vae)
+    source = str(resolve_hub_id(name, "--vae")) if looks_like_hub_id(name) else name
+    try:
+        return LatentCodec.from_pretrained(source, device=device, channels_last=device.type == "cuda",
+                                           precision=precision)  # fmt: skip
+    except ValueError as err:
+        raise ValueError(f"--vae {vae}: {err}") from None
+
+
 def load_generator(
     model: str | None,
     vae: str | None,
@@ -83,10 +122,10 @@ def load_generator(
     --data folder or None) picks the default model. An official checkpoint loads strictly unless
     allow_missing_keys (then the keys it lacks are listed on stderr and recorded)."""
     from ..prior import load_prior
-    from .vae import LatentCodec, PixelCodec
+    from .vae import PixelCodec
 
     spec = model or (str(DIGITS_PRIOR_PATH) if data is None else DEFAULT_DIT)
-    path = Path(spec)
+    path = resolve_hub_id(spec, "--model") if looks_like_hub_id(spec) else Path(spec)
     if model is None and data is None and not path.is_file():
         raise ValueError(f"the bundled digits prior {path} is missing; make it with `fastdd prior train --out {path}`")
     description = {"model": spec if model else ("bundled digits prior" if data is None else spec)}
@@ -112,19 +151,17 @@ def load_generator(
             if path.is_file():
                 network = load_checkpoint(path, device, allow_missing_keys, description)
             else:
-                network = load_diffusers_dit(spec).to(device)
+                try:
+                    network = load_diffusers_dit(path).to(device)
+                except ValueError as err:
+                    raise ValueError(f"--model {spec}: {err}") from None
         except (OSError, RuntimeError, KeyError, TypeError) as err:
             raise ValueError(
                 f"--model {spec}: cannot load a DiT ({type(err).__name__}: {str(err).splitlines()[0]})"
             ) from None
-        vae = vae or "mse"
-        codec = (
-            PixelCodec(network.in_channels)
-            if vae == "none"
-            else LatentCodec.from_pretrained(
-                vae, device=device, channels_last=device.type == "cuda", precision=precision
-            )
-        )
+        if vae is None:  # a pipeline's own VAE, else the SD VAE the DiT was trained with
+            vae = str(path) if (path / "vae" / "config.json").is_file() else "mse"
+        codec = PixelCodec(network.in_channels) if vae == "none" else load_codec(vae, device, precision)
         description.update(vae=vae)
         if Path(vae).exists():
             description["vae_sha256"] = weights_fingerprint(Path(vae))

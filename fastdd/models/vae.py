@@ -33,9 +33,9 @@ def check_vae_folder(folder: str) -> None:
     except (OSError, ValueError):
         class_name = None
     if class_name != "AutoencoderKL":
-        raise ValueError(f"--vae {folder}: not a diffusers AutoencoderKL folder ({config}: _class_name {class_name!r})")
+        raise ValueError(f"{folder} is not a diffusers AutoencoderKL folder ({config}: _class_name {class_name!r})")
     if not glob.glob(os.path.join(folder, "diffusion_pytorch_model*")):
-        raise ValueError(f"--vae {folder}: no weights (diffusion_pytorch_model.safetensors or .bin)")
+        raise ValueError(f"{folder} holds no weights (diffusion_pytorch_model.safetensors or .bin)")
 
 
 def load_vae(
@@ -59,7 +59,8 @@ def load_vae(
     try:
         vae = AutoencoderKL.from_pretrained(name_or_path, subfolder=subfolder, torch_dtype=dtype)
     except (OSError, ValueError) as error:
-        raise ValueError(f"name_or_path: cannot load an AutoencoderKL from {name_or_path!r}: {error}") from error
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ValueError(f"cannot load an AutoencoderKL from {name_or_path!r}: {first_line}") from None
     return vae.to(device).eval().requires_grad_(False)
 
 

@@ -1,0 +1,77 @@
+"""Weights the way users bring them: a hub id resolved through a Hugging Face cache layout the test builds
+(`models--<org>--<name>/snapshots/<rev>/…` with `refs/main`) under HF_HOME with HF_HUB_OFFLINE=1, a pipeline's own
+VAE used by default, and one-line errors naming the option when an id is not cached."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REVISION = "0123456789abcdef0123456789abcdef01234567"
+
+
+def tiny_pipeline(folder: Path) -> Path:
+    """A diffusers-format pipeline folder: transformer/ (a 1-block latent DiT, 10 classes) and vae/ (a 2-level
+    AutoencoderKL: 16×16 RGB images <-> 4×8×8 latents)."""
+    from diffusers import AutoencoderKL, DiTTransformer2DModel
+
+    torch.manual_seed(0)
+    DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=8, num_layers=1,
+                          sample_size=8, patch_size=2, num_embeds_ada_norm=10).save_pretrained(folder / "transformer")  # fmt: skip
+    AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 8), layers_per_block=1,
+                  down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                  norm_num_groups=4, sample_size=16).save_pretrained(folder / "vae")  # fmt: skip
+    (folder / "model_index.json").write_text(json.dumps({"_class_name": "DiTPipeline"}))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def hf_home(tmp_path_factory) -> Path:
+    """HF_HOME holding tiny/dit-pipe in the hub cache layout, at REVISION, with refs/main."""
+    home = tmp_path_factory.mktemp("hf_home")
+    repo = home / "hub" / "models--tiny--dit-pipe"
+    tiny_pipeline(repo / "snapshots" / REVISION)
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(REVISION)
+    return home
+
+
+def fastdd_cli(args: list[str], hf_home: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HOME": str(hf_home), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "fastdd", *args], env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_a_hub_id_in_the_cache_loads_offline_with_the_pipeline_vae(tmp_path, hf_home):
+    out = tmp_path / "run"
+    proc = fastdd_cli(["distill", "--method", "dit", "--ipc", "1", "--steps", "2", "--model", "tiny/dit-pipe",
+                       "--out", str(out), "--quiet", "--device", "cpu"], hf_home)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert "accelerate" not in proc.stderr
+    config = json.loads((out / "manifest.json").read_text())["config"]
+    assert config["model"] == "tiny/dit-pipe" and config["model_sha256"].startswith("folder:")
+    assert config["vae"].endswith(f"snapshots/{REVISION}") and config["vae_sha256"].startswith("folder:")
+    assert (config["image_size"], config["channels"]) == (16, 3) and len(list(out.glob("*/*.png"))) == 10
+
+
+def test_an_id_missing_from_the_cache_fails_in_one_line_naming_the_option(tmp_path, hf_home):
+    data = tmp_path / "data" / "a"
+    data.mkdir(parents=True)
+    from PIL import Image
+
+    Image.new("RGB", (16, 16)).save(data / "0.png")
+    for args, option in (
+        (["--data", str(tmp_path / "data")], "--model facebook/DiT-XL-2-256"),  # the default model with --data
+        (["--model", "tiny/dit-pipe", "--vae", "stabilityai/sd-vae-ft-ema"], "--vae stabilityai/sd-vae-ft-ema"),
+    ):
+        out = tmp_path / "out"
+        proc = fastdd_cli(["distill", "--method", "dit", "--ipc", "1", "--out", str(out), "--dry-run", *args], hf_home)
+        err = proc.stderr.strip()
+        assert proc.returncode == 2 and len(err.splitlines()) == 1, err
+        assert f"{option}: not in the Hugging Face cache and offline (HF_HUB_OFFLINE=1)" in err, err
+        assert "huggingface-cli download" in err and not out.exists()

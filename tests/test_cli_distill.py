@@ -180,6 +180,21 @@ def test_igd_computes_and_caches_the_surrogate_from_data(tmp_path, assets):
     assert sorted(p.parent.name for p in out.glob("*/*.png")) == ["a", "b", "c"]
 
 
+def test_igd_caps_the_surrogate_at_four_checkpoints_and_says_so(tmp_path, assets, capsys, monkeypatch):
+    """Small noisy data makes Algorithm 2 keep almost every epoch (a 4-class folder kept K = 17); here it keeps
+    every epoch: the cap keeps the first 4 it selects (--igd-max-checkpoints), said on stderr."""
+    import fastdd.guidance.igd as igd
+
+    monkeypatch.setattr(igd, "select_checkpoints", lambda grads, threshold: list(range(len(grads))))
+    out = tmp_path / "run"
+    args = ["distill", "--method", "igd", "--ipc", "1", "--out", str(out), "--model", str(assets["abc_prior"]),
+            "--data", str(assets["data"]), "--steps", "3", "--surrogate-epochs", "8", "--quiet", "--device", "cpu"]  # fmt: skip
+    assert main(args) == 0
+    kept = json.loads((out / "manifest.json").read_text())["method_params"]["surrogate_epochs_kept"]
+    assert kept == [0, 1, 2, 3], kept
+    assert "Algorithm 2 kept 9 checkpoints" in capsys.readouterr().err
+
+
 # ----------------------------------------------------------------------------------------- several images per batch
 def image_records(out: Path) -> list[dict]:
     """The manifest's per-image records without the batch number."""

@@ -86,3 +86,23 @@ def test_reference_cosine_memory_gradcheck_float64():
     q = torch.randn(4, 6, dtype=torch.float64, requires_grad=True)
     m = torch.randn(5, 6, dtype=torch.float64)
     assert torch.autograd.gradcheck(lambda q: reference.max_cosine(q, m, 3)[0], (q,))
+
+
+def test_missing_extension_advice_recognises_a_source_checkout(monkeypatch, tmp_path):
+    """Run from a checkout without a built _C, the advice is `pip install -e .` or another folder (a plain
+    `pip install .` does not help: the checkout shadows the installed package)."""
+    from pathlib import Path
+
+    import fastdd
+    from fastdd.ops import _backend
+
+    in_checkout = (Path(fastdd.__file__).resolve().parent.parent / "setup.py").is_file()
+    assert (_backend.source_checkout() is not None) == in_checkout
+    monkeypatch.delenv("FASTDD_NO_EXT", raising=False)
+    monkeypatch.setattr(_backend, "source_checkout", lambda: tmp_path)
+    advice = _backend._how_to_build()
+    assert f"source checkout {tmp_path}" in advice and "pip install -e ." in advice
+    monkeypatch.setattr(_backend, "source_checkout", lambda: None)
+    assert "pip install ." in _backend._how_to_build()
+    monkeypatch.setenv("FASTDD_NO_EXT", "1")
+    assert "FASTDD_NO_EXT" in _backend._how_to_build()

@@ -9,7 +9,13 @@ import torch
 
 from ..data.digits import load_digits_split
 from ..data.imagefolder import load_image_folder
-from ..guidance.igd import DIGITS_SURROGATE, SurrogateConfig, build_surrogate_bundle, train_trajectory
+from ..guidance.igd import (
+    DIGITS_SURROGATE,
+    MAX_CHECKPOINTS,
+    SurrogateConfig,
+    build_surrogate_bundle,
+    train_trajectory,
+)
 from ..models.replay_buffer import check_against_model, load_replay_buffer, select_snapshots
 from .errors import UsageError
 
@@ -67,8 +73,17 @@ def run(args) -> int:
     threshold = 0.7 if args.threshold is None else args.threshold
     if not 0 < threshold <= 1:
         raise UsageError(f"--threshold must be in (0, 1], got {threshold}")
+    if args.max_checkpoints is not None and args.max_checkpoints <= 0:
+        raise UsageError(f"--max-checkpoints must be > 0, got {args.max_checkpoints}")
     bundle = build_surrogate_bundle(
-        config, snapshots, images, labels, epochs=epochs, threshold=threshold, progress=not args.quiet
+        config,
+        snapshots,
+        images,
+        labels,
+        epochs=epochs,
+        threshold=threshold,
+        max_checkpoints=args.max_checkpoints,
+        progress=not args.quiet,
     )
     out = Path(args.out)
     bundle.save(out)  # creates the parent folders
@@ -91,6 +106,13 @@ def add_parser(subparsers) -> None:
         type=float,
         default=None,
         help=f"Algorithm 2 cosine threshold (default 0.7; on digits without --epochs or --threshold: epochs {DIGITS_EPOCH_LIST}, no Algorithm 2)",
+    )
+    parser.add_argument(
+        "--max-checkpoints",
+        type=int,
+        default=MAX_CHECKPOINTS,
+        help=f"keep at most this many of Algorithm 2's checkpoints, the first ones (default {MAX_CHECKPOINTS}, as every "
+        "published pick)",
     )
     parser.add_argument("--epochs-list", default=None, help="use these epochs instead of Algorithm 2 (e.g. 0,2,11,40)")
     parser.add_argument(

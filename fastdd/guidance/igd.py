@@ -19,6 +19,7 @@ per-class real gradients G_k,c, and save everything in one safetensors file (`Su
 from __future__ import annotations
 
 import json
+import sys
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -370,6 +371,7 @@ def select_checkpoints(epoch_class_grads: Tensor, threshold: float = 0.7) -> lis
 
 
 # ----------------------------------------------------------------------------------------- surrogate checkpoints
+MAX_CHECKPOINTS = 4  # K of every published Algorithm 2 pick
 DIGITS_SURROGATE_PATH = Path(__file__).resolve().parent.parent / "assets" / "digits_surrogate.safetensors"
 
 
@@ -597,6 +599,7 @@ def build_surrogate_bundle(
     *,
     epochs: list[int] | None = None,
     threshold: float = 0.7,
+    max_checkpoints: int | None = MAX_CHECKPOINTS,
     max_images: int = 200,
     chunk: int = 50,
     progress: bool = False,
@@ -610,6 +613,9 @@ def build_surrogate_bundle(
         labels: [N] class labels.
         epochs: snapshot indices to keep (None: Algorithm 2).
         threshold: Algorithm 2's threshold.
+        max_checkpoints: keep at most this many of the checkpoints Algorithm 2 selects, the first ones (every
+            published pick has K = 4; noisy small data can make Algorithm 2 keep almost every epoch); said on stderr
+            when it applies. None: no cap.
         max_images: see `class_mean_gradient`.
         chunk: see `class_mean_gradient`.
         progress: show a progress bar (Algorithm 2's gradients).
@@ -624,6 +630,10 @@ def build_surrogate_bundle(
     if epochs is None:
         grads = epoch_class_gradients(config, snapshots, images, labels, progress, max_images=max_images, chunk=chunk)
         epochs = select_checkpoints(grads, threshold)
+        if max_checkpoints is not None and len(epochs) > max_checkpoints:
+            print(f"fastdd: Algorithm 2 kept {len(epochs)} checkpoints (epochs {epochs}); using the first "
+                  f"{max_checkpoints} ({epochs[:max_checkpoints]})", file=sys.stderr)  # fmt: skip
+            epochs = epochs[:max_checkpoints]
     flat = snapshots[epochs]
     real = real_gradients(model, flat, images, labels, config.num_classes, max_images=max_images, chunk=chunk)
     return SurrogateBundle(config, flat, real, list(epochs))
@@ -637,6 +647,7 @@ def compute_surrogate_bundle(
     epochs: int = 50,
     epoch_list: list[int] | None = None,
     threshold: float = 0.7,
+    max_checkpoints: int | None = MAX_CHECKPOINTS,
     flip: bool = True,
     seed: int = 0,
     device: torch.device | str = "cpu",
@@ -651,6 +662,7 @@ def compute_surrogate_bundle(
         epochs: training epochs.
         epoch_list: snapshot indices to keep (None: Algorithm 2).
         threshold: Algorithm 2's threshold.
+        max_checkpoints: see `build_surrogate_bundle`.
         flip: random horizontal flips in training.
         seed: training seed (see `train_trajectory`).
         device: where the model trains.
@@ -666,5 +678,12 @@ def compute_surrogate_bundle(
         config, images, labels, epochs=epochs, flip=flip, seed=seed, device=device, progress=progress
     )
     return build_surrogate_bundle(
-        config, snapshots, images, labels, epochs=epoch_list, threshold=threshold, progress=progress
+        config,
+        snapshots,
+        images,
+        labels,
+        epochs=epoch_list,
+        threshold=threshold,
+        max_checkpoints=max_checkpoints,
+        progress=progress,
     )

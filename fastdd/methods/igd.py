@@ -15,6 +15,7 @@ from torch import Tensor
 
 from ..guidance.igd import (
     DIGITS_SURROGATE_PATH,
+    MAX_CHECKPOINTS,
     DeviationGuidance,
     InfluenceGuidance,
     SurrogateBundle,
@@ -74,6 +75,12 @@ class IGDOptions:
     )
     memory: int = option(64, "deviation memory capacity per class", flag="--igd-memory")
     surrogate_epochs: int = option(20, "trajectory length when computed on the fly", flag="--surrogate-epochs")
+    max_checkpoints: int = option(
+        MAX_CHECKPOINTS,
+        "at most this many surrogate checkpoints, the first ones Algorithm 2 selects, when computed on the fly "
+        "(every published pick has K = 4)",
+        flag="--igd-max-checkpoints",
+    )
 
 
 def check_bundle(bundle: SurrogateBundle, models: Models, data: RealData, source: str) -> None:
@@ -98,9 +105,16 @@ def surrogate_bundle(options: IGDOptions, spec: RunSpec, models: Models, data: R
         check_bundle(bundle, models, data, path)
         return bundle, path
     check(options.surrogate_epochs > 0, f"--surrogate-epochs must be > 0, got {options.surrogate_epochs}")
+    check(options.max_checkpoints > 0, f"--igd-max-checkpoints must be > 0, got {options.max_checkpoints}")
     if spec.dry_run:
         return None, "computed from the real data at the start of the run"
-    cache = cache_path(spec, models, data, "surrogate", {"seed": spec.seed, "epochs": options.surrogate_epochs})
+    cache = cache_path(
+        spec,
+        models,
+        data,
+        "surrogate",
+        {"seed": spec.seed, "epochs": options.surrogate_epochs, "k": options.max_checkpoints},
+    )
     cached = read_cache(cache, SurrogateBundle.load)
     if cached is not None:
         return cached, str(cache)
@@ -111,6 +125,7 @@ def surrogate_bundle(options: IGDOptions, spec: RunSpec, models: Models, data: R
         images,
         labels,
         epochs=options.surrogate_epochs,
+        max_checkpoints=options.max_checkpoints,
         seed=spec.seed,
         flip=data.dataset != "digits",
         progress=spec.progress,

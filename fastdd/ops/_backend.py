@@ -23,6 +23,7 @@ import importlib.util
 import os
 import warnings
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 
@@ -54,10 +55,29 @@ def extension():
         if _extension is None:
             warnings.warn(
                 f"fastdd._C is not available ({_extension_error}); fastdd ops run on Triton (GPU) or the PyTorch "
-                "reference. Reinstall with `pip install .` to build it.",
+                f"reference. {_how_to_build()}",
                 stacklevel=2,
             )
     return _extension
+
+
+def source_checkout() -> Path | None:
+    """The repository root when fastdd is imported from a source checkout (setup.py and csrc/ beside it)."""
+    root = Path(__file__).resolve().parents[2]
+    return root if (root / "setup.py").is_file() and (root / "csrc").is_dir() else None
+
+
+def _how_to_build() -> str:
+    if os.environ.get("FASTDD_NO_EXT") == "1":
+        return "Unset FASTDD_NO_EXT to use it."
+    root = source_checkout()
+    if root is not None:
+        return (
+            f"fastdd is imported from the source checkout {root}, which has no built extension (it shadows an "
+            "installed fastdd): build it in place with `pip install -e .`, or run from another folder to use the "
+            "installed package."
+        )
+    return "Reinstall with `pip install .` (with torch installed first) to build it."
 
 
 def extension_error() -> str | None:

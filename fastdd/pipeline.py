@@ -381,6 +381,7 @@ def run_config(spec: RunSpec, models: Models, data: RealData, method_args: dict)
         "model": models.description["model"],
         "model_sha256": models.description.get("model_sha256"),
         "missing_keys": models.description.get("missing_keys"),
+        "numerics": models.description.get("numerics"),
         "vae": models.description.get("vae", "none"),
         "vae_sha256": models.description.get("vae_sha256"),
         "data_fingerprint": data.fingerprint,
@@ -486,7 +487,7 @@ def prepare(spec: RunSpec, options: Any = None) -> PreparedRun:
     rank, world, local_rank = distributed_env()
     device = resolve_device(spec.device, local_rank, world)
     prior, codec, description = load_generator(
-        spec.model, spec.vae, spec.data, device, spec.precision, spec.allow_missing_keys
+        spec.model, spec.vae, spec.data, device, spec.precision, spec.allow_missing_keys, spec.num_heads, spec.numerics
     )
     check_weights(prior, "--model")
     if getattr(codec, "vae", None) is not None:

@@ -75,3 +75,42 @@ def test_an_id_missing_from_the_cache_fails_in_one_line_naming_the_option(tmp_pa
         assert proc.returncode == 2 and len(err.splitlines()) == 1, err
         assert f"{option}: not in the Hugging Face cache and offline (HF_HUB_OFFLINE=1)" in err, err
         assert "huggingface-cli download" in err and not out.exists()
+
+
+@pytest.fixture(scope="module")
+def narrow_official(tmp_path_factory) -> Path:
+    """An official-format state dict of a 10-class pixel DiT of width 32 (no standard variant: heads unknown)."""
+    from tiny_dit import TINY_PIXEL_DIT
+
+    from fastdd.models.dit import DiT
+
+    torch.manual_seed(0)
+    model = DiT(**TINY_PIXEL_DIT, num_classes=10)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    path = tmp_path_factory.mktemp("official") / "narrow.pt"
+    torch.save(model.state_dict(), path)
+    return path
+
+
+def distill_cli(out: Path, model: Path, *extra: str) -> list[str]:
+    return ["distill", "--method", "dit", "--ipc", "1", "--steps", "3", "--out", str(out), "--model", str(model),
+            "--vae", "none", "--quiet", "--device", "cpu", *extra]  # fmt: skip
+
+
+def test_num_heads_and_numerics_from_the_command_line(tmp_path, narrow_official, capsys):
+    from fastdd.cli.main import main
+
+    assert main(distill_cli(tmp_path / "x", narrow_official)) == 2
+    assert "pass --num-heads" in capsys.readouterr().err and not (tmp_path / "x").exists()
+    runs = {}
+    for numerics in ("official", "diffusers"):
+        runs[numerics] = tmp_path / numerics
+        assert main(distill_cli(runs[numerics], narrow_official, "--num-heads", "2", "--numerics", numerics)) == 0
+        assert json.loads((runs[numerics] / "manifest.json").read_text())["config"]["numerics"] == numerics
+    default = tmp_path / "default"
+    assert main(distill_cli(default, narrow_official, "--num-heads", "2")) == 0  # an official checkpoint: official
+    png = "0/0.png"
+    assert (default / png).read_bytes() == (runs["official"] / png).read_bytes()
+    assert (runs["diffusers"] / png).read_bytes() != (runs["official"] / png).read_bytes()

@@ -85,6 +85,15 @@ class RunSpec:
     fast: bool = option(
         False, "opt-in approximation: guidance gradients skip the DiT Jacobian (no backward through the DiT)"
     )
+    numerics: str | None = option(
+        None,
+        "DiT numerics: official (the DiT code's timestep frequencies; the authors' IGD/MGD3/SAM runs) or diffusers "
+        "(DiTPipeline's; D3HR) — default: those of the weights' format",
+        choices=("official", "diffusers"),
+    )
+    num_heads: int | None = option(
+        None, "attention heads of an official checkpoint whose width is not a standard DiT variant"
+    )
     allow_missing_keys: bool = option(
         False,
         "load an official DiT checkpoint that lacks some keys (they keep the "
@@ -112,6 +121,8 @@ class RunSpec:
             raise ValueError(f"--cfg-scale must be >= 0, got {self.cfg_scale}")
         if self.eta < 0:
             raise ValueError(f"--eta must be >= 0, got {self.eta}")
+        if self.num_heads is not None and self.num_heads <= 0:
+            raise ValueError(f"--num-heads must be > 0, got {self.num_heads}")
         if self.sampler not in SAMPLERS:
             raise ValueError(f"--sampler must be one of {', '.join(SAMPLERS)}, got {self.sampler!r}")
         if self.precision not in PRECISIONS:

@@ -306,6 +306,25 @@ class DiT(nn.Module):
         """See :func:`load_diffusers_dit`."""
         return load_diffusers_dit(path_or_model, **kwargs)
 
+    NUMERICS = {"official": (0.0, 1e-6), "diffusers": (1.0, 1e-5)}  # (timestep freq shift, pre-MLP LayerNorm eps)
+
+    @property
+    def numerics(self) -> str:
+        """ "official" (the DiT code's timestep frequencies and LayerNorm eps) or "diffusers" (DiTTransformer2DModel's;
+        both load the same weights and differ by 0.1–0.3 relative in the output)."""
+        current = (self.t_embedder.freq_shift, self.blocks[0].norm2.eps)
+        return next((name for name, value in self.NUMERICS.items() if value == current), "custom")
+
+    def set_numerics(self, name: str) -> DiT:
+        """Switch to "official" or "diffusers" numerics in place (see `numerics`); returns self."""
+        if name not in self.NUMERICS:
+            raise ValueError(f"numerics must be one of {sorted(self.NUMERICS)}, got {name!r}")
+        shift, eps = self.NUMERICS[name]
+        self.t_embedder.freq_shift = shift
+        for block in self.blocks:
+            block.norm2.eps = eps
+        return self
+
     def config(self) -> dict:
         """Constructor kwargs that rebuild this architecture."""
         return dict(

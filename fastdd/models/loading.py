@@ -81,17 +81,22 @@ def resolve_hub_id(spec: str, option: str, revision: str | None = None) -> Path:
         ) from None
 
 
-def load_checkpoint(path: Path, device: torch.device, allow_missing_keys: bool, description: dict) -> nn.Module:
+def load_checkpoint(
+    path: Path, device: torch.device, allow_missing_keys: bool, description: dict, num_heads: int | None = None
+) -> nn.Module:
     """An official / EMA / Minimax DiT checkpoint, strictly; with allow_missing_keys a checkpoint lacking keys loads
     too, and the keys are listed on stderr and in description["missing_keys"]."""
     from .dit import load_dit_checkpoint
 
+    heads = {} if num_heads is None else {"num_heads": num_heads}
     try:
-        return load_dit_checkpoint(str(path), strict=True, device=device)
+        return load_dit_checkpoint(str(path), strict=True, device=device, **heads)
     except ValueError as err:
         if not allow_missing_keys or "shape mismatch" in str(err):
+            if "num_heads" in str(err):
+                raise ValueError(f"--model {path}: {str(err).replace('pass num_heads=', 'pass --num-heads')}") from None
             raise ValueError(f"--model {path}: {err}; pass --allow-missing-keys to load it anyway") from None
-        network = load_dit_checkpoint(str(path), strict=False, device=device)
+        network = load_dit_checkpoint(str(path), strict=False, device=device, **heads)
         description["missing_keys"] = str(err)
         print(f"fastdd: --allow-missing-keys: {err}", file=sys.stderr)
         return network
@@ -117,6 +122,8 @@ def load_generator(
     device: torch.device,
     precision: str = "fp32",
     allow_missing_keys: bool = False,
+    num_heads: int | None = None,
+    numerics: str | None = None,
 ) -> tuple[nn.Module, object, dict]:
     """(DiT in eval mode without gradients, codec, description for the manifest) for --model / --vae; `data` (the
     --data folder or None) picks the default model. An official checkpoint loads strictly unless
@@ -149,7 +156,7 @@ def load_generator(
             raise ValueError(f"--model {spec} does not exist")
         try:
             if path.is_file():
-                network = load_checkpoint(path, device, allow_missing_keys, description)
+                network = load_checkpoint(path, device, allow_missing_keys, description, num_heads)
             else:
                 try:
                     network = load_diffusers_dit(path).to(device)
@@ -166,6 +173,9 @@ def load_generator(
         if Path(vae).exists():
             description["vae_sha256"] = weights_fingerprint(Path(vae))
         extra = {}
+    if numerics is not None:
+        network.set_numerics(numerics)
+    description["numerics"] = network.numerics
     if codec.latent_channels != network.in_channels:
         raise ValueError(f"--model {spec} takes {network.in_channels} channels, the VAE makes {codec.latent_channels}")
     return network.eval().requires_grad_(False), codec, description | {"extra": extra}

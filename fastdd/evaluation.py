@@ -7,7 +7,6 @@ Hard-label protocol of IGD (SPEC "Evaluation protocol"): AdamW lr 1e-3, wd 0.01,
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -24,7 +23,7 @@ from torch import Tensor, nn
 
 from .data.atomic import write_bytes_atomic
 from .data.digits import DIGITS_CLASSES, load_digits_split
-from .data.imagefolder import load_image, load_image_folder
+from .data.imagefolder import load_image, load_image_folder, matches_sha256
 from .models import ConvNet, ResNet, ResNetAP
 from .progress import progress_bar
 
@@ -181,7 +180,7 @@ def manifest_training_set(folder: Path, manifest: dict, image_size: int, channel
     listed = {r["path"] for r in records}
     for record in records:
         path = folder / record["path"]
-        if not path.is_file() or hashlib.sha256(path.read_bytes()).hexdigest() != record["sha256"]:
+        if not matches_sha256(path, record["sha256"]):
             raise ValueError(
                 f"{path} is missing or not the image the manifest records; resume the run with "
                 "`fastdd distill` (same command) to repair it"
@@ -202,6 +201,11 @@ def manifest_training_set(folder: Path, manifest: dict, image_size: int, channel
         raise ValueError(f"{folder / 'manifest.json'} lists no images")
     images = torch.stack([load_image(folder / r["path"], image_size, channels) for r in records])
     return images, torch.tensor([r["class_index"] for r in records], dtype=torch.int64)
+
+
+def summary_path(folder: str | os.PathLike, arch: str, json_path: str | os.PathLike | None = None) -> Path:
+    """Where `evaluate` writes its summary: json_path, or DIR/eval_<arch>.json."""
+    return Path(json_path) if json_path else Path(folder) / f"eval_{arch}.json"
 
 
 def check_writable(path: Path) -> None:
@@ -260,7 +264,7 @@ def evaluate(
     channels = config.get("channels", 3)
     if image_size is None:
         raise ValueError(f"{folder} has no manifest.json: pass --image-size")
-    out = Path(json_path) if json_path else folder / f"eval_{arch}.json"
+    out = summary_path(folder, arch, json_path)
     check_writable(out)
     if manifest is not None:
         classes = config["classes"]

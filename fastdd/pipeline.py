@@ -18,15 +18,14 @@ On disk:
   DIR/.fastdd/latents/<j>.safetensors  final latents of batch j (to restore memories on resume)
   DIR/manifest.json                  method, parameters, seeds, versions, per-image records (atomic)
   DIR/preview.png                    grid of the images, one row per class (written at the end)
-A batch counts as done only when its record exists; an interrupted batch is generated again whole,
-so a resumed run ends byte-identical to an uninterrupted one. Left-over temp files of a killed run are
+A batch counts as done only when its record exists and its latents and PNGs match it (`batch_intact`); any other
+batch is generated again whole, so a resumed run ends byte-identical to an uninterrupted one. Left-over temp files of a killed run are
 removed when the run starts again. The manifest holds no timestamps, so it is byte-identical too.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import io
 import json
 import os
@@ -39,16 +38,18 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file
 
 from .data.atomic import save_safetensors_atomic, write_bytes_atomic
 from .data.classes import resolve_classes
-from .data.imagefolder import save_png_atomic
+from .data.imagefolder import matches_sha256, save_png_atomic
 from .data.real import RealData, real_data
 from .environment import versions
 from .methods import Method, MethodSetup, Models, RunSpec, get_method
-from .methods.base import MAX_IMAGES, STATE_DIR, check_finite, default_device
+from .methods.base import MAX_IMAGES, STATE_DIR, check_options, default_device, default_sample
 from .models.loading import load_generator
+from .options import record as record_options
 from .progress import progress_bar
 from .sampling import GaussianDiffusion, GuidedSampler
 from .sampling.labels import LocalLabels, label_map
@@ -208,22 +209,18 @@ class RunDirectory:
         return load_file(str(self.latents_path(batch)))["latents"]
 
     def batch_intact(self, batch: Batch) -> bool:
-        """Whether a finished batch's record parses and names its images, its latents load with one row per image,
-        and every PNG exists with the size and sha256 the record holds (a batch that is not is generated again)."""
+        """Whether a finished batch's record parses and names its images, its latents file holds one row per image,
+        and every PNG exists with the sha256 the record holds (a batch that is not is generated again)."""
         try:
             records = json.loads(self.record_path(batch).read_text())
-            expected = [(c, i) for c, i in batch.items]
-            if [(r["class_index"], r["index"]) for r in records] != expected:
+            if [(r["class_index"], r["index"]) for r in records] != batch.items:
                 return False
-            if self.batch_latents(batch).shape[0] != len(expected):
-                return False
-            for (c, i), record in zip(expected, records):
-                data = self.image_path(c, i).read_bytes()
-                if hashlib.sha256(data).hexdigest() != record["sha256"]:
+            with safe_open(str(self.latents_path(batch)), framework="pt") as f:  # the header only: restore reads it
+                if f.get_slice("latents").get_shape()[0] != len(batch.items):
                     return False
+            return all(matches_sha256(self.image_path(c, i), r["sha256"]) for (c, i), r in zip(batch.items, records))
         except Exception:  # missing, unreadable or malformed (safetensors raises its own error type)
             return False
-        return True
 
     def finish_batch(self, batch: Batch, images: torch.Tensor, latents: torch.Tensor, records: list[dict]) -> None:
         """Write the batch's PNGs and latents, then its record (which marks it done). Adds each PNG's sha256."""
@@ -391,13 +388,6 @@ def run_config(spec: RunSpec, models: Models, data: RealData, method_args: dict)
     }
 
 
-def options_record(options: Any) -> dict:
-    """{CLI dest: value} of a method's options for the run config (ranges as 'low,high')."""
-    from .options import record
-
-    return dict(sorted(record(options).items()))
-
-
 @dataclass
 class PreparedRun:
     """A planned run with its models, data, method setup and sampler: what `run` generates from, and what a custom
@@ -422,15 +412,11 @@ class PreparedRun:
         labels = [models.class_labels[c] for c, _ in batch.items]
         if self.setup.prepare is not None:
             self.setup.prepare([c for c, _ in batch.items])
-        steps_bar = spec.progress and self.rank == 0  # the batch's sampling steps, under the run's image bar
         if self.setup.sample is not None:
             latents = self.setup.sample(self.sampler, labels, ids, models.latent_shape, models.device)
-        elif spec.sampler == "ddim":
-            latents = self.sampler.ddim_sample(
-                labels, ids, models.latent_shape, models.device, eta=spec.eta, progress=steps_bar
-            )
-        else:
-            latents = self.sampler.sample(labels, ids, models.latent_shape, models.device, progress=steps_bar)
+        else:  # with the batch's sampling steps as a bar under the run's image bar
+            steps_bar = spec.progress and self.rank == 0
+            latents = default_sample(spec, self.sampler, labels, ids, models.latent_shape, models.device, steps_bar)
         check_final_latents(latents, batch, self.data.class_names)
         with torch.no_grad():
             images = models.codec.decode(latents).float().cpu()
@@ -483,7 +469,7 @@ def prepare(spec: RunSpec, options: Any = None) -> PreparedRun:
     options = method.options() if options is None else options
     if not isinstance(options, method.options):
         raise ValueError(f"options: {spec.method} takes {method.options.__name__}, got {type(options).__name__}")
-    check_finite(options)
+    check_options(options)
     rank, world, local_rank = distributed_env()
     device = resolve_device(spec.device, local_rank, world)
     prior, codec, description = load_generator(
@@ -519,7 +505,7 @@ def prepare(spec: RunSpec, options: Any = None) -> PreparedRun:
             f"of {MAX_IMAGES:,} images per run"
         )
     plan = plan_batches(len(class_names), spec.ipc, spec.class_batch, spec.images_per_batch)
-    directory = RunDirectory(spec.out, run_config(spec, models, data, options_record(options)), class_names)
+    directory = RunDirectory(spec.out, run_config(spec, models, data, record_options(options)), class_names)
     directory.check_compatible()
     setup = method.build(options, spec if rank == 0 else dataclasses.replace(spec, quiet=True), models, data)
     table = label_map(class_labels, prior.num_classes)
@@ -597,7 +583,7 @@ class Probe:
 def estimate_seconds(run: PreparedRun, batches: int) -> float:
     """Seconds for this process: `batches` batches of sampling (a timed model call × steps, guided steps × the
     method's cost in model calls) plus the method's per-run state (`Cost.state`, from timed probes). Rough: within
-    2× of the real time on the digits default for every method (tests/test_run_integrity.py)."""
+    2× of the real time on the digits default for every method (tests/test_api.py)."""
     probe, cost = Probe(run), run.setup.cost
     batch_size = max(len(b.items) for b in run.plan)
     steps = cost.sampling_steps or run.spec.steps

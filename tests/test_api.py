@@ -113,6 +113,21 @@ def test_python_api_writes_the_bytes_of_the_cli(tmp_path, method):
     assert again.generated == 0 and folder_bytes(by_cli) == folder_bytes(by_api)  # resumed: nothing left to do
 
 
+@pytest.mark.parametrize(
+    "options, settings, message",
+    [
+        (fastdd.DAPOptions(kernel="cubic"), {}, "--dap-kernel must be one of linear, rbf, poly, got 'cubic'"),
+        (None, {"sampler": "euler"}, "--sampler must be one of ddpm, ddim, got 'euler'"),
+        (fastdd.IGDOptions(k=float("nan")), {}, "--igd-k must be a finite number"),
+    ],
+)
+def test_python_api_checks_choices_and_finite_values_like_the_cli(tmp_path, options, settings, message):
+    method = "dap" if isinstance(options, fastdd.DAPOptions) else "igd"
+    with pytest.raises(ValueError, match=re.escape(message)):
+        fastdd.distill(method, 2, tmp_path / "x", options, **settings)
+    assert not (tmp_path / "x").exists()
+
+
 def test_python_api_refuses_options_of_another_method(tmp_path):
     with pytest.raises(ValueError, match="igd takes IGDOptions"):
         fastdd.distill("igd", 2, tmp_path / "x", fastdd.DAPOptions())

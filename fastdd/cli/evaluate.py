@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
-from ..evaluation import ARCHS, evaluate
+from ..evaluation import ARCHS, evaluate, summary_path
 from .errors import UsageError
 
 
@@ -34,7 +32,7 @@ def run(args) -> int:
         f"| {args.dir} | {args.arch} | {summary['ipc']} | {summary['epochs']} | "
         f"{summary['top1_mean']:.2f} ± {summary['top1_std']:.2f} |"
     )
-    print(f"wrote {Path(args.json) if args.json else Path(args.dir) / f'eval_{args.arch}.json'}")
+    print(f"wrote {summary_path(args.dir, args.arch, args.json)}")
     return 0
 
 

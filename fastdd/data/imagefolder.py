@@ -86,3 +86,9 @@ def save_png_atomic(image: torch.Tensor, path: str | Path) -> str:
     data = png_bytes(image)
     write_bytes_atomic(data, path)
     return hashlib.sha256(data).hexdigest()
+
+
+def matches_sha256(path: str | Path, sha256: str) -> bool:
+    """Whether the file at path exists and its contents have this sha256 hex digest (what a manifest records)."""
+    path = Path(path)
+    return path.is_file() and hashlib.sha256(path.read_bytes()).hexdigest() == sha256

@@ -51,7 +51,8 @@ def file_stamp(path: str | Path) -> tuple[int, int]:
     return stat.st_size, stat.st_mtime_ns
 
 
-def _digest(value) -> str:
+def fingerprint_of(value) -> str:
+    """sha256 of a JSON-able value (sorted keys): how fastdd fingerprints what data and caches depend on."""
     return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()
 
 
@@ -79,7 +80,7 @@ def real_data(
             return images, labels
 
         listing = [(str(Path(path).relative_to(data)), *file_stamp(path)) for path, _ in samples]
-        fingerprint = _digest({"folder": listing, "image_shape": list(image_shape)})
+        fingerprint = fingerprint_of({"folder": listing, "image_shape": list(image_shape)})
         return RealData(class_names, dataset, load_folder, f"{data} ({len(samples)} images)", fingerprint)
     if dataset == "digits":
         positions = {name: i for i, name in enumerate(DIGITS_CLASSES)}
@@ -91,7 +92,7 @@ def real_data(
             local = torch.tensor([keep.index(int(v)) for v in labels[mask]])
             return images[mask], local
 
-        fingerprint = _digest({"digits": "train", "classes": class_names, "image_shape": list(image_shape)})
+        fingerprint = fingerprint_of({"digits": "train", "classes": class_names, "image_shape": list(image_shape)})
         return RealData(class_names, dataset, load_digits, "digits train split", fingerprint)
 
     def missing():

@@ -223,23 +223,28 @@ def statistics_config(sampler: GuidedSampler, class_index: int, target_index: in
     return config | ({"inputs": inputs} if inputs else {})
 
 
-def check_statistics_file(path: Path, config: dict) -> None:
-    """Check that a stored class Gaussian was made with `config`.
+def check_statistics_file(path: Path, config: dict) -> ClassStatistics:
+    """A stored class Gaussian, checked to have been made with `config`.
 
     Args:
         path: the statistics file.
         config: the `statistics_config` of the run.
 
+    Returns:
+        The file's ClassStatistics (on the CPU).
+
     Raises:
         ValueError: naming the file, when it was made with another config (or cannot be read).
     """
-    stored = load_class_statistics(path).config
+    stats = load_class_statistics(path)
+    stored = stats.config
     if stored != config:
         changed = sorted(k for k in set(stored) | set(config) if stored.get(k) != config.get(k))
         raise ValueError(
             f"statistics file {path} was made with other settings (differs in: {', '.join(changed)}); "
             "use another statistics folder or delete it"
         )
+    return stats
 
 
 def inverted_class_statistics(
@@ -280,8 +285,7 @@ def inverted_class_statistics(
     config = statistics_config(sampler, class_index, target_index, inputs)
     path = statistics_path(stats_dir, class_index) if stats_dir is not None else None
     if path is not None and path.is_file():
-        check_statistics_file(path, config)
-        return load_class_statistics(path)
+        return check_statistics_file(path, config)
     if latents is None:
         raise ValueError(f"latents are needed: no statistics file for class {class_index} in stats_dir={stats_dir}")
     if latents.shape[0] < 2:

@@ -18,8 +18,6 @@ Conventions a builder can rely on:
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 import sys
 from collections.abc import Callable, Sequence
@@ -32,8 +30,8 @@ from safetensors.torch import load_file
 from torch import Tensor, nn
 
 from ..data.atomic import save_safetensors_atomic
-from ..data.real import RealData
-from ..options import REQUIRED, documented, option
+from ..data.real import RealData, fingerprint_of
+from ..options import REQUIRED, documented, flag_of, option, option_fields
 from ..sampling.sampler import Guidance
 
 STATE_DIR = ".fastdd"
@@ -104,7 +102,7 @@ class RunSpec:
 
     def validate(self) -> None:
         """ValueError naming the flag of the first invalid field (before anything is loaded or written)."""
-        check_finite(self)
+        check_options(self)
         if self.ipc <= 0:
             raise ValueError(f"--ipc must be > 0, got {self.ipc}")
         if self.ipc > MAX_IMAGES:
@@ -123,10 +121,6 @@ class RunSpec:
             raise ValueError(f"--eta must be >= 0, got {self.eta}")
         if self.num_heads is not None and self.num_heads <= 0:
             raise ValueError(f"--num-heads must be > 0, got {self.num_heads}")
-        if self.sampler not in SAMPLERS:
-            raise ValueError(f"--sampler must be one of {', '.join(SAMPLERS)}, got {self.sampler!r}")
-        if self.precision not in PRECISIONS:
-            raise ValueError(f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
 
     @property
     def state_dir(self) -> Path | None:
@@ -205,20 +199,15 @@ def check(condition: bool, message: str) -> None:
         raise ValueError(message)
 
 
-def check_finite(options: Any) -> None:
-    """ValueError naming the flag of the first float option of `options` (a dataclass of `option` fields) that is
-    NaN or infinite: such a value would turn every image black or into noise without an error."""
-    from ..options import flag_of, option_fields
-
+def check_options(options: Any) -> None:
+    """ValueError naming the flag of the first field of `options` (a dataclass of `option` fields) that is a NaN or
+    infinite float (it would turn every image black or into noise without an error) or not one of its choices."""
     for option_field in option_fields(type(options)):
-        value = getattr(options, option_field.name)
+        value, choices = getattr(options, option_field.name), option_field.metadata.get("choices")
         if isinstance(value, float) and not math.isfinite(value):
             raise ValueError(f"{flag_of(option_field)} must be a finite number, got {value}")
-
-
-def digest(params: dict) -> str:
-    """A short hash of JSON-able params (names a cache file after what it depends on)."""
-    return hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()[:12]
+        if choices and value is not None and value not in choices:
+            raise ValueError(f"{flag_of(option_field)} must be one of {', '.join(choices)}, got {value!r}")
 
 
 CACHE_FORMAT = 1  # bump when a cached artefact's content changes meaning
@@ -231,9 +220,9 @@ def cache_inputs(models: Models, data: RealData, depends_on: dict) -> dict:
     return {"format": CACHE_FORMAT, "data": data.fingerprint, "weights": weights, **depends_on}
 
 
-def cache_key(models: Models, data: RealData, depends_on: dict) -> str:
+def cache_key(inputs: dict) -> str:
     """A short hash of `cache_inputs`: a cache is named by it, so changed inputs never reuse an old artefact."""
-    return digest(cache_inputs(models, data, depends_on))
+    return fingerprint_of(inputs)[:12]
 
 
 def read_cache(path: Path, load: Callable[[Path], Any]) -> Any:
@@ -251,7 +240,7 @@ def read_cache(path: Path, load: Callable[[Path], Any]) -> Any:
 
 def cache_path(spec: RunSpec, models: Models, data: RealData, kind: str, depends_on: dict) -> Path:
     """spec.state_dir / '<kind>_<cache_key>.safetensors'."""
-    return spec.state_dir / f"{kind}_{cache_key(models, data, depends_on)}.safetensors"
+    return spec.state_dir / f"{kind}_{cache_key(cache_inputs(models, data, depends_on))}.safetensors"
 
 
 def rescale_index(index: int, steps: int, of_steps: int = 50) -> int:
@@ -305,8 +294,8 @@ def real_latents(spec: RunSpec, models: Models, data: RealData, sample: bool = F
     return latents, labels
 
 
-def default_sample(spec: RunSpec, sampler, labels, ids, latent_shape, device) -> Tensor:
-    """The run's own sampling call: ancestral, or DDIM with sampler='ddim'."""
+def default_sample(spec: RunSpec, sampler, labels, ids, latent_shape, device, progress: bool = False) -> Tensor:
+    """The run's own sampling call: ancestral, or DDIM with sampler='ddim' (progress: a bar over the steps)."""
     if spec.sampler == "ddim":
-        return sampler.ddim_sample(labels, ids, latent_shape, device, eta=spec.eta, progress=False)
-    return sampler.sample(labels, ids, latent_shape, device, progress=False)
+        return sampler.ddim_sample(labels, ids, latent_shape, device, eta=spec.eta, progress=progress)
+    return sampler.sample(labels, ids, latent_shape, device, progress=progress)

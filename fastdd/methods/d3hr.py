@@ -109,7 +109,7 @@ def build(options: D3HROptions, spec: RunSpec, models: Models, data: RealData) -
     if spec.dry_run:
         return MethodSetup(params=params, cost=cost)
     if stats_dir is None:  # private to the run, named by what the statistics depend on
-        stats_dir = spec.state_dir / f"d3hr_stats_{cache_key(models, data, {'seed': spec.seed})}"
+        stats_dir = spec.state_dir / f"d3hr_stats_{cache_key(inputs)}"
     samplers: dict[int, GuidedSampler] = {}
     groups: dict[int, Tensor] = {}
     real: list[tuple[Tensor, Tensor]] = []

@@ -16,6 +16,7 @@ from torch import nn
 
 DIGITS_PRIOR_PATH = Path(__file__).resolve().parent.parent / "assets" / "digits_prior.safetensors"
 DEFAULT_DIT = "facebook/DiT-XL-2-256"
+WEIGHT_SUFFIXES = (".pt", ".pth", ".safetensors", ".bin", ".ckpt")  # a --model naming a file, never a hub id
 
 
 def file_digest(path: Path, limit: int = 200 * 2**20) -> str:
@@ -60,7 +61,7 @@ def looks_like_hub_id(spec: str) -> bool:
     return (
         spec.count("/") == 1
         and not spec.startswith((".", "/", "~"))
-        and Path(spec).suffix not in (".pt", ".pth", ".safetensors", ".bin", ".ckpt")
+        and Path(spec).suffix not in WEIGHT_SUFFIXES
         and not Path(spec).exists()
     )
 
@@ -150,9 +151,7 @@ def load_generator(
     else:
         from .dit import load_diffusers_dit
 
-        if not path.exists() and (
-            path.suffix in (".pt", ".pth", ".safetensors", ".bin") or spec.startswith((".", "/"))
-        ):
+        if not path.exists() and (path.suffix in WEIGHT_SUFFIXES or spec.startswith((".", "/"))):
             raise ValueError(f"--model {spec} does not exist")
         try:
             if path.is_file():

@@ -198,13 +198,14 @@ def test_forward_with_cfg_matches_formula(cfg_channels):
 # ---------------------------------------------------------------------------------------- DiffFit
 def test_diffit_gammas_placement_ones_and_random():
     plain = small_dit()
-    diffit = DiT(**SMALL, diffit=True)
+    diffit = DiT(**SMALL, diffit=[0, 2])
     missing, unexpected = diffit.load_state_dict(plain.state_dict(), strict=False)
     assert unexpected == []
     assert sorted(missing) == sorted(
-        f"blocks.{i}.{name}" for i in range(2) for name in ("gamma1", "gamma2", "attn.gamma1", "attn.gamma2")
+        f"blocks.{i}.{name}" for i in (0, 2) for name in ("gamma1", "gamma2", "attn.gamma1", "attn.gamma2")
     )
-    assert diffit.blocks[0].attn.gamma1.shape == (192,) and diffit.blocks[2].gamma1 is None
+    assert diffit.blocks[0].attn.gamma1.shape == (192,) and diffit.blocks[1].gamma1 is None
+    assert diffit.config()["diffit"] == [0, 2] and DiT(**diffit.config()).diffit_blocks == (0, 2)
     diffit.eval()
     x, t, y = inputs()
     with torch.no_grad():
@@ -216,6 +217,36 @@ def test_diffit_gammas_placement_ones_and_random():
         out = diffit(x, t, y)
         assert (out - plain(x, t, y)).abs().max() > 1e-2
         torch.testing.assert_close(out, reference_for(diffit, x, t, y), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("depth", [4, 12, 28])
+def test_minimax_checkpoint_gammas_where_its_keys_are(tmp_path, depth):
+    """A Minimax-format training checkpoint ({"model", "ema", "opt", "args"}, args an argparse Namespace) as Minimax's
+    DiT writes it: gammas in the first 14 blocks whatever the depth (use_gamma = [True] * 14 + [False] * 14), built
+    here from a vanilla state dict. It loads strictly, and its forward equals the block description's."""
+    vanilla = small_dit(depth=depth).state_dict()
+    generator = torch.Generator().manual_seed(depth)
+    state = dict(vanilla)
+    for block in range(min(depth, 14)):  # Minimax: attn.gamma1 [3D] on qkv, attn.gamma2 [D] on proj, block gammas [D]
+        for name, size in (("attn.gamma1", 192), ("attn.gamma2", 64), ("gamma1", 64), ("gamma2", 64)):
+            state[f"blocks.{block}.{name}"] = 1 + 0.3 * torch.randn(size, generator=generator)
+    opt = {"state": {0: {"step": torch.tensor(3.0)}}, "param_groups": [{"lr": 1e-4, "params": [0]}]}
+    args = argparse.Namespace(model="DiT-XL/2", image_size=256, ckpt_every=1000, results_dir="results")
+    torch.save({"model": vanilla, "ema": state, "opt": opt, "args": args}, tmp_path / "0012000.pt")
+    loaded = load_dit_checkpoint(tmp_path / "0012000.pt", num_heads=4)  # strict, weights-only
+    assert loaded.diffit_blocks == tuple(range(min(depth, 14)))
+    x, t, y = inputs()
+    with torch.no_grad():
+        expected = reference_forward(state, x, t, y, depth=depth, heads=4, patch=2)
+        assert (expected - reference_forward(vanilla, x, t, y, depth=depth, heads=4, patch=2)).abs().max() > 1e-2
+        torch.testing.assert_close(loaded(x, t, y), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_default_diffit_follows_minimax():
+    assert DiT(**{**SMALL, "depth": 4}, diffit=True).diffit_blocks == (0, 1, 2, 3)
+    assert DiT(**{**SMALL, "depth": 28}, diffit=True).diffit_blocks == tuple(range(14))
+    with pytest.raises(ValueError, match="block indices"):
+        DiT(**SMALL, diffit=[5])
 
 
 # ---------------------------------------------------------------------------------------- loading
@@ -252,9 +283,13 @@ def test_diffit_checkpoint_auto_detected(tmp_path):
         torch.testing.assert_close(loaded(x, t, y), model(x, t, y), atol=0, rtol=0)
 
 
-def test_pickled_training_args_need_explicit_trust(tmp_path):
+class Unsafe:  # a pickled object a weights-only load must refuse (an argparse Namespace is allowed: Minimax's args)
+    pass
+
+
+def test_pickled_objects_need_explicit_trust(tmp_path):
     model = small_dit()
-    torch.save({"ema": model.state_dict(), "args": argparse.Namespace(lr=1)}, tmp_path / "train.pt")
+    torch.save({"ema": model.state_dict(), "args": Unsafe()}, tmp_path / "train.pt")
     with pytest.raises(ValueError, match="train.pt.*weights_only=False"):
         load_dit_checkpoint(tmp_path / "train.pt", num_heads=4)
     loaded = load_dit_checkpoint(tmp_path / "train.pt", num_heads=4, weights_only=False)

@@ -225,7 +225,8 @@ def difffit_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
 
 
 def to_difffit(model: DiT) -> DiT:
-    """A copy of `model` with DiffFit gammas in its first depth // 2 blocks.
+    """A copy of `model` with DiffFit gammas where Minimax's DiT has them: its first 14 blocks (all blocks of a DiT
+    of depth <= 14).
 
     The gammas are all ones: identical outputs.
 

@@ -35,7 +35,8 @@ from ..options import REQUIRED, documented, flag_of, option, option_fields
 from ..sampling.sampler import Guidance
 
 STATE_DIR = ".fastdd"
-SAMPLERS = ("ddpm", "ddim")
+SAMPLERS = ("ddpm", "ddim", "dpm-solver++")
+SPACINGS = ("iddpm", "leading", "trailing")
 PRECISIONS = ("fp32", "bf16")
 MAX_IMAGES = 2_000_000  # a larger plan is refused (ImageNet-1K at IPC 2,000)
 
@@ -61,10 +62,22 @@ class RunSpec:
     vae: str | None = option(None, "mse | ema | none | NAME_OR_PATH (default: mse for DiT, none for pixel priors)")
     seed: int = option(0, "run seed; image (class c, index i) uses hash(seed, c, i)")
     steps: int = option(50, "sampling steps (respaced from 1000)")
-    sampler: str = option("ddpm", "ancestral DDPM (the authors') or DDIM", choices=SAMPLERS)
+    sampler: str = option(
+        "ddpm", "ancestral DDPM (the authors'), DDIM, or DPM-Solver++ (unguided methods only)", choices=SAMPLERS
+    )
+    spacing: str | None = option(
+        None,
+        "timesteps kept of the 1000: iddpm (the official DiT sampler's 999, 979, ...), leading (DiTPipeline's DDIM: "
+        "980, 960, ...) or trailing — default: the method's (d3hr: leading, else iddpm; with --compat the authors')",
+        choices=SPACINGS,
+    )
     eta: float = option(0.0, "DDIM eta")
     cfg_scale: float | None = option(None, "CFG scale (default 4.0; digits 2.0)")
-    compat: bool = option(False, "reproduce the authors' quirks (shadow rows, CFG on 3 channels)")
+    compat: bool = option(
+        False,
+        "the authors' settings for the method: their DiT numerics, spacing, CFG channels and the shadow rows of the "
+        "official 2-row loop (README: Bring your own weights); an explicit --numerics / --spacing still wins",
+    )
     class_batch: int = option(10, "classes per batch; processes get whole chunks of this many classes")
     device: str | None = option(None, "torch device (default: cuda when available, else cpu)")
     precision: str = option(
@@ -89,6 +102,7 @@ class RunSpec:
         "(DiTPipeline's; D3HR) — default: those of the weights' format",
         choices=("official", "diffusers"),
     )
+    revision: str | None = option(None, "hub revision (branch, tag or commit) of a --model hub id")
     num_heads: int | None = option(
         None, "attention heads of an official checkpoint whose width is not a standard DiT variant"
     )
@@ -183,14 +197,58 @@ class MethodSetup:
 
 
 @dataclass(frozen=True)
+class AuthorsSettings:
+    """What --compat sets for a method: the numerics, spacing and CFG of its authors' code.
+
+    numerics: "official" (the DiT repository's model code) or "diffusers" (DiTPipeline's); spacing: see SPACINGS;
+    cfg_channels: eps channels CFG guides (None: all); shadow_rows: the official sampler's 2-row [cond; uncond] loop
+    in which the unconditional row keeps its own variance and noise."""
+
+    numerics: str = "official"
+    spacing: str = "iddpm"
+    cfg_channels: int | None = 3
+    shadow_rows: bool = True
+
+
+OFFICIAL_DIT = AuthorsSettings()  # the DiT repository's sample.py: IGD, Minimax, SAM, MGD3 (and DAP / IGDS, no code)
+DIT_PIPELINE = AuthorsSettings("diffusers", "leading", None, False)  # diffusers' DiTPipeline: D3HR
+
+
+@dataclass(frozen=True)
 class Method:
-    """A registered method: its name, options dataclass, builder, whether it reads real images, and a one-line help."""
+    """A registered method: its name, options dataclass, builder, whether it reads real images, a one-line help, its
+    authors' settings (--compat), its default spacing, and whether it guides the sampler's steps (then it needs a
+    single-step sampler, not DPM-Solver++)."""
 
     name: str
     options: type
     build: Callable[[Any, RunSpec, Models, RealData], MethodSetup]
     needs_data: bool
     help: str
+    authors: AuthorsSettings = OFFICIAL_DIT
+    spacing: str = "iddpm"
+    guides_steps: bool = True
+
+
+@dataclass(frozen=True)
+class SamplingSettings:
+    """A run's resolved sampling settings (recorded in the manifest). numerics None: the weights' format's."""
+
+    numerics: str | None
+    spacing: str
+    cfg_channels: int | None
+    shadow_rows: bool
+
+    @classmethod
+    def of(cls, spec: RunSpec, method: Method) -> SamplingSettings:
+        """--compat takes the method's authors' settings; explicit --numerics / --spacing win over both."""
+        authors = method.authors if spec.compat else None
+        return cls(
+            numerics=spec.numerics or (authors.numerics if authors else None),
+            spacing=spec.spacing or (authors.spacing if authors else method.spacing),
+            cfg_channels=authors.cfg_channels if authors else None,
+            shadow_rows=authors.shadow_rows if authors else False,
+        )
 
 
 # ----------------------------------------------------------------------------------------- helpers for builders
@@ -210,7 +268,7 @@ def check_options(options: Any) -> None:
             raise ValueError(f"{flag_of(option_field)} must be one of {', '.join(choices)}, got {value!r}")
 
 
-CACHE_FORMAT = 1  # bump when a cached artefact's content changes meaning
+CACHE_FORMAT = 2  # 2: SAM gammas in Minimax's blocks (all blocks of a DiT of depth <= 14). Bump when a cached artefact's content changes meaning
 
 
 def cache_inputs(models: Models, data: RealData, depends_on: dict) -> dict:
@@ -295,7 +353,10 @@ def real_latents(spec: RunSpec, models: Models, data: RealData, sample: bool = F
 
 
 def default_sample(spec: RunSpec, sampler, labels, ids, latent_shape, device, progress: bool = False) -> Tensor:
-    """The run's own sampling call: ancestral, or DDIM with sampler='ddim' (progress: a bar over the steps)."""
+    """The run's own sampling call: ancestral, DDIM (sampler 'ddim') or DPM-Solver++ on the run's timesteps
+    (progress: a bar over the steps)."""
     if spec.sampler == "ddim":
         return sampler.ddim_sample(labels, ids, latent_shape, device, eta=spec.eta, progress=progress)
+    if spec.sampler == "dpm-solver++":
+        return sampler.dpm_solver_sample(labels, ids, latent_shape, device, progress=progress)
     return sampler.sample(labels, ids, latent_shape, device, progress=progress)

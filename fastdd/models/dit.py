@@ -2,7 +2,8 @@
 
 The module names and parameter shapes match the official ``facebookresearch/DiT`` checkpoints
 (``DiT-XL-2-256x256.pt``), so those load without key renaming.  Optional DiffFit scales
-(``diffit=True``) match the Minimax / SAM fine-tuned checkpoints: in the first ``depth // 2`` blocks,
+(``diffit``) match the Minimax / SAM fine-tuned checkpoints: in the blocks that carry them (Minimax's model
+hard-codes the first 14, i.e. every block of a DiT of depth <= 14; a checkpoint's keys say which),
 ``attn.gamma1`` [3*hidden] scales the qkv projection output, ``attn.gamma2`` [hidden] scales the
 attention output projection, and the block-level ``gamma1`` / ``gamma2`` [hidden] scale the attention
 and MLP residual branches.  All-ones gammas give exactly the vanilla model.
@@ -18,7 +19,7 @@ from __future__ import annotations
 import math
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -43,6 +44,18 @@ DIT_VARIANTS: dict[str, tuple[int, int, int]] = {
 }
 _HEADS_BY_HIDDEN = {hidden: heads for hidden, _, heads in DIT_VARIANTS.values()}
 _TIMESTEP_FREQUENCIES = 256
+MINIMAX_GAMMA_BLOCKS = 14  # Minimax's DiT: use_gamma = [True] * 14 + [False] * 14, whatever the depth
+_GAMMA_KEY = re.compile(r"blocks\.(\d+)\.(attn\.)?gamma[12]$")
+
+
+def diffit_blocks(diffit: bool | Sequence[int], depth: int) -> tuple[int, ...]:
+    """The block indices that carry DiffFit gammas: none (False), Minimax's first 14 (True), or the given ones."""
+    if isinstance(diffit, bool):
+        return tuple(range(min(depth, MINIMAX_GAMMA_BLOCKS))) if diffit else ()
+    blocks = tuple(sorted({int(index) for index in diffit}))
+    if blocks and not 0 <= blocks[0] <= blocks[-1] < depth:
+        raise ValueError(f"diffit: block indices must be in [0, {depth}), got {list(blocks)}")
+    return blocks
 
 
 def dit_config(name: str) -> dict:
@@ -246,7 +259,7 @@ class DiT(nn.Module):
         class_dropout_prob: float = 0.1,
         num_classes: int = 1000,
         learn_sigma: bool = True,
-        diffit: bool = False,
+        diffit: bool | Sequence[int] = False,
         *,
         timestep_freq_shift: float = 0.0,
         mlp_norm_eps: float = 1e-6,
@@ -276,7 +289,7 @@ class DiT(nn.Module):
         self.num_classes = num_classes
         self.class_dropout_prob = class_dropout_prob
         self.learn_sigma = learn_sigma
-        self.diffit = diffit
+        self.diffit_blocks = diffit_blocks(diffit, depth)
         self.grid_size = input_size // patch_size
 
         self.x_embedder = PatchEmbedder(patch_size, in_channels, hidden_size)
@@ -284,7 +297,7 @@ class DiT(nn.Module):
         self.y_embedder = LabelEmbedder(num_classes, hidden_size, class_dropout_prob)
         self.pos_embed = nn.Parameter(torch.zeros(1, self.grid_size**2, hidden_size), requires_grad=False)
         self.blocks = nn.ModuleList(
-            DiTBlock(hidden_size, num_heads, mlp_ratio, diffit and index < depth // 2, mlp_norm_eps)
+            DiTBlock(hidden_size, num_heads, mlp_ratio, index in self.diffit_blocks, mlp_norm_eps)
             for index in range(depth)
         )
         self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels)
@@ -325,6 +338,11 @@ class DiT(nn.Module):
             block.norm2.eps = eps
         return self
 
+    @property
+    def diffit(self) -> bool:
+        """Whether any block carries DiffFit gammas (`diffit_blocks` says which)."""
+        return bool(self.diffit_blocks)
+
     def config(self) -> dict:
         """Constructor kwargs that rebuild this architecture."""
         return dict(
@@ -338,10 +356,16 @@ class DiT(nn.Module):
             class_dropout_prob=self.class_dropout_prob,
             num_classes=self.num_classes,
             learn_sigma=self.learn_sigma,
-            diffit=self.diffit,
+            diffit=self._diffit_config(),
             timestep_freq_shift=self.t_embedder.freq_shift,
             mlp_norm_eps=self.blocks[0].norm2.eps,
         )
+
+    def _diffit_config(self) -> bool | list[int]:
+        """`diffit` as the constructor takes it: a bool for none / Minimax's blocks, else the block list."""
+        if self.diffit_blocks in ((), diffit_blocks(True, self.depth)):
+            return self.diffit
+        return list(self.diffit_blocks)
 
     def initialize_weights(self) -> None:
         """Official DiT initialisation: xavier linears, sin-cos pos_embed, zero adaLN and output layer."""
@@ -437,6 +461,11 @@ class DiT(nn.Module):
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 
 
+class TrainingArgs:
+    """A training checkpoint's pickled argparse.Namespace, read as plain attributes (the weights-only load allows
+    this one class under that name and nothing else)."""
+
+
 def _read_checkpoint(source, weights_only: bool) -> tuple[Mapping, str]:
     """Returns (raw object, human-readable name of the source)."""
     if isinstance(source, Mapping):
@@ -450,8 +479,9 @@ def _read_checkpoint(source, weights_only: bool) -> tuple[Mapping, str]:
         from safetensors.torch import load_file
 
         return load_file(path, device="cpu"), path
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=weights_only)
+    try:  # Minimax's training checkpoints pickle their argparse Namespace beside the tensors: read as TrainingArgs
+        with torch.serialization.safe_globals([(TrainingArgs, "argparse.Namespace")]):
+            obj = torch.load(path, map_location="cpu", weights_only=weights_only)
     except Exception as error:  # unpickling of non-tensor objects is refused with weights_only=True
         hint = " (pass weights_only=False only if you trust this file)" if weights_only else ""
         raise ValueError(f"{path}: cannot read checkpoint{hint}: {error}") from error
@@ -518,7 +548,7 @@ def infer_dit_config(state: Mapping[str, torch.Tensor], name: str = "<state dict
         depth=depth,
         mlp_ratio=mlp_hidden / hidden_size,
         learn_sigma=out_channels == 2 * in_channels,
-        diffit=any(re.match(r"blocks\.\d+\.(attn\.)?gamma[12]$", key) for key in state),
+        diffit=sorted({int(match.group(1)) for key in state if (match := _GAMMA_KEY.match(key))}),
     )
     if "num_classes" in given:
         inferred["class_dropout_prob"] = 0.1 if table_rows == given["num_classes"] + 1 else 0.0
@@ -581,7 +611,8 @@ def load_dit_checkpoint(
     **config,
 ) -> DiT:
     """Loads DiT weights: an official plain state dict, a training checkpoint ``{"ema": sd, ...}`` (EMA is
-    used, else ``"model"``), or a Minimax / SAM checkpoint with DiffFit gammas (detected -> ``diffit=True``).
+    used, else ``"model"``), or a Minimax / SAM checkpoint ``{"model", "ema", "opt", "args"}`` (``args`` an
+    argparse Namespace, which a weights-only load accepts) with DiffFit gammas in the blocks whose keys carry them.
 
     path_or_state_dict: a ``.pt``/``.pth`` file (``torch.load(weights_only=...)``), a ``.safetensors`` file, or
     a mapping.  model: load into this DiT instead of building one (then ``config`` must be empty).

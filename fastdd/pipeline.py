@@ -47,7 +47,7 @@ from .data.imagefolder import matches_sha256, save_png_atomic
 from .data.real import RealData, real_data
 from .environment import versions
 from .methods import Method, MethodSetup, Models, RunSpec, get_method
-from .methods.base import MAX_IMAGES, STATE_DIR, check_options, default_device, default_sample
+from .methods.base import MAX_IMAGES, STATE_DIR, SamplingSettings, check_options, default_device, default_sample
 from .models.loading import load_generator
 from .options import record as record_options
 from .progress import progress_bar
@@ -379,6 +379,7 @@ def run_config(spec: RunSpec, models: Models, data: RealData, method_args: dict)
         "model_sha256": models.description.get("model_sha256"),
         "missing_keys": models.description.get("missing_keys"),
         "numerics": models.description.get("numerics"),
+        "revision": models.description.get("revision"),
         "vae": models.description.get("vae", "none"),
         "vae_sha256": models.description.get("vae_sha256"),
         "data_fingerprint": data.fingerprint,
@@ -472,8 +473,22 @@ def prepare(spec: RunSpec, options: Any = None) -> PreparedRun:
     check_options(options)
     rank, world, local_rank = distributed_env()
     device = resolve_device(spec.device, local_rank, world)
+    sampling = SamplingSettings.of(spec, method)
+    if spec.sampler == "dpm-solver++" and method.guides_steps:
+        raise ValueError(
+            f"--sampler dpm-solver++ runs no guidance (a multistep solver has no single step to guide); "
+            f"{spec.method} guides every step: use --sampler ddpm or ddim"
+        )
     prior, codec, description = load_generator(
-        spec.model, spec.vae, spec.data, device, spec.precision, spec.allow_missing_keys, spec.num_heads, spec.numerics
+        spec.model,
+        spec.vae,
+        spec.data,
+        device,
+        spec.precision,
+        spec.allow_missing_keys,
+        spec.num_heads,
+        sampling.numerics,
+        spec.revision,
     )
     check_weights(prior, "--model")
     if getattr(codec, "vae", None) is not None:
@@ -488,7 +503,7 @@ def prepare(spec: RunSpec, options: Any = None) -> PreparedRun:
     models = Models(
         prior,
         codec,
-        GaussianDiffusion(spec.steps, learn_sigma=prior.learn_sigma),
+        GaussianDiffusion(spec.steps, learn_sigma=prior.learn_sigma, timestep_spacing=sampling.spacing),
         latent,
         image,
         class_labels,
@@ -505,7 +520,13 @@ def prepare(spec: RunSpec, options: Any = None) -> PreparedRun:
             f"of {MAX_IMAGES:,} images per run"
         )
     plan = plan_batches(len(class_names), spec.ipc, spec.class_batch, spec.images_per_batch)
-    directory = RunDirectory(spec.out, run_config(spec, models, data, record_options(options)), class_names)
+    cfg_channels = None if sampling.cfg_channels is None else min(sampling.cfg_channels, prior.in_channels)
+    config = run_config(spec, models, data, record_options(options)) | {
+        "spacing": sampling.spacing,
+        "cfg_channels": cfg_channels,
+        "shadow_rows": sampling.shadow_rows,
+    }
+    directory = RunDirectory(spec.out, config, class_names)
     directory.check_compatible()
     setup = method.build(options, spec if rank == 0 else dataclasses.replace(spec, quiet=True), models, data)
     table = label_map(class_labels, prior.num_classes)
@@ -514,8 +535,8 @@ def prepare(spec: RunSpec, options: Any = None) -> PreparedRun:
         models.diffusion,
         [LocalLabels(g, table) for g in setup.guidances],
         cfg_scale=spec.cfg_scale,
-        compat=spec.compat,
-        cfg_channels=min(3, prior.in_channels) if spec.compat else None,
+        compat=sampling.shadow_rows,
+        cfg_channels=cfg_channels,
         num_classes=prior.num_classes,
         precision=spec.precision,
         compile=spec.compile,
@@ -606,7 +627,9 @@ def print_plan(run: PreparedRun) -> None:
         f"images {list(models.image_shape)}"
     )
     print(
-        f"sampling    {spec.sampler}, {spec.steps} steps, CFG {spec.cfg_scale}{' (compat)' if spec.compat else ''}, "
+        f"sampling    {spec.sampler}, {spec.steps} steps ({models.diffusion.timestep_spacing} spacing), "
+        f"CFG {spec.cfg_scale}{f' on eps[:, :{run.sampler.cfg_channels}]' if run.sampler.cfg_channels else ''}"
+        f"{', the official 2-row loop (compat)' if run.sampler.compat else ''}, numerics {models.description['numerics']}, "
         f"{run.setup.cost.guided_steps} guided steps, {spec.precision}{', fast (no DiT Jacobian)' if spec.fast else ''}, "
         f"device {models.device}"
     )

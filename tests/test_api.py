@@ -117,7 +117,7 @@ def test_python_api_writes_the_bytes_of_the_cli(tmp_path, method):
     "options, settings, message",
     [
         (fastdd.DAPOptions(kernel="cubic"), {}, "--dap-kernel must be one of linear, rbf, poly, got 'cubic'"),
-        (None, {"sampler": "euler"}, "--sampler must be one of ddpm, ddim, got 'euler'"),
+        (None, {"sampler": "euler"}, "--sampler must be one of ddpm, ddim, dpm-solver++, got 'euler'"),
         (fastdd.IGDOptions(k=float("nan")), {}, "--igd-k must be a finite number"),
     ],
 )

@@ -154,7 +154,7 @@ def test_cached_state_is_reused_by_a_new_run(tmp_path, monkeypatch, method, modu
         ("d3hr", ["--d3hr-candidates", "0"], "--d3hr-candidates"),
         ("d3hr", ["--d3hr-target", "60"], "--d3hr-target"),
         ("d3hr", ["--ipc", "100000"], "--ipc"),
-        ("d3hr", ["--compat"], "--compat"),
+        ("igd", ["--sampler", "dpm-solver++"], "--sampler dpm-solver++"),
         ("sam", ["--sam-epochs", "0"], "--sam-epochs"),
         ("sam", ["--sam-lambda-gen", "-1"], "--sam-lambda-gen"),
         ("sam", ["--sam-ema-decay", "1.5"], "--sam-ema-decay"),

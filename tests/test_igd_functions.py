@@ -129,3 +129,58 @@ def test_select_checkpoints_algorithm_2():
     assert select_checkpoints(per_class, threshold=0.99) == [0, 1, 2, 3, 5]  # cos < 0.99 ⇔ Δ > 0.142 rad
     with pytest.raises(ValueError, match="threshold"):
         select_checkpoints(per_class, threshold=0.0)
+
+
+def test_the_authors_algorithm_2_averages_per_class_cosines():
+    """Class 0's large fixed gradient dominates the class mean (the paper's rule keeps only epoch 0); the authors'
+    script averages the per-class cosines, (1 + cos θ_e) / 2 < 0.7 ⇔ θ > 1.159 rad from the reference."""
+    angles = torch.tensor([0.0, 0.5, 1.0, 1.2, 1.5, 2.5])
+    rotating = torch.stack([torch.cos(angles), torch.sin(angles), torch.zeros_like(angles)], dim=1)
+    fixed = torch.tensor([10.0, 0.0, 0.0]).expand(len(angles), 3)
+    per_class = torch.stack([fixed, rotating], dim=1)  # [E, 2 classes, P]
+    assert select_checkpoints(per_class) == [0]
+    assert select_checkpoints(per_class, rule="authors") == [0, 3, 5]  # 1.2 from 0, then 2.5 (1.3 from 1.2)
+
+    def authors_similarity(grads, reference):  # test_ckpts_grad_sim.py, one class at a time
+        values = [float(g @ r / (g.norm() * r.norm() + 1e-6)) for g, r in zip(grads, reference)]
+        return sum(values) / len(values)
+
+    silent = per_class.clone()
+    silent[:, 1] = 0  # a class with zero gradient counts as cosine 0 (the +1e-6), not NaN
+    assert authors_similarity(silent[2], silent[0]) == pytest.approx(0.5)
+    assert select_checkpoints(silent, threshold=0.51, rule="authors") == [0, 1, 2, 3, 4, 5]
+    with pytest.raises(ValueError, match="rule"):
+        select_checkpoints(per_class, rule="mean")
+
+
+def test_the_authors_selection_takes_80_shuffled_images_per_class_and_their_rule():
+    """build_surrogate_bundle(selection="authors"): Algorithm 2's gradients on 80 images per class in a shuffled order
+    drawn from the seed (not the first ones), then the authors' rule; "paper": the first max_images and its rule."""
+    from fastdd.guidance.igd import SurrogateConfig, build_surrogate_bundle, epoch_class_gradients
+
+    config = SurrogateConfig(channel=1, num_classes=2, width=8, depth=1, im_size=8)
+    generator = torch.Generator().manual_seed(0)
+    params = sum(p.numel() for p in config.build().parameters())
+    snapshots = 0.1 * torch.randn(3, params, generator=generator)
+    images = torch.randn(200, 1, 8, 8, generator=generator)
+    labels = torch.arange(200) % 2
+    shuffled = epoch_class_gradients(config, snapshots, images, labels, shuffle_seed=7, max_images=80)
+    order = torch.Generator().manual_seed(7)
+    model = config.build().eval()
+    expected = []
+    for snapshot in snapshots:  # a new order of each class's images at every snapshot, from one generator
+        per_class = []
+        for c in range(2):
+            chosen = images[labels == c]
+            chosen = chosen[torch.randperm(len(chosen), generator=order)]
+            per_class.append(class_mean_gradient(model, snapshot, chosen, c, max_images=80))
+        expected.append(torch.stack(per_class))
+    torch.testing.assert_close(shuffled, torch.stack(expected))
+    first = epoch_class_gradients(config, snapshots, images, labels, max_images=80)
+    assert (shuffled - first).abs().max() > 1e-4
+    for selection in ("paper", "authors"):
+        bundle = build_surrogate_bundle(config, snapshots, images, labels, threshold=1.0, selection=selection, seed=7)
+        grads = shuffled if selection == "authors" else epoch_class_gradients(config, snapshots, images, labels)
+        assert bundle.epochs == select_checkpoints(grads, 1.0, selection)
+    with pytest.raises(ValueError, match="selection"):
+        build_surrogate_bundle(config, snapshots, images, labels, selection="mean")

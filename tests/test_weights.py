@@ -14,14 +14,15 @@ import pytest
 import torch
 
 REVISION = "0123456789abcdef0123456789abcdef01234567"
+OLD_REVISION = "89abcdef0123456789abcdef0123456789abcdef"
 
 
-def tiny_pipeline(folder: Path) -> Path:
+def tiny_pipeline(folder: Path, seed: int = 0) -> Path:
     """A diffusers-format pipeline folder: transformer/ (a 1-block latent DiT, 10 classes) and vae/ (a 2-level
     AutoencoderKL: 16×16 RGB images <-> 4×8×8 latents)."""
     from diffusers import AutoencoderKL, DiTTransformer2DModel
 
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=8, num_layers=1,
                           sample_size=8, patch_size=2, num_embeds_ada_norm=10).save_pretrained(folder / "transformer")  # fmt: skip
     AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 8), layers_per_block=1,
@@ -33,12 +34,15 @@ def tiny_pipeline(folder: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def hf_home(tmp_path_factory) -> Path:
-    """HF_HOME holding tiny/dit-pipe in the hub cache layout, at REVISION, with refs/main."""
+    """HF_HOME holding tiny/dit-pipe in the hub cache layout, at REVISION with refs/main, and an older snapshot
+    OLD_REVISION (other weights) that the tag refs/v0 names."""
     home = tmp_path_factory.mktemp("hf_home")
     repo = home / "hub" / "models--tiny--dit-pipe"
     tiny_pipeline(repo / "snapshots" / REVISION)
+    tiny_pipeline(repo / "snapshots" / OLD_REVISION, seed=1)
     (repo / "refs").mkdir(parents=True)
     (repo / "refs" / "main").write_text(REVISION)
+    (repo / "refs" / "v0").write_text(OLD_REVISION)
     return home
 
 
@@ -114,3 +118,51 @@ def test_num_heads_and_numerics_from_the_command_line(tmp_path, narrow_official,
     png = "0/0.png"
     assert (default / png).read_bytes() == (runs["official"] / png).read_bytes()
     assert (runs["diffusers"] / png).read_bytes() != (runs["official"] / png).read_bytes()
+
+
+def test_a_revision_picks_the_snapshot_and_is_recorded(tmp_path, hf_home):
+    fingerprints = {}
+    for revision in (None, "v0", OLD_REVISION):
+        out = tmp_path / str(revision)
+        extra = [] if revision is None else ["--revision", revision]
+        proc = fastdd_cli(["distill", "--method", "dit", "--ipc", "1", "--steps", "2", "--model", "tiny/dit-pipe",
+                           "--out", str(out), "--quiet", "--device", "cpu", *extra], hf_home)  # fmt: skip
+        assert proc.returncode == 0, proc.stderr
+        config = json.loads((out / "manifest.json").read_text())["config"]
+        assert config["revision"] == revision
+        assert config["vae"].endswith(f"snapshots/{REVISION if revision is None else OLD_REVISION}")
+        fingerprints[revision] = config["model_sha256"]
+    assert fingerprints["v0"] == fingerprints[OLD_REVISION] != fingerprints[None]
+    for model, revision, message in (
+        ("tiny/dit-pipe", "v9", "--model tiny/dit-pipe: not in the Hugging Face cache and offline"),
+        (str(tmp_path / "x.pt"), "v0", "is not a hub id"),
+    ):
+        proc = fastdd_cli(["distill", "--method", "dit", "--ipc", "1", "--model", model, "--revision", revision,
+                           "--out", str(tmp_path / "refused"), "--dry-run"], hf_home)  # fmt: skip
+        assert proc.returncode == 2 and message in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_a_minimax_training_checkpoint_runs_from_the_command_line(tmp_path, capsys):
+    """{"model", "ema", "opt", "args"} with args an argparse Namespace and gammas in Minimax's blocks loads strictly
+    (weights-only) and samples; the EMA weights are the ones used."""
+    import argparse
+
+    from tiny_dit import TINY_PIXEL_DIT
+
+    from fastdd.cli.main import main
+    from fastdd.models.dit import DiT
+
+    torch.manual_seed(0)
+    ema = DiT(**{**TINY_PIXEL_DIT, "depth": 2}, num_classes=10, diffit=True)
+    with torch.no_grad():
+        for p in ema.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    state = ema.state_dict()
+    path = tmp_path / "0008000.pt"
+    torch.save({"model": {k: torch.zeros_like(v) for k, v in state.items()}, "ema": state, "opt": {"state": {}},
+                "args": argparse.Namespace(model="DiT-XL/2", epochs=8)}, path)  # fmt: skip
+    out = tmp_path / "run"
+    assert main(distill_cli(out, path, "--num-heads", "2")) == 0, capsys.readouterr().err
+    config = json.loads((out / "manifest.json").read_text())["config"]
+    assert config["numerics"] == "official" and config["missing_keys"] is None
+    assert len(list(out.glob("*/*.png"))) == 10

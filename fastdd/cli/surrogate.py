@@ -12,6 +12,7 @@ from ..data.imagefolder import load_image_folder
 from ..guidance.igd import (
     DIGITS_SURROGATE,
     MAX_CHECKPOINTS,
+    SELECTION_RULES,
     SurrogateConfig,
     build_surrogate_bundle,
     train_trajectory,
@@ -83,6 +84,8 @@ def run(args) -> int:
         epochs=epochs,
         threshold=threshold,
         max_checkpoints=args.max_checkpoints,
+        selection=args.selection,
+        seed=args.seed,
         progress=not args.quiet,
     )
     out = Path(args.out)
@@ -113,6 +116,13 @@ def add_parser(subparsers) -> None:
         default=MAX_CHECKPOINTS,
         help=f"keep at most this many of Algorithm 2's checkpoints, the first ones (default {MAX_CHECKPOINTS}, as every "
         "published pick)",
+    )
+    parser.add_argument(
+        "--selection",
+        choices=SELECTION_RULES,
+        default="paper",
+        help="Algorithm 2 as the paper states it (cosine of class-mean gradients) or as the authors' "
+        "test_ckpts_grad_sim.py computes it (mean of per-class cosines + 1e-6, 80 shuffled images per class, --seed)",
     )
     parser.add_argument("--epochs-list", default=None, help="use these epochs instead of Algorithm 2 (e.g. 0,2,11,40)")
     parser.add_argument(

@@ -343,30 +343,47 @@ def real_gradients(
     return torch.stack(out)
 
 
-def select_checkpoints(epoch_class_grads: Tensor, threshold: float = 0.7) -> list[int]:
+SELECTION_RULES = ("paper", "authors")
+AUTHORS_IMAGES_PER_CLASS = 80  # test_ckpts_grad_sim.py's default image count per class
+AUTHORS_COS_EPS = 1e-6  # ... and the epsilon of its per-class cosine
+
+
+def select_checkpoints(epoch_class_grads: Tensor, threshold: float = 0.7, rule: str = "paper") -> list[int]:
     """Algorithm 2: the checkpoint epochs.
 
-    Keep epoch 0; walk the epochs and keep e when cos(mean gradient at e, reference) < threshold, making it the
-    new reference (mean gradient: the mean of the per-class gradients).
+    Keep epoch 0; walk the epochs and keep e when its similarity to the reference epoch is < threshold, making it
+    the new reference. rule "paper": the similarity is the cosine of the class-averaged gradients (the paper's
+    Algorithm 2). rule "authors": the mean over classes of each class's cosine Σ g·r / (‖g‖‖r‖ + 1e-6) (the
+    authors' test_ckpts_grad_sim.py). The two can keep different epochs.
 
     Args:
         epoch_class_grads: [E+1, num_classes, P] per-class mean gradients at each epoch.
         threshold: in (0, 1].
+        rule: "paper" or "authors".
 
     Returns:
         The kept epochs, ascending, starting with 0.
 
     Raises:
-        ValueError: if threshold is not in (0, 1].
+        ValueError: if threshold is not in (0, 1] or rule is unknown.
     """
     if not 0 < threshold <= 1:
         raise ValueError(f"threshold must be in (0, 1], got {threshold}")
-    mean_grads = epoch_class_grads.mean(dim=1)  # [E+1, P]
-    kept, reference = [0], mean_grads[0]
-    for epoch in range(1, len(mean_grads)):
-        if F.cosine_similarity(mean_grads[epoch], reference, dim=0) < threshold:
+    if rule not in SELECTION_RULES:
+        raise ValueError(f"rule must be one of {SELECTION_RULES}, got {rule!r}")
+
+    def similarity(grads: Tensor, reference: Tensor) -> float:
+        """grads, reference: [num_classes, P]."""
+        if rule == "paper":
+            return float(F.cosine_similarity(grads.mean(0), reference.mean(0), dim=0))
+        dots = (grads * reference).sum(-1)
+        return float((dots / (grads.norm(dim=-1) * reference.norm(dim=-1) + AUTHORS_COS_EPS)).mean())
+
+    kept, reference = [0], epoch_class_grads[0]
+    for epoch in range(1, len(epoch_class_grads)):
+        if similarity(epoch_class_grads[epoch], reference) < threshold:
             kept.append(epoch)
-            reference = mean_grads[epoch]
+            reference = epoch_class_grads[epoch]
     return kept
 
 
@@ -477,7 +494,13 @@ def train_trajectory(
 
 
 def epoch_class_gradients(
-    config: SurrogateConfig, snapshots: Tensor, images: Tensor, labels: Tensor, progress: bool = False, **kwargs
+    config: SurrogateConfig,
+    snapshots: Tensor,
+    images: Tensor,
+    labels: Tensor,
+    progress: bool = False,
+    shuffle_seed: int | None = None,
+    **kwargs,
 ) -> Tensor:
     """Per-class mean gradients at every snapshot (the input of Algorithm 2).
 
@@ -487,6 +510,8 @@ def epoch_class_gradients(
         images: [N, C, H, W] real images.
         labels: [N] class labels.
         progress: show a progress bar.
+        shuffle_seed: None: each class's first images; else at every snapshot a new random order of each class's
+            images (a shuffled loader, as the authors' script), drawn from this seed.
         **kwargs: max_images, chunk (see `class_mean_gradient`).
 
     Returns:
@@ -496,10 +521,16 @@ def epoch_class_gradients(
         ValueError: if a class has no images.
     """
     model = config.build().eval()
+    generator = None if shuffle_seed is None else torch.Generator().manual_seed(shuffle_seed)
+
+    def class_images(c: int) -> Tensor:
+        chosen = images[labels == c]
+        return chosen if generator is None else chosen[torch.randperm(len(chosen), generator=generator)]
+
     return torch.stack(
         [
             torch.stack(
-                [class_mean_gradient(model, snap, images[labels == c], c, **kwargs) for c in range(config.num_classes)]
+                [class_mean_gradient(model, snap, class_images(c), c, **kwargs) for c in range(config.num_classes)]
             )
             for snap in progress_bar(snapshots, desc="algorithm 2 gradients", disable=not progress)
         ]
@@ -600,6 +631,8 @@ def build_surrogate_bundle(
     epochs: list[int] | None = None,
     threshold: float = 0.7,
     max_checkpoints: int | None = MAX_CHECKPOINTS,
+    selection: str = "paper",
+    seed: int = 0,
     max_images: int = 200,
     chunk: int = 50,
     progress: bool = False,
@@ -616,6 +649,9 @@ def build_surrogate_bundle(
         max_checkpoints: keep at most this many of the checkpoints Algorithm 2 selects, the first ones (every
             published pick has K = 4; noisy small data can make Algorithm 2 keep almost every epoch); said on stderr
             when it applies. None: no cap.
+        selection: Algorithm 2's rule (see `select_checkpoints`); "authors" also takes its gradients, as the
+            authors' script, on AUTHORS_IMAGES_PER_CLASS images per class from a loader shuffled with `seed`.
+        seed: the authors' shuffle seed.
         max_images: see `class_mean_gradient`.
         chunk: see `class_mean_gradient`.
         progress: show a progress bar (Algorithm 2's gradients).
@@ -624,12 +660,21 @@ def build_surrogate_bundle(
         SurrogateBundle: flat_params [K, P], real_grads [num_classes, K, P], the K kept epochs.
 
     Raises:
-        ValueError: if a class has no images or threshold is not in (0, 1].
+        ValueError: if a class has no images, threshold is not in (0, 1] or selection is unknown.
     """
+    if selection not in SELECTION_RULES:
+        raise ValueError(f"selection must be one of {SELECTION_RULES}, got {selection!r}")
     model = config.build().eval()
     if epochs is None:
-        grads = epoch_class_gradients(config, snapshots, images, labels, progress, max_images=max_images, chunk=chunk)
-        epochs = select_checkpoints(grads, threshold)
+        if selection == "authors":
+            grads = epoch_class_gradients(
+                config, snapshots, images, labels, progress, seed, max_images=AUTHORS_IMAGES_PER_CLASS, chunk=chunk
+            )
+        else:
+            grads = epoch_class_gradients(
+                config, snapshots, images, labels, progress, max_images=max_images, chunk=chunk
+            )
+        epochs = select_checkpoints(grads, threshold, selection)
         if max_checkpoints is not None and len(epochs) > max_checkpoints:
             print(f"fastdd: Algorithm 2 kept {len(epochs)} checkpoints (epochs {epochs}); using the first "
                   f"{max_checkpoints} ({epochs[:max_checkpoints]})", file=sys.stderr)  # fmt: skip
@@ -648,6 +693,7 @@ def compute_surrogate_bundle(
     epoch_list: list[int] | None = None,
     threshold: float = 0.7,
     max_checkpoints: int | None = MAX_CHECKPOINTS,
+    selection: str = "paper",
     flip: bool = True,
     seed: int = 0,
     device: torch.device | str = "cpu",
@@ -663,6 +709,7 @@ def compute_surrogate_bundle(
         epoch_list: snapshot indices to keep (None: Algorithm 2).
         threshold: Algorithm 2's threshold.
         max_checkpoints: see `build_surrogate_bundle`.
+        selection: Algorithm 2's rule (see `build_surrogate_bundle`).
         flip: random horizontal flips in training.
         seed: training seed (see `train_trajectory`).
         device: where the model trains.
@@ -685,5 +732,7 @@ def compute_surrogate_bundle(
         epochs=epoch_list,
         threshold=threshold,
         max_checkpoints=max_checkpoints,
+        selection=selection,
+        seed=seed,
         progress=progress,
     )

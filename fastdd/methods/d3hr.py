@@ -1,7 +1,8 @@
 """`--method d3hr`: D3HR's run wiring (the math is in `fastdd.guidance.d3hr`): per class, DDIM-invert the real
 latents to the target step, fit a diagonal Gaussian, keep the most representative of n candidate groups of IPC
-latents, and DDIM (η = 0) from there on a `steps`-step schedule with `spacing` (the run's CFG scale). Ignores the
-run's sampler and eta."""
+latents, and DDIM (η = 0) from there on the run's `steps`-step schedule (spacing "leading" unless --spacing says
+otherwise: D3HR's DiTPipeline) with the run's CFG scale. Ignores the run's sampler and eta. --compat: DiTPipeline's
+numerics and CFG on every eps channel."""
 
 from __future__ import annotations
 
@@ -21,8 +22,9 @@ from ..guidance.d3hr import (
     statistics_path,
 )
 from ..options import documented, option
-from ..sampling import GaussianDiffusion, GuidedSampler
+from ..sampling import GuidedSampler
 from .base import (
+    DIT_PIPELINE,
     Cost,
     Method,
     MethodSetup,
@@ -53,12 +55,6 @@ class D3HROptions:
         D3HR_CANDIDATES, "candidate groups drawn per class (SPEC: 10,000)", flag="--d3hr-candidates"
     )
     batch: int = option(64, "images per DDIM-inversion batch", flag="--d3hr-batch")
-    spacing: str = option(
-        "leading",
-        "timestep spacing of the inversion and generation (SPEC: diffusers' DDIM 'leading')",
-        flag="--d3hr-spacing",
-        choices=("leading", "iddpm"),
-    )
     stats: str | None = option(
         None,
         "folder of per-class inverted statistics to reuse across runs (default: in the "
@@ -72,7 +68,6 @@ def build(options: D3HROptions, spec: RunSpec, models: Models, data: RealData) -
     check(0 <= options.target <= 49, f"--d3hr-target must be in 0..49, got {options.target}")
     check(options.candidates > 0, f"--d3hr-candidates must be > 0, got {options.candidates}")
     check(options.batch > 0, f"--d3hr-batch must be > 0, got {options.batch}")
-    check(not spec.compat, "--compat: d3hr samples with CFG on every channel (diffusers); drop --compat")
     target = rescale_index(options.target, spec.steps)
     check_pool(spec, data, 2, "D3HR's unbiased variance")
     params = {
@@ -80,16 +75,15 @@ def build(options: D3HROptions, spec: RunSpec, models: Models, data: RealData) -
         "n_candidates": options.candidates,
         "inversion_batch": options.batch,
         "weights": list(D3HR_WEIGHTS),
-        "timestep_spacing": options.spacing,
+        "timestep_spacing": models.diffusion.timestep_spacing,
         "sampler": "ddim, eta 0 (from the selected latents)",
         "stats_dir": options.stats,
     }
-    diffusion = GaussianDiffusion(spec.steps, learn_sigma=models.prior.learn_sigma, timestep_spacing=options.spacing)
     inputs = cache_inputs(models, data, {"seed": spec.seed})
     stats_dir = Path(options.stats) if options.stats else None
     if stats_dir is not None:  # a shared folder: refuse files made with other settings now, before anything is written
         like_run = GuidedSampler(
-            models.prior, diffusion, cfg_scale=spec.cfg_scale, num_classes=models.num_model_classes
+            models.prior, models.diffusion, cfg_scale=spec.cfg_scale, num_classes=models.num_model_classes
         )
         for label in models.class_labels:
             if statistics_path(stats_dir, label).is_file():
@@ -110,7 +104,6 @@ def build(options: D3HROptions, spec: RunSpec, models: Models, data: RealData) -
         return MethodSetup(params=params, cost=cost)
     if stats_dir is None:  # private to the run, named by what the statistics depend on
         stats_dir = spec.state_dir / f"d3hr_stats_{cache_key(inputs)}"
-    samplers: dict[int, GuidedSampler] = {}
     groups: dict[int, Tensor] = {}
     real: list[tuple[Tensor, Tensor]] = []
 
@@ -141,12 +134,9 @@ def build(options: D3HROptions, spec: RunSpec, models: Models, data: RealData) -
         return groups[c]
 
     def sample(sampler, labels, ids, latent_shape, device) -> Tensor:
-        """The run's CFG and labels on D3HR's own DDIM schedule."""
-        if id(sampler) not in samplers:
-            samplers[id(sampler)] = sampler.replace(diffusion=diffusion)
-        d3hr_sampler = samplers[id(sampler)]
-        x_start = torch.stack([group_of(d3hr_sampler, c)[i] for c, i, _ in ids]).to(device)
-        return d3hr_sampler.ddim_sample(labels, ids, start_index=target, x_start=x_start, progress=False)
+        """DDIM (η = 0) from each image's selected latent at the target index, with the run's CFG and labels."""
+        x_start = torch.stack([group_of(sampler, c)[i] for c, i, _ in ids]).to(device)
+        return sampler.ddim_sample(labels, ids, start_index=target, x_start=x_start, progress=False)
 
     return MethodSetup(params=params, sample=sample, cost=cost)
 
@@ -157,4 +147,7 @@ METHOD = Method(
     build,
     needs_data=True,
     help="D3HR (2025): DDIM inversion, per-class Gaussian, representative group, DDIM generation",
+    authors=DIT_PIPELINE,
+    spacing="leading",
+    guides_steps=False,
 )

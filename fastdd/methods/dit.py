@@ -18,5 +18,10 @@ def build(options: DiTOptions, spec: RunSpec, models: Models, data: RealData) ->
 
 
 METHOD = Method(
-    "dit", DiTOptions, build, needs_data=False, help="unguided class-conditional sampling from the prior (baseline)"
+    "dit",
+    DiTOptions,
+    build,
+    needs_data=False,
+    help="unguided class-conditional sampling from the prior (baseline)",
+    guides_steps=False,
 )

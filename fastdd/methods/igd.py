@@ -16,6 +16,7 @@ from torch import Tensor
 from ..guidance.igd import (
     DIGITS_SURROGATE_PATH,
     MAX_CHECKPOINTS,
+    SELECTION_RULES,
     DeviationGuidance,
     InfluenceGuidance,
     SurrogateBundle,
@@ -81,6 +82,14 @@ class IGDOptions:
         "(every published pick has K = 4)",
         flag="--igd-max-checkpoints",
     )
+    selection: str | None = option(
+        None,
+        "Algorithm 2 as the paper states it (cosine of class-mean gradients) or as the authors' test_ckpts_grad_sim.py "
+        "computes it (mean of per-class cosines, +1e-6, 80 shuffled images per class), when computed on the fly "
+        "(default: paper; authors with --compat)",
+        flag="--igd-selection",
+        choices=SELECTION_RULES,
+    )
 
 
 def check_bundle(bundle: SurrogateBundle, models: Models, data: RealData, source: str) -> None:
@@ -106,6 +115,7 @@ def surrogate_bundle(options: IGDOptions, spec: RunSpec, models: Models, data: R
         return bundle, path
     check(options.surrogate_epochs > 0, f"--surrogate-epochs must be > 0, got {options.surrogate_epochs}")
     check(options.max_checkpoints > 0, f"--igd-max-checkpoints must be > 0, got {options.max_checkpoints}")
+    selection = options.selection or ("authors" if spec.compat else "paper")
     if spec.dry_run:
         return None, "computed from the real data at the start of the run"
     cache = cache_path(
@@ -113,7 +123,7 @@ def surrogate_bundle(options: IGDOptions, spec: RunSpec, models: Models, data: R
         models,
         data,
         "surrogate",
-        {"seed": spec.seed, "epochs": options.surrogate_epochs, "k": options.max_checkpoints},
+        {"seed": spec.seed, "epochs": options.surrogate_epochs, "k": options.max_checkpoints, "selection": selection},
     )
     cached = read_cache(cache, SurrogateBundle.load)
     if cached is not None:
@@ -126,6 +136,7 @@ def surrogate_bundle(options: IGDOptions, spec: RunSpec, models: Models, data: R
         labels,
         epochs=options.surrogate_epochs,
         max_checkpoints=options.max_checkpoints,
+        selection=selection,
         seed=spec.seed,
         flip=data.dataset != "digits",
         progress=spec.progress,

@@ -125,18 +125,24 @@ def load_generator(
     allow_missing_keys: bool = False,
     num_heads: int | None = None,
     numerics: str | None = None,
+    revision: str | None = None,
 ) -> tuple[nn.Module, object, dict]:
     """(DiT in eval mode without gradients, codec, description for the manifest) for --model / --vae; `data` (the
     --data folder or None) picks the default model. An official checkpoint loads strictly unless
-    allow_missing_keys (then the keys it lacks are listed on stderr and recorded)."""
+    allow_missing_keys (then the keys it lacks are listed on stderr and recorded). revision: of a --model hub id (a
+    pipeline's own VAE comes from the same snapshot)."""
     from ..prior import load_prior
     from .vae import PixelCodec
 
     spec = model or (str(DIGITS_PRIOR_PATH) if data is None else DEFAULT_DIT)
-    path = resolve_hub_id(spec, "--model") if looks_like_hub_id(spec) else Path(spec)
+    if revision is not None and not looks_like_hub_id(spec):
+        raise ValueError(f"--revision {revision}: --model {spec} is not a hub id (a revision picks a hub snapshot)")
+    path = resolve_hub_id(spec, "--model", revision) if looks_like_hub_id(spec) else Path(spec)
     if model is None and data is None and not path.is_file():
         raise ValueError(f"the bundled digits prior {path} is missing; make it with `fastdd prior train --out {path}`")
     description = {"model": spec if model else ("bundled digits prior" if data is None else spec)}
+    if revision is not None:
+        description["revision"] = revision
     if path.exists():
         description["model_sha256"] = weights_fingerprint(path)
     if path.is_file() and is_fastdd_prior(path):

@@ -469,14 +469,15 @@ class GuidedSampler:
         image_ids: Sequence[ImageId],
         latent_shape: Sequence[int],
         device: torch.device | str,
-        num_steps: int = 20,
+        num_steps: int | None = None,
         solver_order: int = 2,
         progress: bool = True,
         dtype: torch.dtype = torch.float32,
     ) -> Tensor:
         """Deterministic DPM-Solver++ from the same initial latents as `sample`.
 
-        diffusers' DPMSolverMultistepScheduler on the original T-step betas, its default "linspace" timesteps.
+        diffusers' DPMSolverMultistepScheduler on the original T-step betas, on the timesteps the sampler's diffusion
+        keeps (its `timestep_spacing`), or on diffusers' default "linspace" timesteps when num_steps is given.
         Guidances are not run (a multistep solver has no single-step update to add deltas to), so a sampler with
         guidances refuses. The scheduler itself does a few host syncs per step (diffusers' step-index bookkeeping).
 
@@ -485,7 +486,7 @@ class GuidedSampler:
             image_ids: [(class_index, image_index, seed)] per image.
             latent_shape: (C, H, W).
             device: where to sample.
-            num_steps: solver steps.
+            num_steps: solver steps on diffusers' "linspace" timesteps (default: the diffusion's own timesteps).
             solver_order: the solver order.
             progress: show a progress bar.
             dtype: dtype of the initial noise.
@@ -510,7 +511,10 @@ class GuidedSampler:
             prediction_type="epsilon",
             algorithm_type="dpmsolver++",
         )
-        scheduler.set_timesteps(num_steps, device=device)
+        if num_steps is None:
+            scheduler.set_timesteps(timesteps=self.diffusion.timesteps.flip(0).tolist(), device=device)
+        else:
+            scheduler.set_timesteps(num_steps, device=device)
         x = torch.cat([initial] * self.rows_per_image)
         y = self._state_labels(labels, x.device)
         with torch.no_grad():

@@ -16,14 +16,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from tiny_dit import save_tiny_dit_pipeline, tiny_vae
 
 from fastdd.data.classes import IMAGENETTE
 
 ROOT = Path(__file__).resolve().parent.parent
 REVISION = "fedcba9876543210fedcba9876543210fedcba98"
-VAE = dict(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 8), layers_per_block=1,
-           down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2, norm_num_groups=4,
-           sample_size=16)  # fmt: skip
 
 
 def readme_commands() -> str:
@@ -53,20 +51,14 @@ def randomised(model: torch.nn.Module, seed: int) -> torch.nn.Module:
 @pytest.fixture(scope="module")
 def workplace(tmp_path_factory) -> tuple[Path, dict]:
     """A folder holding what the README's commands name, and the environment they run in."""
-    from diffusers import AutoencoderKL, DDIMScheduler, DiTPipeline, DiTTransformer2DModel
     from PIL import Image
 
     from fastdd.models.dit import DiT
 
     work = tmp_path_factory.mktemp("work")
     home = work / "hf_home"
-    torch.manual_seed(0)
-    transformer = DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=8,
-                                        num_layers=1, sample_size=8, patch_size=2, num_embeds_ada_norm=1000)  # fmt: skip
-    DiTPipeline(
-        transformer=transformer, vae=AutoencoderKL(**VAE), scheduler=DDIMScheduler(clip_sample=False)
-    ).save_pretrained(cached(home, "facebook/DiT-XL-2-256"))
-    AutoencoderKL(**VAE).save_pretrained(cached(home, "stabilityai/sd-vae-ft-mse"))
+    save_tiny_dit_pipeline(cached(home, "facebook/DiT-XL-2-256"), num_classes=1000)
+    tiny_vae().save_pretrained(cached(home, "stabilityai/sd-vae-ft-mse"))
     small = dict(input_size=8, patch_size=2, in_channels=4, hidden_size=384, depth=1, num_classes=1000)  # DiT-S width
     torch.save(randomised(DiT(**small, num_heads=6), 1).state_dict(), work / "DiT-XL-2-256x256.pt")
     minimax = randomised(DiT(**{**small, "depth": 2}, num_heads=6, diffit=True), 2).state_dict()

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny_dit import save_tiny_dit_pipeline
 
 import fastdd
 from fastdd.methods import METHODS
@@ -52,38 +53,13 @@ def test_dpm_solver_refuses_guided_methods(tmp_path):
     assert not (tmp_path / "x").exists()
 
 
-def dit_pipeline_folder(folder: Path) -> Path:
-    """A tiny DiTPipeline saved with save_pretrained: a 1000-class latent DiT (DiTPipeline hard-codes the null class
-    1000), a 2-level AutoencoderKL and the DDIMScheduler of facebook/DiT-XL-2-256 (linear betas, 1000 steps)."""
-    from diffusers import AutoencoderKL, DDIMScheduler, DiTPipeline, DiTTransformer2DModel
-
-    torch.manual_seed(0)
-    transformer = DiTTransformer2DModel(
-        num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=8, num_layers=2, sample_size=8,
-        patch_size=2, num_embeds_ada_norm=1000,
-    )  # fmt: skip
-    with torch.no_grad():  # the zero-initialised adaLN and output layers would make the model ignore its inputs
-        for name, param in transformer.named_parameters():
-            if "norm1.linear" in name or "proj_out" in name:
-                param.normal_(0, 0.05)
-        for block in transformer.transformer_blocks[1:]:  # released weights hold one embedder, copied in every block
-            block.norm1.emb.load_state_dict(transformer.transformer_blocks[0].norm1.emb.state_dict())
-    vae = AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 8), layers_per_block=1,
-        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2, norm_num_groups=4,
-        sample_size=16,
-    )  # fmt: skip
-    scheduler = DDIMScheduler(beta_schedule="linear", beta_start=0.0001, beta_end=0.02, clip_sample=False)
-    DiTPipeline(transformer=transformer, vae=vae, scheduler=scheduler).save_pretrained(folder)
-    return folder
-
-
 def test_ddim_with_leading_spacing_reproduces_dit_pipeline(tmp_path):
     """`--sampler ddim --spacing leading` on a diffusers pipeline (diffusers numerics, the format's default; CFG on all
     eps channels, one row per image: no --compat) gives DiTPipeline's images from the same initial noise."""
     from diffusers import DiTPipeline
 
-    folder = dit_pipeline_folder(tmp_path / "pipe")
+    # DiTPipeline hard-codes the null class 1000: a 1000-class model
+    folder = save_tiny_dit_pipeline(tmp_path / "pipe", num_classes=1000, num_layers=2, randomise=True)
     labels, scale = [3, 7], 4.0
     expected = DiTPipeline.from_pretrained(folder)(
         labels, guidance_scale=scale, generator=torch.Generator().manual_seed(0), num_inference_steps=STEPS,

@@ -12,24 +12,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny_dit import save_tiny_dit_pipeline
 
 REVISION = "0123456789abcdef0123456789abcdef01234567"
 OLD_REVISION = "89abcdef0123456789abcdef0123456789abcdef"
-
-
-def tiny_pipeline(folder: Path, seed: int = 0) -> Path:
-    """A diffusers-format pipeline folder: transformer/ (a 1-block latent DiT, 10 classes) and vae/ (a 2-level
-    AutoencoderKL: 16×16 RGB images <-> 4×8×8 latents)."""
-    from diffusers import AutoencoderKL, DiTTransformer2DModel
-
-    torch.manual_seed(seed)
-    DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=8, num_layers=1,
-                          sample_size=8, patch_size=2, num_embeds_ada_norm=10).save_pretrained(folder / "transformer")  # fmt: skip
-    AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 8), layers_per_block=1,
-                  down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-                  norm_num_groups=4, sample_size=16).save_pretrained(folder / "vae")  # fmt: skip
-    (folder / "model_index.json").write_text(json.dumps({"_class_name": "DiTPipeline"}))
-    return folder
 
 
 @pytest.fixture(scope="module")
@@ -38,8 +24,8 @@ def hf_home(tmp_path_factory) -> Path:
     OLD_REVISION (other weights) that the tag refs/v0 names."""
     home = tmp_path_factory.mktemp("hf_home")
     repo = home / "hub" / "models--tiny--dit-pipe"
-    tiny_pipeline(repo / "snapshots" / REVISION)
-    tiny_pipeline(repo / "snapshots" / OLD_REVISION, seed=1)
+    save_tiny_dit_pipeline(repo / "snapshots" / REVISION, num_classes=10)
+    save_tiny_dit_pipeline(repo / "snapshots" / OLD_REVISION, num_classes=10, seed=1)
     (repo / "refs").mkdir(parents=True)
     (repo / "refs" / "main").write_text(REVISION)
     (repo / "refs" / "v0").write_text(OLD_REVISION)

@@ -100,6 +100,36 @@ def tiny_vae():
     )
 
 
+def save_tiny_dit_pipeline(folder, num_classes: int, num_layers: int = 1, seed: int = 0, randomise: bool = False):
+    """A diffusers DiTPipeline saved with save_pretrained at folder: a latent DiTTransformer2DModel (2 heads × 16,
+    4 -> 8 channels, 8×8 latents), `tiny_vae()` (16×16 RGB images) and a DDIMScheduler with DiT's linear betas, drawn
+    after torch.manual_seed(seed). randomise: the zero-initialised adaLN and output layers drawn from N(0, 0.05²).
+    Every block's copy of the timestep/label embedder equals block 0's, as in released weights."""
+    from diffusers import DDIMScheduler, DiTPipeline, DiTTransformer2DModel
+
+    torch.manual_seed(seed)
+    transformer = DiTTransformer2DModel(
+        num_attention_heads=2,
+        attention_head_dim=16,
+        in_channels=4,
+        out_channels=8,
+        num_layers=num_layers,
+        sample_size=8,
+        patch_size=2,
+        num_embeds_ada_norm=num_classes,
+    )
+    with torch.no_grad():
+        if randomise:
+            for name, param in transformer.named_parameters():
+                if "norm1.linear" in name or "proj_out" in name:
+                    param.normal_(0, 0.05)
+        for block in transformer.transformer_blocks[1:]:
+            block.norm1.emb.load_state_dict(transformer.transformer_blocks[0].norm1.emb.state_dict())
+    scheduler = DDIMScheduler(beta_schedule="linear", beta_start=0.0001, beta_end=0.02, clip_sample=False)
+    DiTPipeline(transformer=transformer, vae=tiny_vae(), scheduler=scheduler).save_pretrained(folder)
+    return folder
+
+
 def relative_error(actual: torch.Tensor, expected: torch.Tensor, floor: float = 0.0) -> float:
     """‖actual − expected‖ / max(‖expected‖, floor) (floor 0: a zero `expected` gives inf or nan)."""
     return float((actual - expected).detach().norm() / expected.detach().norm().clamp_min(floor))

@@ -22,6 +22,11 @@ compiling; pass num_groups when groups come with [K, P] ref_grads). Groups are h
 [B, B] membership matrices, never by host-side index lists.
 
 Models the fast path does not understand fall back to torch.func (vmap of grad), with a warning naming why.
+
+"auto" on CPU (eager): the fused path saves work over per-sample gradients only where the Gram identity replaces
+a materialised weight gradient (small maps); where no conv layer takes it, both do the same FLOPs and torch.func's
+per-checkpoint vmap(grad) was as fast or faster on CPU (benchmarks/results/grad_cosine_cpu.md), so auto runs that
+("func", _fused_pays). CUDA and torch.compile keep the fused path (one batched pass; one traceable graph).
 """
 
 from __future__ import annotations
@@ -42,9 +47,10 @@ from ._checks import check_nonempty, check_same_device, check_tensor
 from .reference import GRAD_COS_EPS
 
 # not custom ops (they differentiate through an nn.Module): "fused" is the fast path below (torch.func for the
-# models it cannot run), "reference" one autograd.grad per sample and parameter set
+# models it cannot run), "func" torch.func per-sample gradients (auto's choice on CPU where the fused path does not
+# pay: _fused_pays), "reference" one autograd.grad per sample and parameter set
 for _name in ("grad_dot_and_norm", "grad_cosine"):
-    register_op(_name, cpu=("fused", "reference"), cuda=("fused", "reference"))
+    register_op(_name, cpu=("fused", "func", "reference"), cuda=("fused", "func", "reference"))
 CPU_CHUNK_BYTES = 8 << 20  # widest activation per chunk on CPU (_cpu_chunks)
 
 
@@ -542,21 +548,58 @@ def _chunked_dot_and_norm(steps, flat, x, y, ref, groups: Tensor | None, count: 
     return torch.cat(dots), torch.cat(sq_norms)
 
 
+def _fused_pays(steps: list[_Step], x: Tensor, K: int, pairs: int) -> bool:
+    """auto's choice between the fused path and torch.func ("func"): fused, except on CPU in eager mode where no
+    groups == 1 conv layer takes the Gram ("ghost") branch of _ghost_is_cheaper, i.e. where the fused path does
+    the same FLOPs as per-sample gradients (and measured no faster on CPU: see the module docstring)."""
+    if x.device.type != "cpu" or torch.compiler.is_compiling() or x.dim() != 4:
+        return True
+    h = torch.empty(1, 1, *x.shape[2:], device="meta")  # the spatial size through the layers
+    for step in steps:
+        if step.kind == "flatten":
+            break
+        if step.kind == "spatial":
+            h = step.fn(h)
+        elif step.kind == "conv":
+            conv = step.module
+            probe = torch.empty(1, 1, *conv.kernel_size, device="meta")
+            h = F.conv2d(h, probe, None, conv.stride, conv.padding, conv.dilation)
+            positions = h.shape[2] * h.shape[3]
+            in_features = conv.in_channels // conv.groups * conv.kernel_size[0] * conv.kernel_size[1]
+            if conv.groups == 1 and _ghost_is_cheaper(x.shape[0], pairs, K, positions, in_features, conv.out_channels):
+                return True
+    return False
+
+
 def _func_dot_and_norm(model, flat, x, y, ref, grouping: _Grouping) -> tuple[Tensor, Tensor]:
-    """The fallback: per-row gradients by torch.func (vmap of grad) per checkpoint, [B, K, P] in memory."""
+    """Per-row gradients by torch.func, written the way a competent user would: the parameters unflattened once
+    per checkpoint outside vmap (views of flat[k]), vmap(grad) per checkpoint, and per parameter tensor its dot
+    with the reference and squared norm (no [B, K, P] tensor, no concatenation). Both [G, K]; differentiable
+    w.r.t. x (and ref) to any order. "auto" runs it where the fused path does not pay (_fused_pays)."""
     names = [name for name, _ in model.named_parameters()]
     shapes = [p.shape for p in model.parameters()]
+    sizes = [s.numel() for s in shapes]
 
-    def sample_loss(theta: Tensor, x_row: Tensor, y_row: Tensor) -> Tensor:
-        params = dict(zip(names, (t.view(s) for t, s in zip(theta.split([s.numel() for s in shapes]), shapes))))
+    def row_loss(params: dict[str, Tensor], x_row: Tensor, y_row: Tensor) -> Tensor:
         return F.cross_entropy(functional_call(model, params, (x_row[None],)), y_row[None])
 
-    per_row = vmap(grad(sample_loss), in_dims=(None, 0, 0))
-    rows = torch.stack([per_row(flat[k], x, y) for k in range(flat.shape[0])], 1)  # [B, K, P]
-    if grouping.row_weight is not None:
-        rows = rows * grouping.row_weight[:, None, None]
-    summed = grouping.sum_rows(rows)
-    return (summed * ref).sum(-1), summed.square().sum(-1)
+    per_row = vmap(grad(row_loss), in_dims=(None, 0, 0))
+    ref_parts = ref.split(sizes, -1)  # [K, n] or [G, K, n] each
+    dots, sq_norms = [], []
+    for k in range(flat.shape[0]):
+        params = {n: t.view(s) for n, t, s in zip(names, flat[k].split(sizes), shapes)}
+        grads = per_row(params, x, y)  # name -> [B, *shape]
+        dot = sq_norm = 0
+        for name, part in zip(names, ref_parts):
+            rows = grads[name].flatten(1)
+            if grouping.row_weight is not None:
+                rows = rows * grouping.row_weight[:, None]
+            summed = grouping.sum_rows(rows)  # [G, n]
+            dot = dot + torch.linalg.vecdot(summed, part[..., k, :])
+            sq_norm = sq_norm + torch.linalg.vecdot(summed, summed)
+        dots.append(dot)
+        sq_norms.append(sq_norm)
+    return torch.stack(dots, 1), torch.stack(sq_norms, 1)
 
 
 def _checked(model, flat_params, x, y, ref_grads, groups, num_groups):
@@ -632,15 +675,28 @@ def _group_count(groups: Tensor, ref_grads: Tensor, num_groups: int | None) -> i
 def _dot_and_norm(op, model, flat_params, x, y, ref_grads, groups, num_groups, backend) -> tuple[Tensor, Tensor]:
     """grad_dot_and_norm, run by the implementation OP_BACKENDS[op] (or backend) picks: both [G, K]."""
     y, ref_grads, groups, count = _checked(model, flat_params, x, y, ref_grads, groups, num_groups)
-    if resolve_backend(op, backend, x.device) == "reference":
+    chosen = resolve_backend(op, backend, x.device)
+    if chosen == "reference":
         return reference.grad_dot_and_norm(model, flat_params, x, y, ref_grads, groups)
     flat = flat_params.detach()
-    try:
-        dots, sq_norms = _chunked_dot_and_norm(_plan(model), flat, x, y, ref_grads, groups, count)
-    except _Unsupported as reason:
-        grouping = _Grouping.build(groups, count, x.dtype)
-        warnings.warn(f"grad_cosine: falling back to torch.func (slow): {reason}", stacklevel=3)
-        dots, sq_norms = _func_dot_and_norm(model, flat, x, y, ref_grads, grouping)
+    steps = None
+    if chosen == "fused":
+        try:
+            steps = _plan(model)
+        except _Unsupported as reason:
+            warnings.warn(f"grad_cosine: falling back to torch.func (slow): {reason}", stacklevel=3)
+    if steps is not None and backend == "auto":
+        pairs = x.shape[0] if groups is None else len(groups) ** 2  # (i, j) row pairs of the norms (_Grouping)
+        chosen = "fused" if _fused_pays(steps, x, flat.shape[0], pairs) else "func"
+    if steps is None or chosen == "func":
+        dots, sq_norms = _func_dot_and_norm(model, flat, x, y, ref_grads, _Grouping.build(groups, count, x.dtype))
+    else:
+        try:
+            dots, sq_norms = _chunked_dot_and_norm(steps, flat, x, y, ref_grads, groups, count)
+        except _Unsupported as reason:
+            warnings.warn(f"grad_cosine: falling back to torch.func (slow): {reason}", stacklevel=3)
+            grouping = _Grouping.build(groups, count, x.dtype)
+            dots, sq_norms = _func_dot_and_norm(model, flat, x, y, ref_grads, grouping)
     return dots, sq_norms.clamp_min(torch.finfo(sq_norms.dtype).tiny).sqrt()
 
 
@@ -669,8 +725,9 @@ def grad_dot_and_norm(
             averaged CE.
         num_groups: G, needed only with groups and [K, P] ref_grads under torch.compile (eager reads
             groups.max() + 1).
-        backend: "auto" (OP_BACKENDS: "fused"), "fused" (the fast path; models it cannot run fall back to
-            torch.func with a warning) or "reference" (one autograd.grad per sample and set).
+        backend: "auto" (OP_BACKENDS: "fused", or on CPU "func" where the fused path does not pay: see the module
+            docstring), "fused" (the fast path; models it cannot run fall back to torch.func with a warning),
+            "func" (torch.func vmap(grad) per checkpoint) or "reference" (one autograd.grad per sample and set).
 
     Returns:
         (dots, norms), both [B, K] (or [G, K] with groups).

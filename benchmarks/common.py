@@ -26,10 +26,12 @@ __all__ = [
     "device_name",
     "timeit",
     "interleaved_times",
+    "time_methods",
     "peak_memory_bytes",
     "count_flops",
     "machine_peaks",
     "reference_fallbacks",
+    "auto_backend",
     "require_compiled",
     "finish_records",
     "op_benchmark_main",
@@ -48,6 +50,13 @@ def reference_fallbacks(ops: list[str], device: torch.device) -> list[str]:
         if listed[0] != "reference" and resolve_backend(op, "auto", device) == "reference":
             missing.append(op)
     return missing
+
+
+def auto_backend(op: str, device: torch.device) -> str:
+    """The implementation "auto" runs for op on device (from the registry)."""
+    from fastdd.ops._backend import resolve_backend
+
+    return resolve_backend(op, "auto", torch.device(device))
 
 
 def require_compiled(ops: list[str], device: torch.device, allow_reference: bool) -> None:
@@ -169,6 +178,32 @@ def machine_peaks(device: torch.device, quick: bool = False) -> dict:
         "torch": torch.__version__,
         "machine": platform.machine(),
     }
+
+
+def time_methods(
+    op: str,
+    shape: str,
+    methods: dict[str, tuple[str, Callable[[], object]]],
+    device: torch.device,
+    repeats: int,
+    flops: float | None = None,
+    bytes_moved: float | None = None,
+) -> list[dict]:
+    """Records of one (op, shape): methods = {name: (kind, fn)}; interleaved median times, peak memory of one
+    call each, and the work (FLOPs, bytes; by formula, the same for every method) for the fraction of peak."""
+    times = interleaved_times({name: fn for name, (_, fn) in methods.items()}, device, repeats)
+    records = []
+    for name, (kind, fn) in methods.items():
+        memory = peak_memory_bytes(fn, device)
+        record = {"op": op, "shape": shape, "method": name, "kind": kind, "median_ms": times[name] * 1e3}
+        if flops:
+            record["flops"] = flops
+        if bytes_moved:
+            record["bytes"] = bytes_moved
+        record["peak_mib"] = None if memory is None else memory / 2**20
+        records.append(record)
+    print(f"{op} {shape}: " + ", ".join(f"{n} {t * 1e3:.3g} ms" for n, t in times.items()), flush=True)
+    return records
 
 
 # --------------------------------------------------------------------------- records and reports

@@ -18,9 +18,9 @@ Methods (every one is checked against torch.func's values and input gradient bef
   alone of a ConvNet without GroupNorm (conv → ReLU → AvgPool), the one thing it computes right.
 
 Shapes: ConvNet width 64/128, depth 3-6, 32² and 64², B = 16, K = 4 (IGD: ConvNet-5 w128 32² and ConvNet-6 w128
-64²; ConvNet-6 needs ≥ 64 px). FLOPs are counted with torch.utils.flop_counter (what each method runs, forward and
-backward) and put against the machine's fp32 matmul peak measured in the same run; peak memory is the extra
-resident memory at the peak of one call.
+64²; ConvNet-6 needs ≥ 64 px). The work of a shape is counted with torch.utils.flop_counter on the plain computation
+(the authors' loop for one image and checkpoint, × B·K) and put against the machine's fp32 matmul peak measured in
+the same run; peak memory is the extra resident memory at the peak of one call.
 
 Run: python benchmarks/ops/bench_grad_cosine.py [--device cuda] [--repeats 5] [--quick] [--allow-reference]
 """
@@ -43,6 +43,7 @@ if __package__ in (None, ""):  # run as a script: import benchmarks/ from the re
 from benchmarks.common import count_flops, interleaved_times, op_benchmark_main, peak_memory_bytes  # noqa: E402
 from fastdd.models import ConvNet  # noqa: E402
 from fastdd.ops import grad_cosine, value_checks  # noqa: E402
+from fastdd.ops.grad_cosine import auto_choice  # noqa: E402
 from fastdd.ops.reference import GRAD_COS_EPS, unflatten_params  # noqa: E402
 
 CLASSES = 10
@@ -199,20 +200,21 @@ def _copy(model: nn.Module) -> nn.Module:
     return copy.deepcopy(model)
 
 
-def methods_for(model: nn.Module, variant: str) -> dict[str, tuple[str, object]]:
+def methods_for(model: nn.Module, variant: str, x: torch.Tensor, checkpoints: int) -> dict[str, tuple[str, object]]:
     """{name: (kind, fn(model, flat, x, y, ref) -> (cos, x_grad or None))} of one variant: "input grad",
     "cosines only" or "no norm" (cosines only, on ConvNetNoNorm)."""
+    auto = f"fastdd grad_cosine (auto: {auto_choice(model, x, checkpoints)})"
     if variant in ("cosines only", "no norm"):
         library = ("Opacus GradSampleModule", OpacusCosines(model))
         if variant == "no norm":
             library = ("BackPACK BatchGrad", BackpackCosines(model, False))
         return {
-            "fastdd grad_cosine (auto)": ("fastdd", fastdd_method("auto", False)),
+            auto: ("fastdd", fastdd_method("auto", False)),
             "torch.func vmap(grad), params once": ("baseline", torch_func_method(False)),
             library[0]: ("baseline", library[1]),
         }
     found = {
-        "fastdd grad_cosine (auto)": ("fastdd", fastdd_method("auto", True)),
+        auto: ("fastdd", fastdd_method("auto", True)),
         "fastdd fused (forced)": ("fastdd-forced", fastdd_method("fused", True)),
         "torch.func vmap(grad), params once": ("baseline", torch_func_method(True)),
         "authors' loop": ("baseline", authors_loop),
@@ -226,6 +228,26 @@ OPS_AND_SHAPES = {
     "grad_cosine, cosines only (no input grad)": ("cosines only", IGD_SHAPES),
     "grad_cosine, cosines only, ConvNet without GroupNorm": ("no norm", IGD_SHAPES),
 }
+
+
+def work_flops(model, flat, x, y, ref, input_grad: bool) -> float:
+    """The FLOPs of the computation done the plain way: torch.utils.flop_counter on the authors' loop for one
+    (image, checkpoint) pair (forward, parameter gradient with its graph, and with input_grad the backward of the
+    cosine to the image), times B·K. The same work for every method of a shape (the counter miscounts the grouped
+    convolutions of the batched methods' backward, so their own counts are not used)."""
+    one = (flat[:1], x[:1], y[:1], ref[:1])
+    if input_grad:
+        flops = count_flops(lambda: authors_loop(model, *one))
+    else:
+        flops = count_flops(lambda: torch.func.grad(_one_loss(model, one[1], one[2]))(one[0][0]))
+    return float(flops) * x.shape[0] * flat.shape[0]
+
+
+def _one_loss(model, x, y):
+    def loss(theta):
+        return F.cross_entropy(functional_call(model, unflatten_params(model, theta), (x,)), y)
+
+    return loss
 
 
 def check(methods: dict, args) -> None:
@@ -247,8 +269,9 @@ def run(device: torch.device, repeats: int, quick: bool) -> tuple[list[dict], st
             norm = variant != "no norm"
             for shape in QUICK_SHAPES if quick else shapes:
                 args = make_case(shape, device, norm)
-                methods = methods_for(args[0], variant)
+                methods = methods_for(args[0], variant, args[2], shape[4])
                 check(methods, args)
+                flops = work_flops(*args, input_grad=variant == "input grad")
                 times = interleaved_times(
                     {n: (lambda f=f, a=args: f(*a)) for n, (_, f) in methods.items()}, device, repeats
                 )
@@ -261,7 +284,7 @@ def run(device: torch.device, repeats: int, quick: bool) -> tuple[list[dict], st
                             "method": name,
                             "kind": kind,
                             "median_ms": times[name] * 1e3,
-                            "flops": count_flops(lambda f=fn, a=args: f(*a)),
+                            "flops": flops,
                             "peak_mib": None if memory is None else memory / 2**20,
                         }
                     )
@@ -273,9 +296,11 @@ NOTES = """
 Opacus cannot give IGD's input gradient (its grad_sample is detached from the graph), so it is compared on the
 cosines alone. BackPACK's BatchGrad keeps grad_batch in the graph with create_graph=True, but the input gradient
 through it is wrong (checked here: off by about its own magnitude), and it has no GroupNorm extension: it is compared
-on the cosines alone of a ConvNet without GroupNorm. FLOPs: torch.utils.flop_counter of what each method
-runs; % of roofline = (FLOPs / measured fp32 matmul peak) / time: the rest is overhead (small per-sample kernels,
-memory traffic of the batched activations, Python).
+on the cosines alone of a ConvNet without GroupNorm. FLOPs: torch.utils.flop_counter on the plain computation (the
+authors' loop for one image and checkpoint, × B·K), the same for every method of a shape; % of roofline =
+(FLOPs / measured fp32 matmul peak) / time. auto runs the fused path where some conv layer's per-sample gradient norm
+takes the Gram identity (it then does fewer FLOPs), torch.func elsewhere ("auto: func": the same algorithm as the
+torch.func baseline, so about 1×).
 """
 
 

@@ -571,6 +571,19 @@ def _fused_pays(steps: list[_Step], x: Tensor, K: int, pairs: int) -> bool:
     return False
 
 
+def auto_choice(model: nn.Module, x: Tensor, checkpoints: int, groups: Tensor | None = None) -> str:
+    """The implementation backend="auto" runs for these arguments: "fused", "func" (see _fused_pays) or
+    "reference"."""
+    if resolve_backend("grad_cosine", "auto", x.device) != "fused":
+        return resolve_backend("grad_cosine", "auto", x.device)
+    try:
+        steps = _plan(model)
+    except _Unsupported:
+        return "func"
+    pairs = x.shape[0] if groups is None else len(groups) ** 2
+    return "fused" if _fused_pays(steps, x, checkpoints, pairs) else "func"
+
+
 def _func_dot_and_norm(model, flat, x, y, ref, grouping: _Grouping) -> tuple[Tensor, Tensor]:
     """Per-row gradients by torch.func, written the way a competent user would: the parameters unflattened once
     per checkpoint outside vmap (views of flat[k]), vmap(grad) per checkpoint, and per parameter tensor its dot

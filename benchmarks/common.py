@@ -60,22 +60,21 @@ def auto_backend(op: str, device: torch.device) -> str:
 
 
 def require_compiled(ops: list[str], device: torch.device, allow_reference: bool) -> None:
-    """Exit 2 with one line when any of `ops` would run on its reference here (unless allow_reference)."""
-    missing = reference_fallbacks(ops, device)
+    """Exit 2 with one line on stderr when any of `ops` would run on its reference here (unless allow_reference)."""
+    import warnings
+
+    import fastdd
+    from fastdd.ops._backend import extension_error
+
+    with warnings.catch_warnings():  # the missing-extension warning: the one line below says it
+        warnings.simplefilter("ignore")
+        missing = reference_fallbacks(ops, device)
+        why = extension_error() or "no compiled kernel for this device"
     if missing and not allow_reference:
-        import warnings
-
-        import fastdd
-        from fastdd.ops._backend import extension_error, source_checkout
-
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            why = extension_error() or "no compiled kernel for this device"
-        where = " (imported from the source checkout, which has no built extension)" if source_checkout() else ""
         print(
             f"refusing to benchmark: {', '.join(missing)} would run on the PyTorch reference on {device.type} "
-            f"(fastdd from {Path(fastdd.__file__).parent}{where}: {why}); build it (`pip install -e .`) or pass "
-            "--allow-reference",
+            f"(fastdd imported from {Path(fastdd.__file__).parent}; fastdd._C: {why}); build it "
+            "(`pip install -e .`, or run where the built package is installed) or pass --allow-reference",
             file=sys.stderr,
         )
         raise SystemExit(2)

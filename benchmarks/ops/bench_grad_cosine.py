@@ -27,6 +27,7 @@ Run: python benchmarks/ops/bench_grad_cosine.py [--device cuda] [--repeats 5] [-
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import warnings
 from pathlib import Path
@@ -37,7 +38,9 @@ from torch import nn
 from torch.func import functional_call, grad, vmap
 from torch.nn.utils import parameters_to_vector, vector_to_parameters
 
-if __package__ in (None, ""):  # run as a script: import benchmarks/ from the repository, fastdd as installed
+if __package__ in (None, ""):  # run as a script: fastdd as installed, then this repository's benchmarks/ first
+    with contextlib.suppress(ImportError):  # (a pip package may ship a top-level "benchmarks" too)
+        import fastdd  # noqa: F401
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from benchmarks.common import count_flops, interleaved_times, op_benchmark_main, peak_memory_bytes  # noqa: E402

@@ -15,12 +15,15 @@ Run: python benchmarks/ops/bench_group_sampling.py [--device cuda] [--repeats 5]
 
 from __future__ import annotations
 
+import contextlib
 import sys
 from pathlib import Path
 
 import torch
 
-if __package__ in (None, ""):  # run as a script: import benchmarks/ from the repository, fastdd as installed
+if __package__ in (None, ""):  # run as a script: fastdd as installed, then this repository's benchmarks/ first
+    with contextlib.suppress(ImportError):  # (a pip package may ship a top-level "benchmarks" too)
+        import fastdd  # noqa: F401
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from benchmarks.common import auto_backend, op_benchmark_main, time_methods  # noqa: E402

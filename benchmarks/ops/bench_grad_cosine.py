@@ -22,12 +22,17 @@ Shapes: ConvNet width 64/128, depth 3-6, 32² and 64², B = 16, K = 4 (IGD: Conv
 (the authors' loop for one image and checkpoint, × B·K) and put against the machine's fp32 matmul peak measured in
 the same run; peak memory is the extra resident memory at the peak of one call.
 
+Opacus and BackPACK are optional (left out when missing). Install them without their dependencies (BackPACK's pull
+torchvision and a torch of their choosing): pip install --no-deps opacus backpack-for-pytorch opt-einsum einops
+unfoldNd.
+
 Run: python benchmarks/ops/bench_grad_cosine.py [--device cuda] [--repeats 5] [--quick] [--allow-reference]
 """
 
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import sys
 import warnings
 from pathlib import Path
@@ -208,14 +213,16 @@ def methods_for(model: nn.Module, variant: str, x: torch.Tensor, checkpoints: in
     "cosines only" or "no norm" (cosines only, on ConvNetNoNorm)."""
     auto = f"fastdd grad_cosine (auto: {auto_choice(model, x, checkpoints)})"
     if variant in ("cosines only", "no norm"):
-        library = ("Opacus GradSampleModule", OpacusCosines(model))
-        if variant == "no norm":
-            library = ("BackPACK BatchGrad", BackpackCosines(model, False))
-        return {
+        found = {
             auto: ("fastdd", fastdd_method("auto", False)),
             "torch.func vmap(grad), params once": ("baseline", torch_func_method(False)),
-            library[0]: ("baseline", library[1]),
         }
+        name, library = (
+            ("BackPACK BatchGrad", "backpack") if variant == "no norm" else ("Opacus GradSampleModule", "opacus")
+        )
+        if importlib.util.find_spec(library) is not None:  # optional: see the module docstring
+            found[name] = ("baseline", BackpackCosines(model, False) if library == "backpack" else OpacusCosines(model))
+        return found
     found = {
         auto: ("fastdd", fastdd_method("auto", True)),
         "fastdd fused (forced)": ("fastdd-forced", fastdd_method("fused", True)),

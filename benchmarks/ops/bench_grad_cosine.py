@@ -73,9 +73,17 @@ class ConvNetNoNorm(nn.Sequential):
         super().__init__(*layers, nn.Flatten(), nn.Linear(width * (im_size >> depth) ** 2, CLASSES))
 
 
-def make_case(shape, device: torch.device | str = "cpu", norm: bool = True):
+def make_case(shape, device: torch.device | str = "cpu", norm: bool = True, dtype: torch.dtype = torch.float32):
     depth, width, im_size, batch, checkpoints = shape
     torch.manual_seed(0)
+    torch.set_default_dtype(dtype)  # the models' parameters
+    try:
+        return _make_case(depth, width, im_size, batch, checkpoints, device, norm)
+    finally:
+        torch.set_default_dtype(torch.float32)
+
+
+def _make_case(depth, width, im_size, batch, checkpoints, device, norm):
 
     def make():
         return (
@@ -138,7 +146,7 @@ def torch_func_method(input_grad: bool):
 def authors_loop(model, flat, x, y, ref):
     """IGD's official code: one image, one checkpoint per autograd.grad(create_graph=True) and per backward."""
     x = x.detach().requires_grad_(True)
-    cos, x_grad = torch.empty(x.shape[0], flat.shape[0], device=x.device), torch.zeros_like(x)
+    cos, x_grad = x.new_empty(x.shape[0], flat.shape[0]), torch.zeros_like(x)
     for i in range(x.shape[0]):
         for k in range(flat.shape[0]):
             theta = flat[k].detach().clone().requires_grad_(True)
@@ -260,15 +268,19 @@ def _one_loss(model, x, y):
     return loss
 
 
-def check(methods: dict, args) -> None:
-    """Every method computes torch.func's cosines (and input gradient, where it gives one) before it is timed."""
+def check(shape, variant: str) -> None:
+    """Every method computes torch.func's cosines (and input gradient, where it gives one), in float64 (float32's
+    rounding in the long sums of the input gradient is not what is checked) on the shape's network with B = K = 2,
+    before it is timed: to 1e-9 (cosines) and 1e-6 of the gradient's scale."""
+    depth, width, im_size = shape[:3]
+    args = make_case((depth, width, im_size, 2, 2), "cpu", variant != "no norm", torch.float64)
     expected_cos, expected_grad = torch_func_method(True)(*args)
-    for name, (_, fn) in methods.items():
+    for name, (_, fn) in methods_for(args[0], variant, args[2], 2).items():
         cos, x_grad = fn(*args)
-        assert torch.allclose(cos, expected_cos, atol=1e-4, rtol=1e-3), f"{name}: cosines differ"
+        assert torch.allclose(cos, expected_cos, atol=1e-9, rtol=1e-6), f"{name}: cosines differ"
         if x_grad is not None:
             error = (x_grad - expected_grad).abs().max()
-            assert error <= 1e-3 * expected_grad.abs().max(), f"{name}: input gradient differs ({error:.3g})"
+            assert error <= 1e-6 * expected_grad.abs().max(), f"{name}: input gradient differs ({error:.3g})"
 
 
 def run(device: torch.device, repeats: int, quick: bool) -> tuple[list[dict], str]:
@@ -279,8 +291,8 @@ def run(device: torch.device, repeats: int, quick: bool) -> tuple[list[dict], st
             norm = variant != "no norm"
             for shape in QUICK_SHAPES if quick else shapes:
                 args = make_case(shape, device, norm)
+                check(shape, variant)
                 methods = methods_for(args[0], variant, args[2], shape[4])
-                check(methods, args)
                 flops = work_flops(*args, input_grad=variant == "input grad")
                 times = interleaved_times(
                     {n: (lambda f=f, a=args: f(*a)) for n, (_, f) in methods.items()}, device, repeats

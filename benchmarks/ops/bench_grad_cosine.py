@@ -219,7 +219,7 @@ def _copy(model: nn.Module) -> nn.Module:
 def methods_for(model: nn.Module, variant: str, x: torch.Tensor, checkpoints: int) -> dict[str, tuple[str, object]]:
     """{name: (kind, fn(model, flat, x, y, ref) -> (cos, x_grad or None))} of one variant: "input grad",
     "cosines only" or "no norm" (cosines only, on ConvNetNoNorm)."""
-    auto = f"fastdd grad_cosine (auto: {auto_choice(model, x, checkpoints)})"
+    auto = f"fastdd grad_cosine (auto: {auto_choice(model, x, checkpoints, graph=variant == 'input grad')})"
     if variant in ("cosines only", "no norm"):
         found = {
             auto: ("fastdd", fastdd_method("auto", False)),

@@ -548,12 +548,16 @@ def _chunked_dot_and_norm(steps, flat, x, y, ref, groups: Tensor | None, count: 
     return torch.cat(dots), torch.cat(sq_norms)
 
 
-def _fused_pays(steps: list[_Step], x: Tensor, K: int, pairs: int) -> bool:
+def _fused_pays(steps: list[_Step], x: Tensor, K: int, pairs: int, graph: bool = True) -> bool:
     """auto's choice between the fused path and torch.func ("func"): fused, except on CPU in eager mode where no
     groups == 1 conv layer takes the Gram ("ghost") branch of _ghost_is_cheaper, i.e. where the fused path does
-    the same FLOPs as per-sample gradients (and measured no faster on CPU: see the module docstring)."""
+    the same FLOPs as per-sample gradients (and measured no faster on CPU: see the module docstring). Without a
+    graph to keep (graph=False: no input gradient) the fused path must also keep all rows in one CPU chunk: in row
+    chunks it lost to torch.func (ConvNet-6 w128 64², B 16, K 4: 859 vs 744 ms)."""
     if x.device.type != "cpu" or torch.compiler.is_compiling() or x.dim() != 4:
         return True
+    if not graph and _cpu_chunks(steps, x, K, rows_divisible=True)[0] < x.shape[0]:
+        return False
     h = torch.empty(1, 1, *x.shape[2:], device="meta")  # the spatial size through the layers
     for step in steps:
         if step.kind == "flatten":
@@ -571,9 +575,9 @@ def _fused_pays(steps: list[_Step], x: Tensor, K: int, pairs: int) -> bool:
     return False
 
 
-def auto_choice(model: nn.Module, x: Tensor, checkpoints: int, groups: Tensor | None = None) -> str:
+def auto_choice(model: nn.Module, x: Tensor, checkpoints: int, groups: Tensor | None = None, graph: bool = True) -> str:
     """The implementation backend="auto" runs for these arguments: "fused", "func" (see _fused_pays) or
-    "reference"."""
+    "reference". graph: whether the result is differentiated (x or ref_grads requires grad)."""
     if resolve_backend("grad_cosine", "auto", x.device) != "fused":
         return resolve_backend("grad_cosine", "auto", x.device)
     try:
@@ -581,7 +585,7 @@ def auto_choice(model: nn.Module, x: Tensor, checkpoints: int, groups: Tensor | 
     except _Unsupported:
         return "func"
     pairs = x.shape[0] if groups is None else len(groups) ** 2
-    return "fused" if _fused_pays(steps, x, checkpoints, pairs) else "func"
+    return "fused" if _fused_pays(steps, x, checkpoints, pairs, graph) else "func"
 
 
 def _func_dot_and_norm(model, flat, x, y, ref, grouping: _Grouping) -> tuple[Tensor, Tensor]:
@@ -700,7 +704,8 @@ def _dot_and_norm(op, model, flat_params, x, y, ref_grads, groups, num_groups, b
             warnings.warn(f"grad_cosine: falling back to torch.func (slow): {reason}", stacklevel=3)
     if steps is not None and backend == "auto":
         pairs = x.shape[0] if groups is None else len(groups) ** 2  # (i, j) row pairs of the norms (_Grouping)
-        chosen = "fused" if _fused_pays(steps, x, flat.shape[0], pairs) else "func"
+        graph = torch.is_grad_enabled() and (x.requires_grad or ref_grads.requires_grad)
+        chosen = "fused" if _fused_pays(steps, x, flat.shape[0], pairs, graph) else "func"
     if steps is None or chosen == "func":
         dots, sq_norms = _func_dot_and_norm(model, flat, x, y, ref_grads, _Grouping.build(groups, count, x.dtype))
     else:

@@ -116,7 +116,9 @@ def peak_memory_bytes(fn: Callable[[], object], device: torch.device) -> int | N
     """Extra memory at the peak of one fn() call over what was in use before it.
 
     CUDA: torch.cuda.max_memory_allocated. CPU (Linux): the process's resident-set high-water mark (VmHWM, reset
-    through /proc/self/clear_refs) minus the resident set before the call; None where that is unavailable."""
+    through /proc/self/clear_refs) minus the resident set before the call, after malloc_trim(0) hands freed heap
+    pages back (else reused pages hide the call's allocations); None where that is unavailable. A lower bound:
+    memory the allocator still holds resident may be reused unseen."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
@@ -124,6 +126,12 @@ def peak_memory_bytes(fn: Callable[[], object], device: torch.device) -> int | N
         fn()
         torch.cuda.synchronize(device)
         return torch.cuda.max_memory_allocated(device) - before
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
     try:
         Path("/proc/self/clear_refs").write_text("5")
     except OSError:

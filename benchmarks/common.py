@@ -286,7 +286,7 @@ def bar_chart(records: list[dict], path: Path, title: str) -> None:
     from PIL import Image, ImageDraw
 
     rows = [r for r in records if r["kind"] != "fastdd" and "fastdd_speedup" in r]
-    width, bar, gap, left = 980, 16, 4, 470
+    width, bar, gap, left = 1260, 16, 4, 740
     height = 50 + len(rows) * (bar + gap) + 20
     image = Image.new("RGB", (width, height), "white")
     draw = ImageDraw.Draw(image)
@@ -302,11 +302,18 @@ def bar_chart(records: list[dict], path: Path, title: str) -> None:
         colour = (60, 140, 80) if r["fastdd_speedup"] >= 1 else (200, 70, 60)
         if r["kind"] == "fastdd-forced":
             colour = (150, 150, 150)
-        draw.text((10, y + 2), f"{r['shape'][:40]} | {r['method'][:26]}", fill="black")
+        draw.text((10, y + 2), _ascii(f"{r['op'][:30]} | {r['shape'][:36]} | {r['method'][:34]}"), fill="black")
         draw.rectangle([min(one, x), y, max(one, x) + 1, y + bar], fill=colour)
         draw.text((max(one, x) + 6, y + 2), f"{r['fastdd_speedup']:.2f}x", fill="black")
     draw.line([one, 40, one, height - 10], fill="black")
     image.save(path)
+
+
+def _ascii(text: str) -> str:
+    """Pillow's default font has no ², ×, ‖, ᵀ, −."""
+    for a, b in (("²", "^2"), ("×", "x"), ("‖", "|"), ("ᵀ", "T"), ("−", "-")):
+        text = text.replace(a, b)
+    return text
 
 
 def write_outputs(records: list[dict], peaks: dict, name: str, out_dir: Path, title: str, notes: str) -> None:

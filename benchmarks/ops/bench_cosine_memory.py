@@ -29,6 +29,7 @@ if __package__ in (None, ""):  # run as a script: fastdd as installed, then this
 
 from benchmarks.common import auto_backend, op_benchmark_main, time_methods  # noqa: E402
 from fastdd.ops import max_cosine, most_similar_index, value_checks  # noqa: E402
+from fastdd.ops.cosine_memory import CPU_MATMUL_QUERIES  # noqa: E402
 from fastdd.ops.reference import COS_EPS  # noqa: E402
 
 OPS = ["max_cosine", "most_similar_index"]
@@ -39,8 +40,11 @@ QUICK = {"max_cosine": [(2, 8, 32)], "most_similar_index": [(8, 32)]}
 
 def max_cosine_methods(query, memory) -> dict:
     count = torch.tensor(memory.shape[0], device=memory.device)
+    auto = auto_backend("max_cosine", memory.device)
+    if memory.device.type == "cpu" and query.shape[0] > CPU_MATMUL_QUERIES:
+        auto = "reference"  # one matmul for many queries (fastdd.ops.cosine_memory.CPU_MATMUL_QUERIES)
     found = {
-        f"fastdd max_cosine (auto: {auto_backend('max_cosine', memory.device)})": (
+        f"fastdd max_cosine (auto: {auto})": (
             "fastdd",
             lambda: max_cosine(query, memory, count),
         ),

@@ -26,7 +26,8 @@ Models the fast path does not understand fall back to torch.func (vmap of grad),
 "auto" on CPU (eager): the fused path saves work over per-sample gradients only where the Gram identity replaces
 a materialised weight gradient (small maps); where no conv layer takes it, both do the same FLOPs and torch.func's
 per-checkpoint vmap(grad) was as fast or faster on CPU (benchmarks/results/grad_cosine_cpu.md), so auto runs that
-("func", _fused_pays). CUDA and torch.compile keep the fused path (one batched pass; one traceable graph).
+("func", _fused_pays); so it does without an input gradient where the fused path would split the rows into CPU
+chunks. CUDA and torch.compile keep the fused path (one batched pass; one traceable graph).
 """
 
 from __future__ import annotations

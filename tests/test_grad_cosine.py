@@ -251,25 +251,42 @@ def test_layer_types_on_the_fast_path(kind, grouped):
 
 @pytest.mark.parametrize(
     "depth, width, im_size, fused",
-    [(3, 64, 32, False), (3, 128, 32, False), (4, 128, 64, False), (5, 128, 32, True), (6, 128, 64, True)],
+    [
+        (2, 8, 16, True),  # overhead-bound: the fused path's batching wins
+        (3, 64, 32, False),
+        (3, 128, 32, False),
+        (4, 128, 64, False),
+        (5, 128, 32, True),
+        (6, 128, 64, True),
+    ],
 )
-def test_auto_steps_aside_to_torch_func_where_no_layer_takes_the_gram_branch(monkeypatch, depth, width, im_size, fused):
-    """CPU auto: the fused path where some conv layer's norm takes the Gram identity (ConvNet-5 w128 32², ConvNet-6
-    w128 64²: IGD's shapes), torch.func where none does (the fused path would do the same FLOPs)."""
+def test_auto_steps_aside_to_torch_func_where_no_layer_takes_the_gram_branch(depth, width, im_size, fused):
+    """CPU auto: the fused path for small (overhead-bound) networks and where some conv layer's norm takes the Gram
+    identity (ConvNet-5 w128 32², ConvNet-6 w128 64²: IGD's shapes), torch.func where none does; off the CPU always
+    the fused path."""
     model = ConvNet(3, 10, width=width, depth=depth, im_size=im_size)
     x = torch.zeros(16, 3, im_size, im_size)
     assert grad_cosine_module._fused_pays(grad_cosine_module._plan(model), x, 4, 16) is fused
     # without an input gradient the fused path must also keep all 16 rows in one CPU chunk (32², not 64²)
     no_graph = grad_cosine_module._fused_pays(grad_cosine_module._plan(model), x, 4, 16, graph=False)
-    assert no_graph is (fused and im_size == 32)
+    assert no_graph is (fused and (im_size == 32 or width < 64))
     assert grad_cosine_module._fused_pays(grad_cosine_module._plan(model), x.to("meta"), 4, 16)  # off the CPU
+
+
+def test_auto_runs_torch_func_with_the_same_values(monkeypatch):
     calls = []
     func = grad_cosine_module._func_dot_and_norm
     monkeypatch.setattr(grad_cosine_module, "_func_dot_and_norm", lambda *a: calls.append(1) or func(*a))
-    small = make_case(2, 4, 8, 2, 3, 3, None, "KP")  # no Gram branch: auto runs torch.func, same values
-    model, flat, x, y, ref = small[:5]
-    assert_rel(grad_cosine(model, flat, x, y, ref), grad_cosine(model, flat, x, y, ref, backend="fused"))
+    torch.manual_seed(0)
+    make = lambda: ConvNet(3, 5, width=64, depth=3, im_size=32)  # noqa: E731
+    model, flat = make().eval(), parameter_sets(make, 2)
+    x, y = torch.randn(2, 3, 32, 32, requires_grad=True), torch.tensor([0, 3])
+    ref = torch.randn(2, flat.shape[1]) * 0.01
+    cos = grad_cosine(model, flat, x, y, ref)
     assert calls == [1]
+    fused = grad_cosine(model, flat, x, y, ref, backend="fused")
+    assert_rel(cos, fused)
+    assert_rel(torch.autograd.grad(cos.sum(), x)[0], torch.autograd.grad(fused.sum(), x)[0])
 
 
 @contextlib.contextmanager

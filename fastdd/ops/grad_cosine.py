@@ -24,7 +24,8 @@ compiling; pass num_groups when groups come with [K, P] ref_grads). Groups are h
 Models the fast path does not understand fall back to torch.func (vmap of grad), with a warning naming why.
 
 "auto" on CPU (eager): the fused path saves work over per-sample gradients only where the Gram identity replaces
-a materialised weight gradient (small maps); where no conv layer takes it, both do the same FLOPs and torch.func's
+a materialised weight gradient (small maps); where no conv layer takes it (and the network is big enough to be
+FLOP-bound), both do the same FLOPs and torch.func's
 per-checkpoint vmap(grad) was as fast or faster on CPU (benchmarks/results/grad_cosine_cpu.md), so auto runs that
 ("func", _fused_pays); so it does without an input gradient where the fused path would split the rows into CPU
 chunks. CUDA and torch.compile keep the fused path (one batched pass; one traceable graph).
@@ -53,6 +54,9 @@ from .reference import GRAD_COS_EPS
 for _name in ("grad_dot_and_norm", "grad_cosine"):
     register_op(_name, cpu=("fused", "func", "reference"), cuda=("fused", "func", "reference"))
 CPU_CHUNK_BYTES = 8 << 20  # widest activation per chunk on CPU (_cpu_chunks)
+# CPU auto: below this many conv multiply-adds per row the fused path stays (overhead-bound: ConvNet-2 w8 16² ran
+# 18 vs 30 ms, B 4, K 2); ConvNet-3 w64 32² (13.6 M) is FLOP-bound (_fused_pays)
+CPU_FUNC_MIN_MACS = 8_000_000
 
 
 class _Unsupported(Exception):
@@ -550,16 +554,17 @@ def _chunked_dot_and_norm(steps, flat, x, y, ref, groups: Tensor | None, count: 
 
 
 def _fused_pays(steps: list[_Step], x: Tensor, K: int, pairs: int, graph: bool = True) -> bool:
-    """auto's choice between the fused path and torch.func ("func"): fused, except on CPU in eager mode where no
-    groups == 1 conv layer takes the Gram ("ghost") branch of _ghost_is_cheaper, i.e. where the fused path does
-    the same FLOPs as per-sample gradients (and measured no faster on CPU: see the module docstring). Without a
-    graph to keep (graph=False: no input gradient) the fused path must also keep all rows in one CPU chunk: in row
-    chunks it lost to torch.func (ConvNet-6 w128 64², B 16, K 4: 859 vs 744 ms)."""
+    """auto's choice between the fused path and torch.func ("func"). Fused, except on CPU in eager mode for a network
+    big enough to be FLOP-bound (at least CPU_FUNC_MIN_MACS conv multiply-adds per row; smaller ones are bound by
+    per-op overhead, where the fused path's batching wins) where no groups == 1 conv layer takes the Gram ("ghost")
+    branch of _ghost_is_cheaper, i.e. where the fused path does the same FLOPs as per-sample gradients (and measured
+    no faster on CPU: see the module docstring). Without a graph to keep (graph=False: no input gradient) the fused
+    path must also keep all rows in one CPU chunk: in row chunks it lost to torch.func (ConvNet-6 w128 64², B 16,
+    K 4: 859 vs 744 ms)."""
     if x.device.type != "cpu" or torch.compiler.is_compiling() or x.dim() != 4:
         return True
-    if not graph and _cpu_chunks(steps, x, K, rows_divisible=True)[0] < x.shape[0]:
-        return False
     h = torch.empty(1, 1, *x.shape[2:], device="meta")  # the spatial size through the layers
+    macs, gram = 0, False
     for step in steps:
         if step.kind == "flatten":
             break
@@ -571,9 +576,15 @@ def _fused_pays(steps: list[_Step], x: Tensor, K: int, pairs: int, graph: bool =
             h = F.conv2d(h, probe, None, conv.stride, conv.padding, conv.dilation)
             positions = h.shape[2] * h.shape[3]
             in_features = conv.in_channels // conv.groups * conv.kernel_size[0] * conv.kernel_size[1]
-            if conv.groups == 1 and _ghost_is_cheaper(x.shape[0], pairs, K, positions, in_features, conv.out_channels):
-                return True
-    return False
+            macs += positions * in_features * conv.out_channels
+            gram = gram or (
+                conv.groups == 1 and _ghost_is_cheaper(x.shape[0], pairs, K, positions, in_features, conv.out_channels)
+            )
+    if macs < CPU_FUNC_MIN_MACS:
+        return True
+    if not graph and _cpu_chunks(steps, x, K, rows_divisible=True)[0] < x.shape[0]:
+        return False
+    return gram
 
 
 def auto_choice(model: nn.Module, x: Tensor, checkpoints: int, groups: Tensor | None = None, graph: bool = True) -> str:

@@ -1,43 +1,91 @@
-"""Benchmark every fastdd op and backend against what a user would write otherwise.
+"""Run every op benchmark (benchmarks/ops/bench_*.py) and write one summary: fastdd (auto) against the strongest
+baseline at every swept shape, with the fraction of the machine's peak.
 
-    python benchmarks/bench_ops.py [--device cpu|cuda] [--repeats 10] [--only grad_cosine,mercer]
+    python benchmarks/bench_ops.py [--device cpu|cuda] [--quick] [--only grad_cosine,mercer_distance]
+        [--allow-reference] [--out benchmarks/results]
 
-Each benchmarks/ops/bench_<op>.py exposes run(device, repeats) -> list of records; this script runs them,
-prints one table and writes benchmarks/results/ops_<device>.json / .md (median of repeats, device named).
+Each benchmark runs as its own process (it times the INSTALLED fastdd and refuses, exit 2, when an op would run on
+its PyTorch reference) and writes <op>_<device>.json/.md/.png; this script then writes ops_<device>.md and .json
+(the README's table) from their summaries.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
-import pkgutil
+import json
+import subprocess
 import sys
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+HERE = Path(__file__).resolve().parent
 
-from benchmarks import ops as op_benchmarks  # noqa: E402
-from benchmarks.common import write_report  # noqa: E402
+
+def summary_table(summaries: list[dict]) -> str:
+    """Markdown: one row per (op, shape), fastdd vs the strongest baseline."""
+    lines = [
+        "| op | shape | fastdd (auto) | strongest baseline | speed-up | fastdd % of roofline (bound) | peak MiB fastdd / baseline |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in summaries:
+        auto = r["fastdd (auto)"].removeprefix("fastdd ")
+        roof = f"{r['fastdd_pct_of_roofline']:.0f}% ({r['fastdd_bound']})" if "fastdd_pct_of_roofline" in r else ""
+        memory = ""
+        if r.get("fastdd_peak_mib") is not None and r.get("baseline_peak_mib") is not None:
+            memory = f"{r['fastdd_peak_mib']:.0f} / {r['baseline_peak_mib']:.0f}"
+        lines.append(
+            f"| {r['op']} | {r['shape']} | {auto}: {_ms(r['fastdd_ms'])} | {r['strongest baseline']}: "
+            f"{_ms(r['baseline_ms'])} | {r['speedup']:.2f}× | {roof} | {memory} |"
+        )
+    return "\n".join(lines)
+
+
+def _ms(value: float) -> str:
+    return f"{value:.3g} ms" if value < 1000 else f"{value / 1000:.3g} s"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--quick", action="store_true")
     parser.add_argument("--only", default="", help="comma-separated op benchmark names (default: all)")
+    parser.add_argument("--allow-reference", action="store_true")
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    parser.add_argument("--summary-only", action="store_true", help="write the summary from the existing JSON files")
     args = parser.parse_args()
     wanted = {name for name in args.only.split(",") if name}
-    records = []
-    for module_info in sorted(pkgutil.iter_modules(op_benchmarks.__path__), key=lambda m: m.name):
-        name = module_info.name.removeprefix("bench_")
+    names = sorted(p.stem.removeprefix("bench_") for p in (HERE / "ops").glob("bench_*.py"))
+    suffix = "_quick" if args.quick else ""
+    summaries, peaks = [], {}
+    for name in names:
         if wanted and name not in wanted:
             continue
-        module = importlib.import_module(f"benchmarks.ops.{module_info.name}")
+        command = [
+            sys.executable,
+            str(HERE / "ops" / f"bench_{name}.py"),
+            "--device",
+            args.device,
+            "--out",
+            str(args.out),
+        ]
+        command += ["--quick"] * args.quick + ["--allow-reference"] * args.allow_reference
         print(f"== {name}", flush=True)
-        records += module.run(torch.device(args.device), args.repeats)
-    write_report(records, f"ops_{torch.device(args.device).type}")
+        code = 0 if args.summary_only else subprocess.call(command)
+        if code:
+            raise SystemExit(code)
+        result = json.loads((args.out / f"{name}_{torch.device(args.device).type}{suffix}.json").read_text())
+        summaries += result["summary"]
+        peaks = result["machine_peak"]
+    name = f"ops_{torch.device(args.device).type}{suffix}"
+    (args.out / f"{name}.json").write_text(json.dumps({"machine_peak": peaks, "summary": summaries}, indent=2))
+    table = summary_table(summaries)
+    header = (
+        f"Device: {peaks['device']}; peak measured by each benchmark (last: {peaks['matmul_gflops']:.0f} GFLOP/s fp32 "
+        f"matmul, {peaks['copy_gbps']:.1f} GB/s copy).\n\n"
+    )
+    (args.out / f"{name}.md").write_text(header + table + "\n")
+    print(header + table)
 
 
 if __name__ == "__main__":

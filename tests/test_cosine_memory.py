@@ -382,3 +382,20 @@ def test_cosine_memory_bfloat16_buffer_and_query_gradient():
     (ref_grad,) = torch.autograd.grad(ref_values.sum(), ref_query)
     torch.testing.assert_close(values, ref_values)
     torch.testing.assert_close(grad, ref_grad)
+
+
+def test_auto_runs_many_queries_as_one_matmul_on_cpu():
+    """More than CPU_MATMUL_QUERIES queries: auto takes the reference's normalise + matmul (faster there on CPU);
+    same values, indices and query gradient as the compiled kernel."""
+    from fastdd.ops import cosine_memory
+
+    torch.manual_seed(0)
+    query = torch.randn(cosine_memory.CPU_MATMUL_QUERIES + 3, 16, requires_grad=True)
+    memory = torch.randn(10, 16)
+    values, indices = ops.max_cosine(query, memory, 7)
+    expected_values, expected_indices = reference.max_cosine(query, memory, 7)
+    torch.testing.assert_close(values, expected_values)
+    assert torch.equal(indices, expected_indices)
+    (grad,) = torch.autograd.grad(values.sum(), query)
+    (expected_grad,) = torch.autograd.grad(expected_values.sum(), query)
+    torch.testing.assert_close(grad, expected_grad)

@@ -82,18 +82,19 @@ def make_case(depth, width, im_size, K, B, channels, groups, layout, dtype=torch
     return model, flat, x, y, ref, groups, count
 
 
+@pytest.mark.parametrize("backend", ["auto", "fused", "func"])
 @pytest.mark.parametrize(
     "case", CASES, ids=[f"d{c[0]}w{c[1]}s{c[2]}K{c[3]}B{c[4]}c{c[5]}{'g' if c[6] else ''}{c[7]}" for c in CASES]
 )
-def test_matches_vmap_grad_and_reference(case):
+def test_matches_vmap_grad_and_reference(case, backend):
     model, flat, x, y, ref, groups, count = make_case(*case)
     x.requires_grad_(True)
     per_grad = group_rows(vmap_grads(model, flat, x, y), groups, count)  # [G, K, P]
     expected_dots, expected_norms = (per_grad * ref).sum(-1), per_grad.norm(dim=-1)
     expected_cos = F.cosine_similarity(per_grad, ref.expand_as(per_grad), dim=-1, eps=1e-8)
 
-    dots, norms = grad_dot_and_norm(model, flat, x, y, ref, groups)
-    cos = grad_cosine(model, flat, x, y, ref, groups)
+    dots, norms = grad_dot_and_norm(model, flat, x, y, ref, groups, backend=backend)
+    cos = grad_cosine(model, flat, x, y, ref, groups, backend=backend)
     assert cos.shape == (count, flat.shape[0])
     assert_rel(dots, expected_dots)
     assert_rel(norms, expected_norms)
@@ -125,7 +126,7 @@ def test_ghost_and_materialised_norms(monkeypatch, ghost, grouped, layout):
 
     monkeypatch.setattr(grad_cosine_module, "_ghost_is_cheaper", forced)
     x.requires_grad_(True)
-    cos = grad_cosine(model, flat, x, y, ref, groups)
+    cos = grad_cosine(model, flat, x, y, ref, groups, backend="fused")
     assert len(choices) == 2  # asked once per conv layer
     expected = reference.grad_cosine(model, flat, x, y, ref, groups)
     assert_rel(cos, expected)
@@ -158,7 +159,7 @@ def test_cpu_chunks_give_the_unchunked_values_and_gradients(monkeypatch, budget_
 
     monkeypatch.setattr(grad_cosine_module, "_fast_dot_and_norm", recording)
     x.requires_grad_(True)
-    cos = grad_cosine(model, flat, x, y, ref, groups)
+    cos = grad_cosine(model, flat, x, y, ref, groups, backend="fused")
     expected = reference.grad_cosine(model, flat, x, y, ref, groups)
     assert_rel(cos, expected)
     weights = torch.randn_like(cos)
@@ -241,11 +242,51 @@ def test_layer_types_on_the_fast_path(kind, grouped):
     groups = torch.tensor([0, 1, 0, 1]) if grouped else None
     ref = torch.randn(2, flat.shape[1]) * 0.01
     with _no_warnings():
-        cos = grad_cosine(model, flat, x, y, ref, groups)
+        cos = grad_cosine(model, flat, x, y, ref, groups, backend="fused")
     expected = reference.grad_cosine(model, flat, x, y, ref, groups)
     assert_rel(cos, expected)
     weights = torch.randn_like(cos)
     assert_rel(torch.autograd.grad((cos * weights).sum(), x)[0], torch.autograd.grad((expected * weights).sum(), x)[0])
+
+
+@pytest.mark.parametrize(
+    "depth, width, im_size, fused",
+    [
+        (2, 8, 16, True),  # overhead-bound: the fused path's batching wins
+        (3, 64, 32, False),
+        (3, 128, 32, False),
+        (4, 128, 64, False),
+        (5, 128, 32, True),
+        (6, 128, 64, True),
+    ],
+)
+def test_auto_steps_aside_to_torch_func_where_no_layer_takes_the_gram_branch(depth, width, im_size, fused):
+    """CPU auto: the fused path for small (overhead-bound) networks and where some conv layer's norm takes the Gram
+    identity (ConvNet-5 w128 32², ConvNet-6 w128 64²: IGD's shapes), torch.func where none does; off the CPU always
+    the fused path."""
+    model = ConvNet(3, 10, width=width, depth=depth, im_size=im_size)
+    x = torch.zeros(16, 3, im_size, im_size)
+    assert grad_cosine_module._fused_pays(grad_cosine_module._plan(model), x, 4, 16) is fused
+    # without an input gradient the fused path must also keep all 16 rows in one CPU chunk (32², not 64²)
+    no_graph = grad_cosine_module._fused_pays(grad_cosine_module._plan(model), x, 4, 16, graph=False)
+    assert no_graph is (fused and (im_size == 32 or width < 64))
+    assert grad_cosine_module._fused_pays(grad_cosine_module._plan(model), x.to("meta"), 4, 16)  # off the CPU
+
+
+def test_auto_runs_torch_func_with_the_same_values(monkeypatch):
+    calls = []
+    func = grad_cosine_module._func_dot_and_norm
+    monkeypatch.setattr(grad_cosine_module, "_func_dot_and_norm", lambda *a: calls.append(1) or func(*a))
+    torch.manual_seed(0)
+    make = lambda: ConvNet(3, 5, width=64, depth=3, im_size=32)  # noqa: E731
+    model, flat = make().eval(), parameter_sets(make, 2)
+    x, y = torch.randn(2, 3, 32, 32, requires_grad=True), torch.tensor([0, 3])
+    ref = torch.randn(2, flat.shape[1]) * 0.01
+    cos = grad_cosine(model, flat, x, y, ref)
+    assert calls == [1]
+    fused = grad_cosine(model, flat, x, y, ref, backend="fused")
+    assert_rel(cos, fused)
+    assert_rel(torch.autograd.grad(cos.sum(), x)[0], torch.autograd.grad(fused.sum(), x)[0])
 
 
 @contextlib.contextmanager
@@ -308,11 +349,12 @@ def test_gradcheck_reference():
     assert torch.autograd.gradcheck(lambda x, r: reference.grad_cosine(model, flat, x, y, r), (x, ref), fast_mode=True)
 
 
+@pytest.mark.parametrize("backend", ["fused", "func"])
 @pytest.mark.parametrize("grouped", [False, True])
-def test_gradcheck_and_gradgradcheck_fast_path(grouped):
+def test_gradcheck_and_gradgradcheck_fast_path(grouped, backend):
     model, flat, x, y, ref = tiny_float64()
     groups = torch.tensor([0, 0]) if grouped else None
-    fn = lambda x, r: grad_cosine(model, flat, x, y, r, groups)  # noqa: E731
+    fn = lambda x, r: grad_cosine(model, flat, x, y, r, groups, backend=backend)  # noqa: E731
     assert torch.autograd.gradcheck(fn, (x, ref), fast_mode=True)
     assert torch.autograd.gradgradcheck(lambda x: fn(x, ref.detach()), (x,), fast_mode=True)
 

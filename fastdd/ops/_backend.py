@@ -6,6 +6,8 @@ Implementations:
 - cpp:       the compiled `fastdd._C` C++ kernels for CPU tensors.
 - cuda:      the compiled `fastdd._C` CUDA kernels for CUDA tensors (when built with CUDA).
 - fused:     a fast path made of PyTorch ops (grad_cosine; any device).
+- func:      torch.func per-sample gradients written competently (grad_cosine; any device): "auto" steps aside
+             to it where the fused path does not pay (see grad_cosine._fused_pays).
 
 Each custom op (`torch.ops.fastdd.*`) is defined once, with one kernel per device type (`register_kernels`):
 the kernel runs the first usable implementation of `OP_BACKENDS[op][device type]` ("auto"). A public
@@ -27,8 +29,8 @@ from pathlib import Path
 
 import torch
 
-BACKENDS = ("auto", "reference", "triton", "cpp", "cuda", "fused")
-PORTABLE = ("reference", "fused")  # made of PyTorch ops: they run on any device
+BACKENDS = ("auto", "reference", "triton", "cpp", "cuda", "fused", "func")
+PORTABLE = ("reference", "fused", "func")  # made of PyTorch ops: they run on any device
 DEVICE_TYPES = ("cpu", "cuda")
 _extension = None
 _extension_error: str | None = None

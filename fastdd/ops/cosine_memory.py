@@ -15,6 +15,10 @@ from ._checks import check_count, check_nonempty, check_positive_int, check_same
 from .reference import COS_EPS
 
 register_op("max_cosine", cpu=("cpp", "reference"), cuda=("triton", "cuda", "reference"))
+# auto on CPU: more queries than this run as one normalise + matmul (the reference), which reuses each memory row
+# across queries; the C++ kernel streams the memory per query and lost to it at B = 128, M = 1024, D = 4096
+# (benchmarks/results/cosine_memory_cpu.md)
+CPU_MATMUL_QUERIES = 32
 register_op("most_similar_index", cpu=("cpp", "reference"), cuda=("triton", "cuda", "reference"))
 
 
@@ -127,6 +131,9 @@ def max_cosine(query: Tensor, memory: Tensor, count: Tensor | int | None = None,
     count = check_count(count, memory.shape[0], memory.device)
     if count is None:
         count = torch.full((), memory.shape[0], device=memory.device, dtype=torch.int64)  # a fill: capture-safe
+    if backend == "auto" and query.device.type == "cpu" and query.shape[0] > CPU_MATMUL_QUERIES:
+        values, indices = reference.max_cosine(query, memory, count)  # one matmul: see CPU_MATMUL_QUERIES
+        return values.to(query.dtype), indices
     return dispatch(_max_cosine_op, "max_cosine", backend, query.device, query, memory, count)
 
 

@@ -22,6 +22,13 @@ compiling; pass num_groups when groups come with [K, P] ref_grads). Groups are h
 [B, B] membership matrices, never by host-side index lists.
 
 Models the fast path does not understand fall back to torch.func (vmap of grad), with a warning naming why.
+
+"auto" on CPU (eager): the fused path saves work over per-sample gradients only where the Gram identity replaces
+a materialised weight gradient (small maps); where no conv layer takes it (and the network is big enough to be
+FLOP-bound), both do the same FLOPs and torch.func's
+per-checkpoint vmap(grad) was as fast or faster on CPU (benchmarks/results/grad_cosine_cpu.md), so auto runs that
+("func", _fused_pays); so it does without an input gradient where the fused path would split the rows into CPU
+chunks. CUDA and torch.compile keep the fused path (one batched pass; one traceable graph).
 """
 
 from __future__ import annotations
@@ -42,10 +49,14 @@ from ._checks import check_nonempty, check_same_device, check_tensor
 from .reference import GRAD_COS_EPS
 
 # not custom ops (they differentiate through an nn.Module): "fused" is the fast path below (torch.func for the
-# models it cannot run), "reference" one autograd.grad per sample and parameter set
+# models it cannot run), "func" torch.func per-sample gradients (auto's choice on CPU where the fused path does not
+# pay: _fused_pays), "reference" one autograd.grad per sample and parameter set
 for _name in ("grad_dot_and_norm", "grad_cosine"):
-    register_op(_name, cpu=("fused", "reference"), cuda=("fused", "reference"))
+    register_op(_name, cpu=("fused", "func", "reference"), cuda=("fused", "func", "reference"))
 CPU_CHUNK_BYTES = 8 << 20  # widest activation per chunk on CPU (_cpu_chunks)
+# CPU auto: below this many conv multiply-adds per row the fused path stays (overhead-bound: ConvNet-2 w8 16² ran
+# 18 vs 30 ms, B 4, K 2); ConvNet-3 w64 32² (13.6 M) is FLOP-bound (_fused_pays)
+CPU_FUNC_MIN_MACS = 8_000_000
 
 
 class _Unsupported(Exception):
@@ -542,21 +553,82 @@ def _chunked_dot_and_norm(steps, flat, x, y, ref, groups: Tensor | None, count: 
     return torch.cat(dots), torch.cat(sq_norms)
 
 
+def _fused_pays(steps: list[_Step], x: Tensor, K: int, pairs: int, graph: bool = True) -> bool:
+    """auto's choice between the fused path and torch.func ("func"). Fused, except on CPU in eager mode for a network
+    big enough to be FLOP-bound (at least CPU_FUNC_MIN_MACS conv multiply-adds per row; smaller ones are bound by
+    per-op overhead, where the fused path's batching wins) where no groups == 1 conv layer takes the Gram ("ghost")
+    branch of _ghost_is_cheaper, i.e. where the fused path does the same FLOPs as per-sample gradients (and measured
+    no faster on CPU: see the module docstring). Without a graph to keep (graph=False: no input gradient) the fused
+    path must also keep all rows in one CPU chunk: in row chunks it lost to torch.func (ConvNet-6 w128 64², B 16,
+    K 4: 859 vs 744 ms)."""
+    if x.device.type != "cpu" or torch.compiler.is_compiling() or x.dim() != 4:
+        return True
+    h = torch.empty(1, 1, *x.shape[2:], device="meta")  # the spatial size through the layers
+    macs, gram = 0, False
+    for step in steps:
+        if step.kind == "flatten":
+            break
+        if step.kind == "spatial":
+            h = step.fn(h)
+        elif step.kind == "conv":
+            conv = step.module
+            probe = torch.empty(1, 1, *conv.kernel_size, device="meta")
+            h = F.conv2d(h, probe, None, conv.stride, conv.padding, conv.dilation)
+            positions = h.shape[2] * h.shape[3]
+            in_features = conv.in_channels // conv.groups * conv.kernel_size[0] * conv.kernel_size[1]
+            macs += positions * in_features * conv.out_channels
+            gram = gram or (
+                conv.groups == 1 and _ghost_is_cheaper(x.shape[0], pairs, K, positions, in_features, conv.out_channels)
+            )
+    if macs < CPU_FUNC_MIN_MACS:
+        return True
+    if not graph and _cpu_chunks(steps, x, K, rows_divisible=True)[0] < x.shape[0]:
+        return False
+    return gram
+
+
+def auto_choice(model: nn.Module, x: Tensor, checkpoints: int, groups: Tensor | None = None, graph: bool = True) -> str:
+    """The implementation backend="auto" runs for these arguments: "fused", "func" (see _fused_pays) or
+    "reference". graph: whether the result is differentiated (x or ref_grads requires grad)."""
+    if resolve_backend("grad_cosine", "auto", x.device) != "fused":
+        return resolve_backend("grad_cosine", "auto", x.device)
+    try:
+        steps = _plan(model)
+    except _Unsupported:
+        return "func"
+    pairs = x.shape[0] if groups is None else len(groups) ** 2
+    return "fused" if _fused_pays(steps, x, checkpoints, pairs, graph) else "func"
+
+
 def _func_dot_and_norm(model, flat, x, y, ref, grouping: _Grouping) -> tuple[Tensor, Tensor]:
-    """The fallback: per-row gradients by torch.func (vmap of grad) per checkpoint, [B, K, P] in memory."""
+    """Per-row gradients by torch.func, written the way a competent user would: the parameters unflattened once
+    per checkpoint outside vmap (views of flat[k]), vmap(grad) per checkpoint, and per parameter tensor its dot
+    with the reference and squared norm (no [B, K, P] tensor, no concatenation). Both [G, K]; differentiable
+    w.r.t. x (and ref) to any order. "auto" runs it where the fused path does not pay (_fused_pays)."""
     names = [name for name, _ in model.named_parameters()]
     shapes = [p.shape for p in model.parameters()]
+    sizes = [s.numel() for s in shapes]
 
-    def sample_loss(theta: Tensor, x_row: Tensor, y_row: Tensor) -> Tensor:
-        params = dict(zip(names, (t.view(s) for t, s in zip(theta.split([s.numel() for s in shapes]), shapes))))
+    def row_loss(params: dict[str, Tensor], x_row: Tensor, y_row: Tensor) -> Tensor:
         return F.cross_entropy(functional_call(model, params, (x_row[None],)), y_row[None])
 
-    per_row = vmap(grad(sample_loss), in_dims=(None, 0, 0))
-    rows = torch.stack([per_row(flat[k], x, y) for k in range(flat.shape[0])], 1)  # [B, K, P]
-    if grouping.row_weight is not None:
-        rows = rows * grouping.row_weight[:, None, None]
-    summed = grouping.sum_rows(rows)
-    return (summed * ref).sum(-1), summed.square().sum(-1)
+    per_row = vmap(grad(row_loss), in_dims=(None, 0, 0))
+    ref_parts = ref.split(sizes, -1)  # [K, n] or [G, K, n] each
+    dots, sq_norms = [], []
+    for k in range(flat.shape[0]):
+        params = {n: t.view(s) for n, t, s in zip(names, flat[k].split(sizes), shapes)}
+        grads = per_row(params, x, y)  # name -> [B, *shape]
+        dot = sq_norm = 0
+        for name, part in zip(names, ref_parts):
+            rows = grads[name].flatten(1)
+            if grouping.row_weight is not None:
+                rows = rows * grouping.row_weight[:, None]
+            summed = grouping.sum_rows(rows)  # [G, n]
+            dot = dot + torch.linalg.vecdot(summed, part[..., k, :])
+            sq_norm = sq_norm + torch.linalg.vecdot(summed, summed)
+        dots.append(dot)
+        sq_norms.append(sq_norm)
+    return torch.stack(dots, 1), torch.stack(sq_norms, 1)
 
 
 def _checked(model, flat_params, x, y, ref_grads, groups, num_groups):
@@ -632,15 +704,29 @@ def _group_count(groups: Tensor, ref_grads: Tensor, num_groups: int | None) -> i
 def _dot_and_norm(op, model, flat_params, x, y, ref_grads, groups, num_groups, backend) -> tuple[Tensor, Tensor]:
     """grad_dot_and_norm, run by the implementation OP_BACKENDS[op] (or backend) picks: both [G, K]."""
     y, ref_grads, groups, count = _checked(model, flat_params, x, y, ref_grads, groups, num_groups)
-    if resolve_backend(op, backend, x.device) == "reference":
+    chosen = resolve_backend(op, backend, x.device)
+    if chosen == "reference":
         return reference.grad_dot_and_norm(model, flat_params, x, y, ref_grads, groups)
     flat = flat_params.detach()
-    try:
-        dots, sq_norms = _chunked_dot_and_norm(_plan(model), flat, x, y, ref_grads, groups, count)
-    except _Unsupported as reason:
-        grouping = _Grouping.build(groups, count, x.dtype)
-        warnings.warn(f"grad_cosine: falling back to torch.func (slow): {reason}", stacklevel=3)
-        dots, sq_norms = _func_dot_and_norm(model, flat, x, y, ref_grads, grouping)
+    steps = None
+    if chosen == "fused":
+        try:
+            steps = _plan(model)
+        except _Unsupported as reason:
+            warnings.warn(f"grad_cosine: falling back to torch.func (slow): {reason}", stacklevel=3)
+    if steps is not None and backend == "auto":
+        pairs = x.shape[0] if groups is None else len(groups) ** 2  # (i, j) row pairs of the norms (_Grouping)
+        graph = torch.is_grad_enabled() and (x.requires_grad or ref_grads.requires_grad)
+        chosen = "fused" if _fused_pays(steps, x, flat.shape[0], pairs, graph) else "func"
+    if steps is None or chosen == "func":
+        dots, sq_norms = _func_dot_and_norm(model, flat, x, y, ref_grads, _Grouping.build(groups, count, x.dtype))
+    else:
+        try:
+            dots, sq_norms = _chunked_dot_and_norm(steps, flat, x, y, ref_grads, groups, count)
+        except _Unsupported as reason:
+            warnings.warn(f"grad_cosine: falling back to torch.func (slow): {reason}", stacklevel=3)
+            grouping = _Grouping.build(groups, count, x.dtype)
+            dots, sq_norms = _func_dot_and_norm(model, flat, x, y, ref_grads, grouping)
     return dots, sq_norms.clamp_min(torch.finfo(sq_norms.dtype).tiny).sqrt()
 
 
@@ -669,8 +755,9 @@ def grad_dot_and_norm(
             averaged CE.
         num_groups: G, needed only with groups and [K, P] ref_grads under torch.compile (eager reads
             groups.max() + 1).
-        backend: "auto" (OP_BACKENDS: "fused"), "fused" (the fast path; models it cannot run fall back to
-            torch.func with a warning) or "reference" (one autograd.grad per sample and set).
+        backend: "auto" (OP_BACKENDS: "fused", or on CPU "func" where the fused path does not pay: see the module
+            docstring), "fused" (the fast path; models it cannot run fall back to torch.func with a warning),
+            "func" (torch.func vmap(grad) per checkpoint) or "reference" (one autograd.grad per sample and set).
 
     Returns:
         (dots, norms), both [B, K] (or [G, K] with groups).

@@ -1,9 +1,10 @@
 """Benchmark every fastdd op and backend against what a user would write otherwise.
 
-    python benchmarks/bench_ops.py [--device cpu|cuda] [--repeats 10] [--only grad_cosine,mercer]
+    python benchmarks/bench_ops.py [--device cpu|cuda] [--repeats 10] [--only grad_cosine,mercer] [--out DIR]
 
 Each benchmarks/ops/bench_<op>.py exposes run(device, repeats) -> list of records; this script runs them,
-prints one table and writes benchmarks/results/ops_<device>.json / .md (median of repeats, device named).
+prints one table and writes <out>/ops_<device>.json / .md (median of repeats, device named; default out:
+benchmarks/results).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--only", default="", help="comma-separated op benchmark names (default: all)")
+    parser.add_argument("--out", default="benchmarks/results", help="output folder (default benchmarks/results)")
     args = parser.parse_args()
     wanted = {name for name in args.only.split(",") if name}
     records = []
@@ -37,7 +39,7 @@ def main() -> None:
         module = importlib.import_module(f"benchmarks.ops.{module_info.name}")
         print(f"== {name}", flush=True)
         records += module.run(torch.device(args.device), args.repeats)
-    write_report(records, f"ops_{torch.device(args.device).type}")
+    write_report(records, f"ops_{torch.device(args.device).type}", args.out)
 
 
 if __name__ == "__main__":

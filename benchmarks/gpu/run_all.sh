@@ -14,8 +14,8 @@
 #   build       python setup.py build_ext --inplace against the machine's torch, for the GPU's architecture
 #               (dry run: python setup.py --name, which configures the extension without compiling)
 #   check       .ci/check_cuda_build.py for that architecture, python -m fastdd info (dry run: --help, info)
-#   tests       pytest on the GPU tests: the compiled CUDA kernels and Triton on CUDA tensors
-#               (tests/test_cuda_kernels.py) and CUDA-graph replay vs eager; a skipped test fails the step
+#   tests       pytest on the GPU tests: the compiled CUDA kernels (tests/test_cuda_kernels.py), the Triton kernels
+#               on CUDA tensors (tests/test_triton_gpu.py), CUDA-graph replay vs eager; a skipped test fails the step
 #               (dry run: pytest --collect-only of the same tests)
 #   bench_ops   python benchmarks/bench_ops.py --device cuda (dry run: CPU, one op, one repeat)
 #   bench_igd   fastdd bench --config dit-xl2-256 --methods igd (dry run: --config tiny, 2 steps, CPU)
@@ -70,7 +70,7 @@ write_summary() {
   {
     echo "# fastdd GPU run: $MODE"
     echo
-    echo "- host $(hostname), $(date -u '+%Y-%m-%d %H:%M:%S UTC'), commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
+    echo "- host ${HOSTNAME:-unknown}, $(date -u '+%Y-%m-%d %H:%M:%S UTC'), commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
     echo "- python \`$PY\`, budget ${BUDGET_S} s, ${SECONDS} s used${ARCH:+, TORCH_CUDA_ARCH_LIST=$ARCH}"
     echo "- every log, JSON and table: results.tar.gz (logs/<step>.log, results/)"
     echo
@@ -157,7 +157,7 @@ install_wheels() {
 export -f install_wheels
 export ROOT PY SITE
 
-GPU_TESTS="tests/test_cuda_kernels.py tests/test_sampler_acceleration.py::test_cuda_graph_replay_matches_eager_on_gpu"
+GPU_TESTS="tests/test_cuda_kernels.py tests/test_triton_gpu.py tests/test_sampler_acceleration.py::test_cuda_graph_replay_matches_eager_on_gpu"
 R="$WORK/results"
 if ((DRY)); then
   step env 60 1 "$PY -c 'import sys, torch, triton; print(sys.version); print(\"torch\", torch.__version__, \"CUDA\", torch.version.cuda); print(\"triton\", triton.__version__)'; command -v nvcc && nvcc --version | tail -n 2 || echo 'no nvcc'"

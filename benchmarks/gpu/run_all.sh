@@ -50,11 +50,9 @@ export PYTHONUNBUFFERED=1
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"  # the in-place build of fastdd (dry run: this checkout)
 if ((DRY)); then
   MODE="dry run on CPU"
-  DEVICE=cpu
   ARCH=
 else
   MODE="GPU"
-  DEVICE=cuda
   export PYTHONPATH="$PYTHONPATH:$SITE"
   export TRITON_INTERPRET=0 # tests/conftest.py turns Triton's CPU interpreter on unless it is set
   export MAX_JOBS=${MAX_JOBS:-$(nproc)}
@@ -160,7 +158,7 @@ export ROOT PY SITE
 GPU_TESTS="tests/test_cuda_kernels.py tests/test_triton_gpu.py tests/test_sampler_acceleration.py::test_cuda_graph_replay_matches_eager_on_gpu"
 R="$WORK/results"
 if ((DRY)); then
-  step env 60 1 "$PY -c 'import sys, torch, triton; print(sys.version); print(\"torch\", torch.__version__, \"CUDA\", torch.version.cuda); print(\"triton\", triton.__version__)'; command -v nvcc && nvcc --version | tail -n 2 || echo 'no nvcc'"
+  step env 60 1 "set -eo pipefail; $PY -c 'import sys, torch, triton; print(sys.version); print(\"torch\", torch.__version__, \"CUDA\", torch.version.cuda); print(\"triton\", triton.__version__)'; command -v nvcc && nvcc --version | tail -n 2 || echo 'no nvcc'"
   step wheels 30 1 "install_wheels --dry-run"
   step build 60 1 "$PY setup.py --name"
   step check 60 1 "$PY .ci/check_cuda_build.py --help >/dev/null && $PY -m fastdd info"
@@ -169,7 +167,7 @@ if ((DRY)); then
   step bench_igd 90 1 "$PY -m fastdd bench --config tiny --device cpu --methods igd --repeats 1 --batch 1 --steps 2 --no-compile --out $R"
   step bench_more 90 0 "$PY -m fastdd bench --config tiny --device cpu --methods dap,mgd3,igds,sam,d3hr --repeats 1 --batch 1 --steps 2 --no-compile --out $R"
 else
-  step env 30 1 "nvidia-smi; $PY -c 'import sys, torch, triton; print(sys.version); print(\"torch\", torch.__version__, \"CUDA\", torch.version.cuda, torch.cuda.get_device_name()); print(\"triton\", triton.__version__)'; nvcc --version | tail -n 2"
+  step env 30 1 "set -eo pipefail; nvidia-smi; $PY -c 'import sys, torch, triton; print(sys.version); print(\"torch\", torch.__version__, \"CUDA\", torch.version.cuda, torch.cuda.get_device_name()); print(\"triton\", triton.__version__)'; nvcc --version | tail -n 2"
   step wheels 60 1 "install_wheels"
   step build 200 1 "$PY setup.py build_ext --inplace"
   step check 60 1 "$PY .ci/check_cuda_build.py --archs $ARCH && $PY -m fastdd info"

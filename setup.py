@@ -7,6 +7,8 @@ time, leaves a built one unloaded): fastdd then runs on Triton / the PyTorch ref
 
 import glob
 import os
+import re
+import shutil
 import subprocess
 import sys
 
@@ -38,6 +40,35 @@ def import_installed_torch():
     return torch
 
 
+def _is_cuda_toolkit(root: str | None) -> bool:
+    return bool(root) and os.path.isfile(os.path.join(root, "include", "cuda_runtime.h"))
+
+
+def find_cuda_home(cpp_extension) -> str | None:
+    """The CUDA toolkit's root for the build (sets cpp_extension.CUDA_HOME), or None when there is none.
+
+    Without CUDA_HOME / CUDA_PATH, torch takes two folders above `which nvcc`, which is wrong when the nvcc on PATH
+    is a wrapper script outside the toolkit (e.g. /usr/local/bin/nvcc -> /usr/local: no headers, no libcudart,
+    so the link fails). Then nvcc itself says where its toolkit is (`TOP=` of `nvcc --dryrun`).
+    """
+    guess = cpp_extension.CUDA_HOME
+    if os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH") or _is_cuda_toolkit(guess):
+        return guess
+    nvcc = shutil.which("nvcc")
+    if nvcc is None:
+        return guess
+    probe = [nvcc, "--dryrun", "-c", "-x", "cu", os.devnull, "-o", os.devnull]
+    out = subprocess.run(probe, capture_output=True, text=True)
+    top = re.search(r"^#\$ TOP=(.+)$", out.stdout + out.stderr, re.MULTILINE)
+    root = os.path.realpath(top.group(1).strip()) if top else None
+    if not _is_cuda_toolkit(root):
+        return guess
+    print(f"fastdd: CUDA toolkit at {root} (from {nvcc})")
+    cpp_extension.CUDA_HOME = root
+    os.environ["CUDA_HOME"] = root
+    return root
+
+
 def extension_modules():
     if os.environ.get("FASTDD_NO_EXT") == "1":
         print("fastdd: FASTDD_NO_EXT=1, building without fastdd._C")
@@ -51,9 +82,9 @@ def extension_modules():
     sources = [os.path.relpath(p, ROOT) for p in sorted(glob.glob(os.path.join(ROOT, "csrc", "cpu", "*.cpp")))]
     sources.insert(0, "csrc/module.cpp")
     cuda_sources = [os.path.relpath(p, ROOT) for p in sorted(glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cu")))]
-    want_cuda = os.environ.get("FASTDD_FORCE_CUDA") == "1" or (
-        torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None
-    )
+    force_cuda = os.environ.get("FASTDD_FORCE_CUDA") == "1"
+    cuda_home = find_cuda_home(cpp_extension) if force_cuda or torch.version.cuda is not None else None
+    want_cuda = force_cuda or (torch.version.cuda is not None and cuda_home is not None)
     cxx_flags = ["-O3", "-std=c++20", "-fopenmp"]
     extra = {"cxx": cxx_flags}
     if want_cuda and cuda_sources:
@@ -68,7 +99,7 @@ def extension_modules():
     else:
         ext = cpp_extension.CppExtension("fastdd._C", sources, extra_compile_args=extra, extra_link_args=["-fopenmp"])
     print(
-        f"fastdd: building fastdd._C ({'C++ + CUDA' if 'nvcc' in extra else 'C++ CPU'}) against torch {torch.__version__}"
+        f"fastdd: building fastdd._C ({'C++ + CUDA for TORCH_CUDA_ARCH_LIST=' + os.environ['TORCH_CUDA_ARCH_LIST'] if 'nvcc' in extra else 'C++ CPU'}) against torch {torch.__version__}"
     )
     return [ext], {"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)}
 

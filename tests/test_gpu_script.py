@@ -34,7 +34,7 @@ def test_gpu_script_dry_run_passes_every_step(tmp_path):
     with tarfile.open(out / "results.tar.gz") as archive:
         names = set(archive.getnames())
     assert {f"logs/{step}.log" for step in STEPS} <= names
-    assert {"results/ops_cpu.json", "results/sampler_tiny_cpu_dit-igd.json"} <= names
+    assert {"results/ops_cpu_quick.json", "results/sampler_tiny_cpu_dit-igd.json"} <= names
 
 
 def test_gpu_script_refuses_bad_usage(tmp_path):

@@ -2,7 +2,10 @@
 options): writes benchmarks/results/dry_run_estimates_<device>.json/.md. One run each (a real run is the quantity
 being estimated, not a repeated timing); the same check, asserted within 2×, is tests/test_api.py's byte-identity test.
 
-    python benchmarks/dry_run_estimates.py [--device cpu|cuda]
+    python benchmarks/dry_run_estimates.py [--device cpu|cuda] [--allow-reference]
+
+Like every benchmark it refuses (exit 2, one line) when an op would run on its PyTorch reference for lack of
+fastdd._C, unless --allow-reference.
 """
 
 from __future__ import annotations
@@ -21,7 +24,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import fastdd  # noqa: E402
+from benchmarks.common import require_compiled  # noqa: E402
 from fastdd.bench.common import device_name, write_report  # noqa: E402
+from fastdd.ops import OP_BACKENDS  # noqa: E402
 
 METHODS = ("dit", "igd", "dap", "mgd3", "d3hr", "sam", "igds")
 
@@ -42,7 +47,9 @@ def measure(method: str, out: Path, device: str) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--allow-reference", action="store_true", help="time ops that would run on their reference")
     args = parser.parse_args()
+    require_compiled(sorted(OP_BACKENDS), torch.device(args.device), args.allow_reference)
     with tempfile.TemporaryDirectory() as root:
         records = [measure(m, Path(root) / m, args.device) for m in METHODS]
     write_report(records, f"dry_run_estimates_{torch.device(args.device).type}")

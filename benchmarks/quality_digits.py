@@ -32,7 +32,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import device_name  # noqa: E402
+from benchmarks.common import device_name, require_compiled  # noqa: E402
 from fastdd.cli.main import main as fastdd_main  # noqa: E402
 from fastdd.data.atomic import write_bytes_atomic  # noqa: E402
 from fastdd.data.digits import DIGITS_CLASSES, load_digits_split  # noqa: E402
@@ -42,6 +42,7 @@ from fastdd.evaluation import (  # noqa: E402
     make_model_factory,  # noqa: E402
     train_and_evaluate,
 )
+from fastdd.ops import OP_BACKENDS  # noqa: E402
 
 METHODS = ("igd", "dap", "mgd3", "d3hr", "sam", "igds")
 FULL_SET_EPOCHS = 300
@@ -125,7 +126,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--allow-reference", action="store_true", help="time ops that would run on their reference")
     args = parser.parse_args(argv)
+    require_compiled(sorted(OP_BACKENDS), torch.device(args.device), args.allow_reference)
 
     methods = [m for m in args.methods.split(",") if m]
     unknown = sorted(set(methods) - set(METHODS))

@@ -105,3 +105,10 @@ def test_benchmarks_refuse_the_reference_unless_allowed(tmp_path):
 def test_reference_fallbacks_lists_only_ops_with_a_faster_backend():
     cpu = torch.device("cpu")
     assert reference_fallbacks(["grad_cosine"], cpu) == []  # fused / func: made of torch ops, no extension needed
+
+
+@pytest.mark.parametrize("script", ["bench_sampler.py", "dry_run_estimates.py", "quality_digits.py"])
+def test_every_timing_script_refuses_the_reference(script):
+    env = {**os.environ, "FASTDD_NO_EXT": "1", "OMP_NUM_THREADS": "1"}
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script)], capture_output=True, text=True, env=env)
+    assert out.returncode == 2 and out.stderr.startswith("refusing to benchmark") and "--allow-reference" in out.stderr

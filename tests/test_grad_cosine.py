@@ -266,11 +266,11 @@ def test_auto_steps_aside_to_torch_func_where_no_layer_takes_the_gram_branch(dep
     the fused path."""
     model = ConvNet(3, 10, width=width, depth=depth, im_size=im_size)
     x = torch.zeros(16, 3, im_size, im_size)
-    assert grad_cosine_module._fused_pays(grad_cosine_module._plan(model), x, 4, 16) is fused
+    assert grad_cosine_module._fused_pays(grad_cosine_module._plan(model), x, 4, None) is fused
     # without an input gradient the fused path must also keep all 16 rows in one CPU chunk (32², not 64²)
-    no_graph = grad_cosine_module._fused_pays(grad_cosine_module._plan(model), x, 4, 16, graph=False)
+    no_graph = grad_cosine_module._fused_pays(grad_cosine_module._plan(model), x, 4, None, graph=False)
     assert no_graph is (fused and (im_size == 32 or width < 64))
-    assert grad_cosine_module._fused_pays(grad_cosine_module._plan(model), x.to("meta"), 4, 16)  # off the CPU
+    assert grad_cosine_module._fused_pays(grad_cosine_module._plan(model), x.to("meta"), 4, None)  # off the CPU
 
 
 def test_auto_runs_torch_func_with_the_same_values(monkeypatch):

@@ -25,10 +25,10 @@ Models the fast path does not understand fall back to torch.func (vmap of grad),
 
 "auto" on CPU (eager): the fused path saves work over per-sample gradients only where the Gram identity replaces
 a materialised weight gradient (small maps); where no conv layer takes it (and the network is big enough to be
-FLOP-bound), both do the same FLOPs and torch.func's
-per-checkpoint vmap(grad) was as fast or faster on CPU (benchmarks/results/grad_cosine_cpu.md), so auto runs that
-("func", _fused_pays); so it does without an input gradient where the fused path would split the rows into CPU
-chunks. CUDA and torch.compile keep the fused path (one batched pass; one traceable graph).
+FLOP-bound), both do the same FLOPs and torch.func's per-checkpoint vmap(grad) was as fast or faster on CPU
+(benchmarks/results/grad_cosine_cpu.md), so auto runs that ("func", _fused_pays); so it does without an input
+gradient where the fused path would split the rows into CPU chunks. CUDA and torch.compile keep the fused path (one
+batched pass; one traceable graph).
 """
 
 from __future__ import annotations
@@ -553,7 +553,7 @@ def _chunked_dot_and_norm(steps, flat, x, y, ref, groups: Tensor | None, count: 
     return torch.cat(dots), torch.cat(sq_norms)
 
 
-def _fused_pays(steps: list[_Step], x: Tensor, K: int, pairs: int, graph: bool = True) -> bool:
+def _fused_pays(steps: list[_Step], x: Tensor, K: int, groups: Tensor | None, graph: bool = True) -> bool:
     """auto's choice between the fused path and torch.func ("func"). Fused, except on CPU in eager mode for a network
     big enough to be FLOP-bound (at least CPU_FUNC_MIN_MACS conv multiply-adds per row; smaller ones are bound by
     per-op overhead, where the fused path's batching wins) where no groups == 1 conv layer takes the Gram ("ghost")
@@ -563,6 +563,7 @@ def _fused_pays(steps: list[_Step], x: Tensor, K: int, pairs: int, graph: bool =
     K 4: 859 vs 744 ms)."""
     if x.device.type != "cpu" or torch.compiler.is_compiling() or x.dim() != 4:
         return True
+    pairs = x.shape[0] if groups is None else len(groups) ** 2  # (i, j) row pairs of the norms (_Grouping)
     h = torch.empty(1, 1, *x.shape[2:], device="meta")  # the spatial size through the layers
     macs, gram = 0, False
     for step in steps:
@@ -596,8 +597,7 @@ def auto_choice(model: nn.Module, x: Tensor, checkpoints: int, groups: Tensor | 
         steps = _plan(model)
     except _Unsupported:
         return "func"
-    pairs = x.shape[0] if groups is None else len(groups) ** 2
-    return "fused" if _fused_pays(steps, x, checkpoints, pairs, graph) else "func"
+    return "fused" if _fused_pays(steps, x, checkpoints, groups, graph) else "func"
 
 
 def _func_dot_and_norm(model, flat, x, y, ref, grouping: _Grouping) -> tuple[Tensor, Tensor]:
@@ -708,25 +708,19 @@ def _dot_and_norm(op, model, flat_params, x, y, ref_grads, groups, num_groups, b
     if chosen == "reference":
         return reference.grad_dot_and_norm(model, flat_params, x, y, ref_grads, groups)
     flat = flat_params.detach()
-    steps = None
     if chosen == "fused":
-        try:
+        try:  # a model the fast path cannot run, planned or chunked, falls back to torch.func with a warning
             steps = _plan(model)
+            graph = torch.is_grad_enabled() and (x.requires_grad or ref_grads.requires_grad)
+            if backend == "auto" and not _fused_pays(steps, x, flat.shape[0], groups, graph):
+                chosen = "func"
+            else:
+                dots, sq_norms = _chunked_dot_and_norm(steps, flat, x, y, ref_grads, groups, count)
         except _Unsupported as reason:
             warnings.warn(f"grad_cosine: falling back to torch.func (slow): {reason}", stacklevel=3)
-    if steps is not None and backend == "auto":
-        pairs = x.shape[0] if groups is None else len(groups) ** 2  # (i, j) row pairs of the norms (_Grouping)
-        graph = torch.is_grad_enabled() and (x.requires_grad or ref_grads.requires_grad)
-        chosen = "fused" if _fused_pays(steps, x, flat.shape[0], pairs, graph) else "func"
-    if steps is None or chosen == "func":
+            chosen = "func"
+    if chosen == "func":
         dots, sq_norms = _func_dot_and_norm(model, flat, x, y, ref_grads, _Grouping.build(groups, count, x.dtype))
-    else:
-        try:
-            dots, sq_norms = _chunked_dot_and_norm(steps, flat, x, y, ref_grads, groups, count)
-        except _Unsupported as reason:
-            warnings.warn(f"grad_cosine: falling back to torch.func (slow): {reason}", stacklevel=3)
-            grouping = _Grouping.build(groups, count, x.dtype)
-            dots, sq_norms = _func_dot_and_norm(model, flat, x, y, ref_grads, grouping)
     return dots, sq_norms.clamp_min(torch.finfo(sq_norms.dtype).tiny).sqrt()
 
 

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from fastdd.bench.common import device_name, markdown_table, timeit
+from fastdd.bench.common import device_name, markdown_table, synchronize, timeit
 
 __all__ = [
     "device_name",
@@ -81,11 +81,6 @@ def require_compiled(ops: list[str], device: torch.device, allow_reference: bool
 
 
 # --------------------------------------------------------------------------- time, memory, FLOPs
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def interleaved_times(methods: dict[str, Callable[[], object]], device: torch.device, repeats: int) -> dict:
     """{name: median seconds}: after one warm-up call each, the methods take turns in every repeat so that a
     shared machine's changing load hits them alike."""
@@ -94,10 +89,10 @@ def interleaved_times(methods: dict[str, Callable[[], object]], device: torch.de
     times = {name: [] for name in methods}
     for _ in range(repeats):
         for name, fn in methods.items():
-            _sync(device)
+            synchronize(device)
             start = time.perf_counter()
             fn()
-            _sync(device)
+            synchronize(device)
             times[name].append(time.perf_counter() - start)
     return {name: statistics.median(t) for name, t in times.items()}
 

@@ -356,7 +356,7 @@ def resolve_device(name: str | None, local_rank: int, world: int) -> torch.devic
     return device
 
 
-def run_config(spec: RunSpec, models: Models, data: RealData, method_args: dict) -> dict:
+def run_config(spec: RunSpec, sampling: SamplingSettings, models: Models, data: RealData, method_args: dict) -> dict:
     """Everything that determines the images (compared on resume; the manifest's "config")."""
     return {
         "method": spec.method,
@@ -364,6 +364,9 @@ def run_config(spec: RunSpec, models: Models, data: RealData, method_args: dict)
         "seed": spec.seed,
         "steps": spec.steps,
         "sampler": spec.sampler,
+        "spacing": sampling.spacing,
+        "cfg_channels": sampling.cfg_channels,
+        "shadow_rows": sampling.shadow_rows,
         "eta": spec.eta,
         "cfg_scale": spec.cfg_scale,
         "compat": spec.compat,
@@ -520,13 +523,9 @@ def prepare(spec: RunSpec, options: Any = None) -> PreparedRun:
             f"of {MAX_IMAGES:,} images per run"
         )
     plan = plan_batches(len(class_names), spec.ipc, spec.class_batch, spec.images_per_batch)
-    cfg_channels = None if sampling.cfg_channels is None else min(sampling.cfg_channels, prior.in_channels)
-    config = run_config(spec, models, data, record_options(options)) | {
-        "spacing": sampling.spacing,
-        "cfg_channels": cfg_channels,
-        "shadow_rows": sampling.shadow_rows,
-    }
-    directory = RunDirectory(spec.out, config, class_names)
+    if sampling.cfg_channels is not None:  # the latent's channels, when it has fewer (a pixel prior)
+        sampling = dataclasses.replace(sampling, cfg_channels=min(sampling.cfg_channels, prior.in_channels))
+    directory = RunDirectory(spec.out, run_config(spec, sampling, models, data, record_options(options)), class_names)
     directory.check_compatible()
     setup = method.build(options, spec if rank == 0 else dataclasses.replace(spec, quiet=True), models, data)
     table = label_map(class_labels, prior.num_classes)
@@ -536,7 +535,7 @@ def prepare(spec: RunSpec, options: Any = None) -> PreparedRun:
         [LocalLabels(g, table) for g in setup.guidances],
         cfg_scale=spec.cfg_scale,
         compat=sampling.shadow_rows,
-        cfg_channels=cfg_channels,
+        cfg_channels=sampling.cfg_channels,
         num_classes=prior.num_classes,
         precision=spec.precision,
         compile=spec.compile,

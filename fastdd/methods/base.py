@@ -21,7 +21,7 @@ from __future__ import annotations
 import math
 import sys
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -197,21 +197,29 @@ class MethodSetup:
 
 
 @dataclass(frozen=True)
-class AuthorsSettings:
-    """What --compat sets for a method: the numerics, spacing and CFG of its authors' code.
+class SamplingSettings:
+    """A run's resolved sampling settings (recorded in the manifest), and what --compat sets for a method: those of
+    its authors' code.
 
-    numerics: "official" (the DiT repository's model code) or "diffusers" (DiTPipeline's); spacing: see SPACINGS;
-    cfg_channels: eps channels CFG guides (None: all); shadow_rows: the official sampler's 2-row [cond; uncond] loop
-    in which the unconditional row keeps its own variance and noise."""
+    numerics: "official" (the DiT repository's model code), "diffusers" (DiTPipeline's) or None (the weights'
+    format's); spacing: see SPACINGS; cfg_channels: eps channels CFG guides (None: all); shadow_rows: the official
+    sampler's 2-row [cond; uncond] loop in which the unconditional row keeps its own variance and noise."""
 
-    numerics: str = "official"
+    numerics: str | None = None
     spacing: str = "iddpm"
-    cfg_channels: int | None = 3
-    shadow_rows: bool = True
+    cfg_channels: int | None = None
+    shadow_rows: bool = False
+
+    @classmethod
+    def of(cls, spec: RunSpec, method: Method) -> SamplingSettings:
+        """--compat: the method's authors' settings, else fastdd's (the method's spacing); an explicit --numerics /
+        --spacing wins over both."""
+        base = method.authors if spec.compat else cls(spacing=method.spacing)
+        return replace(base, numerics=spec.numerics or base.numerics, spacing=spec.spacing or base.spacing)
 
 
-OFFICIAL_DIT = AuthorsSettings()  # the DiT repository's sample.py: IGD, Minimax, SAM, MGD3 (and DAP / IGDS, no code)
-DIT_PIPELINE = AuthorsSettings("diffusers", "leading", None, False)  # diffusers' DiTPipeline: D3HR
+OFFICIAL_DIT = SamplingSettings("official", "iddpm", 3, True)  # DiT's sample.py: IGD, Minimax, SAM, MGD3 (DAP, IGDS)
+DIT_PIPELINE = SamplingSettings("diffusers", "leading", None, False)  # diffusers' DiTPipeline: D3HR
 
 
 @dataclass(frozen=True)
@@ -225,30 +233,9 @@ class Method:
     build: Callable[[Any, RunSpec, Models, RealData], MethodSetup]
     needs_data: bool
     help: str
-    authors: AuthorsSettings = OFFICIAL_DIT
+    authors: SamplingSettings = OFFICIAL_DIT
     spacing: str = "iddpm"
     guides_steps: bool = True
-
-
-@dataclass(frozen=True)
-class SamplingSettings:
-    """A run's resolved sampling settings (recorded in the manifest). numerics None: the weights' format's."""
-
-    numerics: str | None
-    spacing: str
-    cfg_channels: int | None
-    shadow_rows: bool
-
-    @classmethod
-    def of(cls, spec: RunSpec, method: Method) -> SamplingSettings:
-        """--compat takes the method's authors' settings; explicit --numerics / --spacing win over both."""
-        authors = method.authors if spec.compat else None
-        return cls(
-            numerics=spec.numerics or (authors.numerics if authors else None),
-            spacing=spec.spacing or (authors.spacing if authors else method.spacing),
-            cfg_channels=authors.cfg_channels if authors else None,
-            shadow_rows=authors.shadow_rows if authors else False,
-        )
 
 
 # ----------------------------------------------------------------------------------------- helpers for builders
@@ -268,7 +255,9 @@ def check_options(options: Any) -> None:
             raise ValueError(f"{flag_of(option_field)} must be one of {', '.join(choices)}, got {value!r}")
 
 
-CACHE_FORMAT = 2  # 2: SAM gammas in Minimax's blocks (all blocks of a DiT of depth <= 14). Bump when a cached artefact's content changes meaning
+# bump when a cached artefact's content changes meaning; 2: SAM's gammas in Minimax's blocks (all blocks of a DiT of
+# depth <= 14)
+CACHE_FORMAT = 2
 
 
 def cache_inputs(models: Models, data: RealData, depends_on: dict) -> dict:

@@ -666,14 +666,10 @@ def build_surrogate_bundle(
         raise ValueError(f"selection must be one of {SELECTION_RULES}, got {selection!r}")
     model = config.build().eval()
     if epochs is None:
-        if selection == "authors":
-            grads = epoch_class_gradients(
-                config, snapshots, images, labels, progress, seed, max_images=AUTHORS_IMAGES_PER_CLASS, chunk=chunk
-            )
-        else:
-            grads = epoch_class_gradients(
-                config, snapshots, images, labels, progress, max_images=max_images, chunk=chunk
-            )
+        shuffle, count = (seed, AUTHORS_IMAGES_PER_CLASS) if selection == "authors" else (None, max_images)
+        grads = epoch_class_gradients(
+            config, snapshots, images, labels, progress, shuffle, max_images=count, chunk=chunk
+        )
         epochs = select_checkpoints(grads, threshold, selection)
         if max_checkpoints is not None and len(epochs) > max_checkpoints:
             print(f"fastdd: Algorithm 2 kept {len(epochs)} checkpoints (epochs {epochs}); using the first "

@@ -31,6 +31,8 @@ def summary_table(summaries: list[dict]) -> str:
     for r in summaries:
         auto = r["fastdd (auto)"].removeprefix("fastdd ")
         roof = f"{r['fastdd_pct_of_roofline']:.0f}% ({r['fastdd_bound']})" if "fastdd_pct_of_roofline" in r else ""
+        if r.get("fastdd_conv_time_pct") is not None:
+            roof += f"; {r['fastdd_conv_time_pct']:.0f}% of time in convs"
         memory = ""
         if r.get("fastdd_peak_mib") is not None and r.get("baseline_peak_mib") is not None:
             memory = f"{r['fastdd_peak_mib']:.0f} / {r['baseline_peak_mib']:.0f}"
@@ -81,8 +83,9 @@ def main() -> None:
     (args.out / f"{name}.json").write_text(json.dumps({"machine_peak": peaks, "summary": summaries}, indent=2))
     table = summary_table(summaries)
     header = (
-        f"Device: {peaks['device']}; peak measured by each benchmark (last: {peaks['matmul_gflops']:.0f} GFLOP/s fp32 "
-        f"matmul, {peaks['copy_gbps']:.1f} GB/s copy).\n\n"
+        f"Device: {peaks['device']}; peak measured by each benchmark (last: {peaks['peak_gflops']:.0f} GFLOP/s fp32, the "
+        f"faster of matmul {peaks['matmul_gflops']:.0f} and 3×3 convolution {peaks['conv_gflops']:.0f}; "
+        f"{peaks['copy_gbps']:.1f} GB/s copy).\n\n"
     )
     (args.out / f"{name}.md").write_text(header + table + "\n")
     print(header + table)

@@ -15,7 +15,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import finish_records, reference_fallbacks, summary  # noqa: E402
+from benchmarks.common import conv_time_share, finish_records, reference_fallbacks, summary  # noqa: E402
 from benchmarks.ops import (  # noqa: E402
     bench_cosine_memory,
     bench_grad_cosine,
@@ -75,7 +75,7 @@ def test_records_name_the_strongest_baseline_and_the_fraction_of_peak():
         {"op": "o", "shape": "s", "method": "b", "kind": "baseline", "median_ms": 5.0},
         {"op": "o", "shape": "s", "method": "floor", "kind": "floor", "median_ms": 1.0},
     ]
-    finish_records(records, {"matmul_gflops": 100.0, "copy_gbps": 10.0})
+    finish_records(records, {"peak_gflops": 100.0, "copy_gbps": 10.0})
     assert records[0]["pct_of_roofline"] == pytest.approx(100 * 0.04 / 2e-3) and records[0]["bound"] == "compute"
     assert records[1]["fastdd_speedup"] == pytest.approx(1.5)
     (row,) = summary(records)
@@ -98,7 +98,11 @@ def test_benchmarks_refuse_the_reference_unless_allowed(tmp_path):
     )
     assert out.returncode == 0, out.stderr
     result = json.loads((tmp_path / "mercer_distance_cpu_quick.json").read_text())
-    assert result["device"].startswith("CPU") and result["summary"] and result["machine_peak"]["matmul_gflops"] > 0
+    assert (
+        result["device"].startswith("CPU")
+        and result["summary"]
+        and result["machine_peak"]["peak_gflops"] >= result["machine_peak"]["conv_gflops"] > 0
+    )
     assert {p.name for p in tmp_path.iterdir()} == {f"mercer_distance_cpu_quick.{e}" for e in ("json", "md", "png")}
 
 
@@ -112,3 +116,10 @@ def test_every_timing_script_refuses_the_reference(script):
     env = {**os.environ, "FASTDD_NO_EXT": "1", "OMP_NUM_THREADS": "1"}
     out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script)], capture_output=True, text=True, env=env)
     assert out.returncode == 2 and out.stderr.startswith("refusing to benchmark") and "--allow-reference" in out.stderr
+
+
+def test_conv_time_share_counts_only_convolutions():
+    x, weight = torch.randn(4, 16, 16, 16), torch.randn(16, 16, 3, 3)
+    assert conv_time_share(lambda: torch.nn.functional.conv2d(x, weight, padding=1), torch.device("cpu")) > 50
+    assert conv_time_share(lambda: (x * 2).exp().sum(), torch.device("cpu")) == 0
+    assert conv_time_share(lambda: None, torch.device("cuda")) is None

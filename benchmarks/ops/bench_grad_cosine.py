@@ -19,8 +19,10 @@ Methods (every one is checked against torch.func's values and input gradient bef
 
 Shapes: ConvNet width 64/128, depth 3-6, 32² and 64², B = 16, K = 4 (IGD: ConvNet-5 w128 32² and ConvNet-6 w128
 64²; ConvNet-6 needs ≥ 64 px). The work of a shape is counted with torch.utils.flop_counter on the plain computation
-(the authors' loop for one image and checkpoint, × B·K) and put against the machine's fp32 matmul peak measured in
-the same run; peak memory is the extra resident memory at the peak of one call.
+(the authors' loop for one image and checkpoint, × B·K) and put against the machine's fp32 peak measured in the same
+run (the faster of a matmul and a 3×3 convolution); peak memory is the extra resident memory at the peak of one call;
+on CPU, the share of fastdd's and torch.func's operator time spent in convolutions (torch.profiler) says what bounds
+them.
 
 Opacus and BackPACK are optional (left out when missing). Install them without their dependencies (BackPACK's pull
 torchvision and a torch of their choosing): pip install --no-deps opacus backpack-for-pytorch opt-einsum einops
@@ -48,7 +50,13 @@ if __package__ in (None, ""):  # run as a script: fastdd as installed, then this
         import fastdd  # noqa: F401
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from benchmarks.common import count_flops, interleaved_times, op_benchmark_main, peak_memory_bytes  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    conv_time_share,
+    count_flops,
+    interleaved_times,
+    op_benchmark_main,
+    peak_memory_bytes,
+)
 from fastdd.models import ConvNet  # noqa: E402
 from fastdd.ops import grad_cosine, value_checks  # noqa: E402
 from fastdd.ops.grad_cosine import auto_choice  # noqa: E402
@@ -299,17 +307,18 @@ def run(device: torch.device, repeats: int, quick: bool) -> tuple[list[dict], st
                 )
                 for name, (kind, fn) in methods.items():
                     memory = peak_memory_bytes(lambda f=fn, a=args: f(*a), device)
-                    records.append(
-                        {
-                            "op": op,
-                            "shape": label(shape, norm),
-                            "method": name,
-                            "kind": kind,
-                            "median_ms": times[name] * 1e3,
-                            "flops": flops,
-                            "peak_mib": None if memory is None else memory / 2**20,
-                        }
-                    )
+                    record = {
+                        "op": op,
+                        "shape": label(shape, norm),
+                        "method": name,
+                        "kind": kind,
+                        "median_ms": times[name] * 1e3,
+                        "flops": flops,
+                        "peak_mib": None if memory is None else memory / 2**20,
+                    }
+                    if kind == "fastdd" or name.startswith("torch.func"):  # what bounds it: convolutions or the rest
+                        record["conv_time_pct"] = conv_time_share(lambda f=fn, a=args: f(*a), device)
+                    records.append(record)
                 print(f"{op} {label(shape, norm)}: " + ", ".join(f"{n} {t * 1e3:.0f} ms" for n, t in times.items()))
     return records, NOTES
 
@@ -320,7 +329,8 @@ cosines alone. BackPACK's BatchGrad keeps grad_batch in the graph with create_gr
 through it is wrong (checked here: off by about its own magnitude), and it has no GroupNorm extension: it is compared
 on the cosines alone of a ConvNet without GroupNorm. FLOPs: torch.utils.flop_counter on the plain computation (the
 authors' loop for one image and checkpoint, × B·K), the same for every method of a shape; % of roofline =
-(FLOPs / measured fp32 matmul peak) / time. auto runs the fused path where some conv layer's per-sample gradient norm
+(FLOPs / measured fp32 peak, the faster of matmul and 3×3 convolution) / time; conv_time_pct = the share of the
+operator time spent in convolutions (torch.profiler, one call): the rest is elementwise work and overhead. auto runs the fused path where some conv layer's per-sample gradient norm
 takes the Gram identity (it then does fewer FLOPs), torch.func elsewhere ("auto: func": the same algorithm as the
 torch.func baseline, so about 1×).
 """

@@ -255,21 +255,27 @@ def test_layer_types_on_the_fast_path(kind, grouped):
         (2, 8, 16, True),  # overhead-bound: the fused path's batching wins
         (3, 64, 32, False),
         (3, 128, 32, False),
-        (4, 128, 64, False),
+        (3, 128, 64, True),  # 64² maps: the rows are split into CPU chunks, which win with an input gradient
+        (4, 128, 64, True),
         (5, 128, 32, True),
         (6, 128, 64, True),
     ],
 )
 def test_auto_steps_aside_to_torch_func_where_no_layer_takes_the_gram_branch(depth, width, im_size, fused):
-    """CPU auto: the fused path for small (overhead-bound) networks and where some conv layer's norm takes the Gram
-    identity (ConvNet-5 w128 32², ConvNet-6 w128 64²: IGD's shapes), torch.func where none does; off the CPU always
-    the fused path."""
+    """CPU auto: the fused path for small (overhead-bound) networks, where some conv layer's norm takes the Gram
+    identity (ConvNet-5 w128 32², ConvNet-6 w128 64²: IGD's shapes) and, with an input gradient, where the rows are
+    split into CPU chunks (64² maps); torch.func elsewhere; off the CPU always the fused path."""
     model = ConvNet(3, 10, width=width, depth=depth, im_size=im_size)
     x = torch.zeros(16, 3, im_size, im_size)
     assert grad_cosine_module._fused_pays(grad_cosine_module._plan(model), x, 4, None) is fused
     # without an input gradient the fused path must also keep all 16 rows in one CPU chunk (32², not 64²)
     no_graph = grad_cosine_module._fused_pays(grad_cosine_module._plan(model), x, 4, None, graph=False)
     assert no_graph is (fused and (im_size == 32 or width < 64))
+    # with groups the rows are never chunked: the Gram rule alone
+    groups = torch.arange(16) // 2
+    assert grad_cosine_module._fused_pays(grad_cosine_module._plan(model), x, 4, groups) is (
+        fused and (im_size == 32 or depth == 6 or width < 64)
+    )
     assert grad_cosine_module._fused_pays(grad_cosine_module._plan(model), x.to("meta"), 4, None)  # off the CPU
 
 

@@ -98,23 +98,12 @@ def interleaved_times(methods: dict[str, Callable[[], object]], device: torch.de
     return {name: statistics.median(t) for name, t in times.items()}
 
 
-def _rss_kib(field: str) -> int | None:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    except OSError:
-        return None
-    return None
-
-
 def peak_memory_bytes(fn: Callable[[], object], device: torch.device) -> int | None:
     """Extra memory at the peak of one fn() call over what was in use before it.
 
-    CUDA: torch.cuda.max_memory_allocated. CPU (Linux): the process's resident-set high-water mark (VmHWM, reset
-    through /proc/self/clear_refs) minus the resident set before the call, after malloc_trim(0) hands freed heap
-    pages back (else reused pages hide the call's allocations); None where that is unavailable. A lower bound:
-    memory the allocator still holds resident may be reused unseen."""
+    CUDA: torch.cuda.max_memory_allocated. CPU: the high-water mark of the bytes torch's CPU allocator hands out
+    during the call, replayed in order from torch.profiler's allocation events (exact for tensors, temporaries
+    included; buffers a library allocates itself, e.g. oneDNN's scratchpad, are not counted)."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
@@ -122,20 +111,20 @@ def peak_memory_bytes(fn: Callable[[], object], device: torch.device) -> int | N
         fn()
         torch.cuda.synchronize(device)
         return torch.cuda.max_memory_allocated(device) - before
-    try:
-        import ctypes
+    from torch.profiler import ProfilerActivity, profile
 
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-    except OSError:
-        return None
-    before = _rss_kib("VmRSS")
-    fn()
-    peak = _rss_kib("VmHWM")
-    return None if before is None or peak is None else max(0, peak - before) * 1024
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = [
+        e
+        for e in prof.profiler.kineto_results.events()
+        if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU
+    ]
+    live = peak = 0
+    for event in sorted(events, key=lambda e: e.start_ns()):
+        live += event.nbytes()  # negative for a free
+        peak = max(peak, live)
+    return peak
 
 
 class _NoModuleTracking:

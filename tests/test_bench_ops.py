@@ -15,7 +15,13 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import conv_time_share, finish_records, reference_fallbacks, summary  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    conv_time_share,
+    finish_records,
+    peak_memory_bytes,
+    reference_fallbacks,
+    summary,
+)
 from benchmarks.ops import (  # noqa: E402
     bench_cosine_memory,
     bench_grad_cosine,
@@ -123,3 +129,21 @@ def test_conv_time_share_counts_only_convolutions():
     assert conv_time_share(lambda: torch.nn.functional.conv2d(x, weight, padding=1), torch.device("cpu")) > 50
     assert conv_time_share(lambda: (x * 2).exp().sum(), torch.device("cpu")) == 0
     assert conv_time_share(lambda: None, torch.device("cuda")) is None
+
+
+def test_cpu_peak_memory_is_the_allocators_high_water_mark():
+    """Two 4 MiB tensors alive together peak at 8 MiB; allocated and freed one after the other, at 4 MiB."""
+    mib4 = 1 << 20  # floats
+
+    def together():
+        a = torch.ones(mib4)
+        b = a * 2
+        return float(b[0])
+
+    def one_by_one():
+        for _ in range(3):
+            float(torch.ones(mib4)[0])
+
+    # (+ a few bytes: the 0-dim tensors of the indexing)
+    assert peak_memory_bytes(together, torch.device("cpu")) == pytest.approx(8 << 20, abs=1024)
+    assert peak_memory_bytes(one_by_one, torch.device("cpu")) == pytest.approx(4 << 20, abs=1024)

@@ -35,12 +35,18 @@ def summary_table(summaries: list[dict]) -> str:
             roof += f"; {r['fastdd_conv_time_pct']:.0f}% of time in convs"
         memory = ""
         if r.get("fastdd_peak_mib") is not None and r.get("baseline_peak_mib") is not None:
-            memory = f"{r['fastdd_peak_mib']:.0f} / {r['baseline_peak_mib']:.0f}"
+            memory = f"{_mib(r['fastdd_peak_mib'])} / {_mib(r['baseline_peak_mib'])}"
         lines.append(
             f"| {r['op']} | {r['shape']} | {auto}: {_ms(r['fastdd_ms'])} | {r['strongest baseline']}: "
             f"{_ms(r['baseline_ms'])} | {r['speedup']:.2f}× | {roof} | {memory} |"
         )
     return "\n".join(lines)
+
+
+def _mib(value: float) -> str:
+    if value < 0.01:
+        return "< 0.01"
+    return f"{value:.2f}" if value < 10 else f"{value:.0f}"
 
 
 def _ms(value: float) -> str:

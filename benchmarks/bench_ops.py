@@ -89,8 +89,8 @@ def main() -> None:
     (args.out / f"{name}.json").write_text(json.dumps({"machine_peak": peaks, "summary": summaries}, indent=2))
     table = summary_table(summaries)
     header = (
-        f"Device: {peaks['device']}; peak measured by each benchmark (last: {peaks['peak_gflops']:.0f} GFLOP/s fp32, the "
-        f"faster of matmul {peaks['matmul_gflops']:.0f} and 3×3 convolution {peaks['conv_gflops']:.0f}; "
+        f"Device: {peaks['device']}; peak measured by each benchmark (last: {peaks['peak_gflops']:.0f} GFLOP/s "
+        f"fp32, the faster of matmul {peaks['matmul_gflops']:.0f} and 3×3 convolution {peaks['conv_gflops']:.0f}; "
         f"{peaks['copy_gbps']:.1f} GB/s copy).\n\n"
     )
     (args.out / f"{name}.md").write_text(header + table + "\n")

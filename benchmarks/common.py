@@ -99,11 +99,12 @@ def interleaved_times(methods: dict[str, Callable[[], object]], device: torch.de
 
 
 def peak_memory_bytes(fn: Callable[[], object], device: torch.device) -> int | None:
-    """Extra memory at the peak of one fn() call over what was in use before it.
+    """The most memory one fn() call's own allocations hold at once.
 
-    CUDA: torch.cuda.max_memory_allocated. CPU: the high-water mark of the bytes torch's CPU allocator hands out
-    during the call, replayed in order from torch.profiler's allocation events (exact for tensors, temporaries
-    included; buffers a library allocates itself, e.g. oneDNN's scratchpad, are not counted)."""
+    CUDA: torch.cuda.max_memory_allocated over what was allocated before. CPU: the high-water mark of the bytes torch's
+    CPU allocator hands out during the call, replayed in order from torch.profiler's allocation events (tensors and
+    temporaries as the profiler sees them; buffers a library allocates itself, e.g. oneDNN's scratchpad, are not
+    counted); None if this torch's profiler does not expose them."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
@@ -115,11 +116,14 @@ def peak_memory_bytes(fn: Callable[[], object], device: torch.device) -> int | N
 
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
-    events = [
-        e
-        for e in prof.profiler.kineto_results.events()
-        if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU
-    ]
+    try:
+        events = [
+            e
+            for e in prof.profiler.kineto_results.events()
+            if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU
+        ]
+    except (AttributeError, RuntimeError):  # a private API: absent in some torch builds
+        return None
     live = peak = 0
     for event in sorted(events, key=lambda e: e.start_ns()):
         live += event.nbytes()  # negative for a free
@@ -140,9 +144,10 @@ class _NoModuleTracking:
 
 
 def conv_time_share(fn: Callable[[], object], device: torch.device) -> float | None:
-    """The share (%) of one fn() call's operator time spent in convolutions (forward, backward, and their
-    double backward), from torch.profiler's self CPU times; what bounds an op that is mostly convolutions (None
-    off CPU: CUDA kernels are not named by the aten op they serve)."""
+    """The share (%) of one fn() call's operator time spent in convolutions: the self CPU times (torch.profiler) of
+    the aten convolution ops (forward, backward and double backward: aten::mkldnn_convolution,
+    aten::convolution_backward, aten::_convolution, ...) over all ops' (None off CPU: CUDA kernels are not named by
+    the aten op they serve)."""
     if device.type != "cpu":
         return None
     from torch.profiler import ProfilerActivity, profile
@@ -152,7 +157,7 @@ def conv_time_share(fn: Callable[[], object], device: torch.device) -> float | N
         fn()
     events = prof.key_averages()
     total = sum(e.self_cpu_time_total for e in events)
-    conv = sum(e.self_cpu_time_total for e in events if "conv" in e.key)
+    conv = sum(e.self_cpu_time_total for e in events if e.key.startswith("aten::") and "conv" in e.key)
     return 100 * conv / total if total else None
 
 
@@ -173,7 +178,8 @@ def machine_peaks(device: torch.device, quick: bool = False) -> dict:
     3×3 convolution (128 → 128 channels, 16² and 32² maps, batch 64), copy GB/s (bytes read + written by a large
     tensor copy). The compute peak is the faster of the two: on this project's AMD CPU torch's matmul (MKL) ran at
     ~180 GFLOP/s while oneDNN's convolution ran at ~235, so a matmul-only peak overstated every conv-bound op's
-    fraction of the machine. Both run under the settings the benchmarks run under (on CUDA, cuDNN may use TF32)."""
+    fraction of the machine. Both in strict fp32 (no TF32 on CUDA: torch's matmul default, and cuDNN's switched off for
+    the convolution)."""
     repeats = 3 if quick else 7
     matmul = 0.0
     for n in (512, 1024) if quick else (1024, 2048, 3072):
@@ -182,12 +188,16 @@ def machine_peaks(device: torch.device, quick: bool = False) -> dict:
         matmul = max(matmul, 2 * n**3 / seconds / 1e9)
     conv = 0.0
     weight = torch.randn(128, 128, 3, 3, device=device)
-    for size in (16,) if quick else (16, 32):
-        x = torch.randn(16 if quick else 64, 128, size, size, device=device)
-        seconds = timeit(
-            lambda x=x: torch.nn.functional.conv2d(x, weight, padding=1), device, repeats, warmup=1, do_bench=False
-        )
-        conv = max(conv, 2 * x.shape[0] * size * size * 128 * 128 * 9 / seconds / 1e9)
+    cudnn = torch.backends.cudnn
+    with cudnn.flags(
+        enabled=cudnn.enabled, benchmark=cudnn.benchmark, deterministic=cudnn.deterministic, allow_tf32=False
+    ):
+        for size in (16,) if quick else (16, 32):  # fp32 on CUDA too (cuDNN's default would take TF32)
+            x = torch.randn(16 if quick else 64, 128, size, size, device=device)
+            seconds = timeit(
+                lambda x=x: torch.nn.functional.conv2d(x, weight, padding=1), device, repeats, warmup=1, do_bench=False
+            )
+            conv = max(conv, 2 * x.shape[0] * size * size * 128 * 128 * 9 / seconds / 1e9)
     numel = (16 if quick else 64) << 20  # 64 Mi floats = 256 MiB: far beyond the caches
     src, dst = torch.randn(numel, device=device), torch.empty(numel, device=device)
     seconds = timeit(lambda: dst.copy_(src), device, repeats=repeats, warmup=1, do_bench=False)

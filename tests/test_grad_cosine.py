@@ -271,11 +271,11 @@ def test_auto_steps_aside_to_torch_func_where_no_layer_takes_the_gram_branch(dep
     # without an input gradient the fused path must also keep all 16 rows in one CPU chunk (32², not 64²)
     no_graph = grad_cosine_module._fused_pays(grad_cosine_module._plan(model), x, 4, None, graph=False)
     assert no_graph is (fused and (im_size == 32 or width < 64))
-    # with groups the rows are never chunked: the Gram rule alone
+    # with groups the rows are never chunked: the Gram rule alone, with or without an input gradient
     groups = torch.arange(16) // 2
-    assert grad_cosine_module._fused_pays(grad_cosine_module._plan(model), x, 4, groups) is (
-        fused and (im_size == 32 or depth == 6 or width < 64)
-    )
+    gram = fused and (im_size == 32 or depth == 6 or width < 64)
+    for graph in (True, False):
+        assert grad_cosine_module._fused_pays(grad_cosine_module._plan(model), x, 4, groups, graph=graph) is gram
     assert grad_cosine_module._fused_pays(grad_cosine_module._plan(model), x.to("meta"), 4, None)  # off the CPU
 
 

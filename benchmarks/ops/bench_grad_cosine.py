@@ -13,15 +13,16 @@ Methods (every one is checked against torch.func's values and input gradient bef
   detached (no graph back to x), so Opacus cannot give IGD's second-order input gradient: it is timed on the
   cosines alone (op "cosines only"), against fastdd and torch.func without the input gradient.
 - BackPACK BatchGrad: with create_graph=True its grad_batch stays in the graph, but the input gradient through it is
-  wrong (off by about its own magnitude against torch.func's; tests/test_bench_ops.py shows it), so BackPACK cannot give IGD's input gradient either; and it has no GroupNorm
-  extension (ConvNet's GroupNorm affine parameters silently get no per-sample gradient). It is timed on the cosines
-  alone of a ConvNet without GroupNorm (conv → ReLU → AvgPool), the one thing it computes right.
+  wrong (off by about its own magnitude against torch.func's; tests/test_bench_ops.py shows it), so BackPACK cannot
+  give IGD's input gradient either; and it has no GroupNorm extension (ConvNet's GroupNorm affine parameters silently
+  get no per-sample gradient). It is timed on the cosines alone of a ConvNet without GroupNorm (conv → ReLU →
+  AvgPool), the one thing it computes right.
 
 Shapes: ConvNet width 64/128, depth 3-6, 32² and 64², B = 16, K = 4 (IGD: ConvNet-5 w128 32² and ConvNet-6 w128
 64²; ConvNet-6 needs ≥ 64 px). The work of a shape is counted with torch.utils.flop_counter on the plain computation
 (the authors' loop for one image and checkpoint, × B·K) and put against the machine's fp32 peak measured in the same
-run (the faster of a matmul and a 3×3 convolution); peak memory is the extra resident memory at the peak of one call;
-on CPU, the share of fastdd's and torch.func's operator time spent in convolutions (torch.profiler) says what bounds
+run (the faster of a matmul and a 3×3 convolution); peak memory is the most one call's allocations hold at once; on
+CPU, the share of fastdd's and torch.func's operator time spent in convolutions (torch.profiler) says what bounds
 them.
 
 Opacus and BackPACK are optional (left out when missing). Install them without their dependencies (BackPACK's pull
@@ -316,8 +317,13 @@ def run(device: torch.device, repeats: int, quick: bool) -> tuple[list[dict], st
                         "flops": flops,
                         "peak_mib": None if memory is None else memory / 2**20,
                     }
-                    if kind == "fastdd" or name.startswith("torch.func"):  # what bounds it: convolutions or the rest
-                        record["conv_time_pct"] = conv_time_share(lambda f=fn, a=args: f(*a), device)
+                    share = (  # what bounds it: convolutions or the rest (None off CPU)
+                        conv_time_share(lambda f=fn, a=args: f(*a), device)
+                        if kind == "fastdd" or name.startswith("torch.func")
+                        else None
+                    )
+                    if share is not None:
+                        record["conv_time_pct"] = share
                     records.append(record)
                 print(f"{op} {label(shape, norm)}: " + ", ".join(f"{n} {t * 1e3:.0f} ms" for n, t in times.items()))
     return records, NOTES
@@ -328,11 +334,13 @@ Opacus cannot give IGD's input gradient (its grad_sample is detached from the gr
 cosines alone. BackPACK's BatchGrad keeps grad_batch in the graph with create_graph=True, but the input gradient
 through it is wrong (checked here: off by about its own magnitude), and it has no GroupNorm extension: it is compared
 on the cosines alone of a ConvNet without GroupNorm. FLOPs: torch.utils.flop_counter on the plain computation (the
-authors' loop for one image and checkpoint, × B·K), the same for every method of a shape; % of roofline =
-(FLOPs / measured fp32 peak, the faster of matmul and 3×3 convolution) / time; conv_time_pct = the share of the
-operator time spent in convolutions (torch.profiler, one call): the rest is elementwise work and overhead. auto runs the fused path where some conv layer's per-sample gradient norm
-takes the Gram identity (it then does fewer FLOPs), torch.func elsewhere ("auto: func": the same algorithm as the
-torch.func baseline, so about 1×).
+authors' loop for one image and checkpoint, × B·K), the same for every method of a shape; % of roofline = (FLOPs /
+measured fp32 peak, the faster of matmul and 3×3 convolution) / time; conv_time_pct = the share of the operator time
+spent in aten convolution ops (torch.profiler, one call): the rest is everything else (elementwise passes, the fused
+path's Gram matmuls and unfold, the linear layer, dispatch). auto (fastdd.ops.grad_cosine._fused_pays) runs the fused
+path where some conv layer's per-sample gradient norm takes the Gram identity (it then does fewer FLOPs) and, with an
+input gradient, where the rows are split into CPU chunks (64² maps); torch.func elsewhere ("auto: func": the same
+algorithm as the torch.func baseline, so about 1×), and without an input gradient wherever the rows would be split.
 """
 
 

@@ -28,8 +28,7 @@ a materialised weight gradient (small maps); where no conv layer takes it (and t
 FLOP-bound), both do the same FLOPs and torch.func's per-checkpoint vmap(grad) was as fast or faster on CPU
 (benchmarks/results/grad_cosine_cpu.md), so auto runs that ("func", _fused_pays). Where the maps are too big for
 all rows to share one CPU chunk, the fused path (in cache-sized row chunks) wins with an input gradient and loses
-without one: auto follows that. CUDA and torch.compile keep the fused path (one
-batched pass; one traceable graph).
+without one: auto follows that. CUDA and torch.compile keep the fused path (one batched pass; one traceable graph).
 """
 
 from __future__ import annotations
@@ -559,10 +558,11 @@ def _fused_pays(steps: list[_Step], x: Tensor, K: int, groups: Tensor | None, gr
     big enough to be FLOP-bound (at least CPU_FUNC_MIN_MACS conv multiply-adds per row; smaller ones are bound by
     per-op overhead, where the fused path's batching wins) where no groups == 1 conv layer takes the Gram ("ghost")
     branch of _ghost_is_cheaper, i.e. where the fused path does the same FLOPs as per-sample gradients (and measured
-    no faster on CPU: see the module docstring). Where the maps are too big for the rows to share one CPU chunk
-    (_cpu_chunks splits them), the chunking decides: with an input gradient the fused path's cache-sized chunks beat
-    torch.func's whole-batch maps (ConvNet-4 w128 64², B 16, K 4: 2.19 vs 2.86 s, benchmarks/results/
-    grad_cosine_cpu.md), without one they lost to it (ConvNet-6 w128 64²: 859 vs 744 ms); with groups the rows are not chunked."""
+    no faster on CPU: see the module docstring). Where the maps are too big for all rows to share one CPU chunk
+    (_cpu_chunks splits them; never with groups, whose rows make one gradient), the chunking decides: with an input
+    gradient the fused path's cache-sized chunks beat torch.func's whole-batch maps (ConvNet-4 w128 64², B 16, K 4:
+    2.41 vs 2.92 s, benchmarks/results/grad_cosine_cpu.md), without one they lost to it (ConvNet-6 w128 64²: 859 vs
+    744 ms)."""
     if x.device.type != "cpu" or torch.compiler.is_compiling() or x.dim() != 4:
         return True
     pairs = x.shape[0] if groups is None else len(groups) ** 2  # (i, j) row pairs of the norms (_Grouping)
@@ -585,8 +585,7 @@ def _fused_pays(steps: list[_Step], x: Tensor, K: int, groups: Tensor | None, gr
             )
     if macs < CPU_FUNC_MIN_MACS:
         return True
-    rows_chunked = _cpu_chunks(steps, x, K, rows_divisible=True)[0] < x.shape[0]
-    if rows_chunked and (not graph or groups is None):
+    if groups is None and _cpu_chunks(steps, x, K, rows_divisible=True)[0] < x.shape[0]:
         return graph
     return gram
 

@@ -6,6 +6,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from tiny_dit import share_block0_embedder
 
 from fastdd.models.dit import DiT, dit_config, load_dit_checkpoint, sincos_pos_embed_2d
 
@@ -358,9 +359,7 @@ def diffusers_dit(seed: int = 3, share_embedders: bool = True):
     )
     randomized(model, seed)
     if share_embedders:  # as in the converted facebook/DiT-XL-2-256 weights
-        first = model.transformer_blocks[0].norm1.emb.state_dict()
-        for block in model.transformer_blocks[1:]:
-            block.norm1.emb.load_state_dict(first)
+        share_block0_embedder(model)
     return model.eval()
 
 

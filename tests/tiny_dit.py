@@ -100,6 +100,14 @@ def tiny_vae():
     )
 
 
+def share_block0_embedder(transformer) -> None:
+    """Copy block 0's timestep/label embedder into every block of a diffusers DiTTransformer2DModel, as in released
+    weights (diffusers keeps one copy per block; the converted facebook/DiT-XL-2-256 has them all equal)."""
+    first = transformer.transformer_blocks[0].norm1.emb.state_dict()
+    for block in transformer.transformer_blocks[1:]:
+        block.norm1.emb.load_state_dict(first)
+
+
 def save_tiny_dit_pipeline(folder, num_classes: int, num_layers: int = 1, seed: int = 0, randomise: bool = False):
     """A diffusers DiTPipeline saved with save_pretrained at folder: a latent DiTTransformer2DModel (2 heads × 16,
     4 -> 8 channels, 8×8 latents), `tiny_vae()` (16×16 RGB images) and a DDIMScheduler with DiT's linear betas, drawn
@@ -123,8 +131,7 @@ def save_tiny_dit_pipeline(folder, num_classes: int, num_layers: int = 1, seed: 
             for name, param in transformer.named_parameters():
                 if "norm1.linear" in name or "proj_out" in name:
                     param.normal_(0, 0.05)
-        for block in transformer.transformer_blocks[1:]:
-            block.norm1.emb.load_state_dict(transformer.transformer_blocks[0].norm1.emb.state_dict())
+        share_block0_embedder(transformer)
     scheduler = DDIMScheduler(beta_schedule="linear", beta_start=0.0001, beta_end=0.02, clip_sample=False)
     DiTPipeline(transformer=transformer, vae=tiny_vae(), scheduler=scheduler).save_pretrained(folder)
     return folder

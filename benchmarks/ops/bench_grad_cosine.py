@@ -51,13 +51,7 @@ if __package__ in (None, ""):  # run as a script: fastdd as installed, then this
         import fastdd  # noqa: F401
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from benchmarks.common import (  # noqa: E402
-    conv_time_share,
-    count_flops,
-    interleaved_times,
-    op_benchmark_main,
-    peak_memory_bytes,
-)
+from benchmarks.common import conv_time_share, count_flops, op_benchmark_main, time_methods  # noqa: E402
 from fastdd.models import ConvNet  # noqa: E402
 from fastdd.ops import grad_cosine, value_checks  # noqa: E402
 from fastdd.ops.grad_cosine import auto_choice  # noqa: E402
@@ -303,29 +297,14 @@ def run(device: torch.device, repeats: int, quick: bool) -> tuple[list[dict], st
                 check(shape, variant)
                 methods = methods_for(args[0], variant, args[2], shape[4])
                 flops = work_flops(*args, input_grad=variant == "input grad")
-                times = interleaved_times(
-                    {n: (lambda f=f, a=args: f(*a)) for n, (_, f) in methods.items()}, device, repeats
-                )
-                for name, (kind, fn) in methods.items():
-                    memory = peak_memory_bytes(lambda f=fn, a=args: f(*a), device)
-                    record = {
-                        "op": op,
-                        "shape": label(shape, norm),
-                        "method": name,
-                        "kind": kind,
-                        "median_ms": times[name] * 1e3,
-                        "flops": flops,
-                        "peak_mib": None if memory is None else memory / 2**20,
-                    }
-                    share = (  # what bounds it: convolutions or the rest (None off CPU)
-                        conv_time_share(lambda f=fn, a=args: f(*a), device)
-                        if kind == "fastdd" or name.startswith("torch.func")
-                        else None
-                    )
-                    if share is not None:
-                        record["conv_time_pct"] = share
+                bound = {n: (kind, lambda f=f, a=args: f(*a)) for n, (kind, f) in methods.items()}
+                for record in time_methods(op, label(shape, norm), bound, device, repeats, flops):
+                    kind, fn = bound[record["method"]]
+                    if kind == "fastdd" or record["method"].startswith("torch.func"):  # what bounds it
+                        share = conv_time_share(fn, device)  # convolutions or the rest (None off CPU)
+                        if share is not None:
+                            record["conv_time_pct"] = share
                     records.append(record)
-                print(f"{op} {label(shape, norm)}: " + ", ".join(f"{n} {t * 1e3:.0f} ms" for n, t in times.items()))
     return records, NOTES
 
 

@@ -1,6 +1,7 @@
-"""The reference fastdd is held to: the authors' algorithms restated from SPEC, one image at a time. The faithfulness
-tests compare every method's fast path against these loops, and the sampler benchmark (`fastdd.bench.sampler`)
-times them as the authors' baseline.
+"""The reference fastdd is held to: the authors' algorithms restated from their code where it is public (files and
+lines cited below, at the commits named) and from the papers where it is not, one image at a time. The
+faithfulness tests compare every method's fast path against these loops, and the sampler benchmark
+(`fastdd.bench.sampler`) times them as the authors' baseline.
 
 Deliberately plain and independent of fastdd's fast paths (nothing of fastdd.ops but its plain reference's
 `unflatten_params`; no fastdd.guidance or GuidedSampler):
@@ -15,12 +16,18 @@ and, where a loop says so, `GaussianDiffusion`'s float64 tables. Every loop runs
   remaining channels row-wise); one image per call; IDDPM's loop runs under no_grad. `authors_dit_sample`.
 - MGD3 (SPEC "MGD3"): the official sampler with −λ·(x̂0_cond − mode)·exp(0.5·log_variance) added to the mean on
   steps i > stop_index. `authors_dit_sample(mode=...)`.
-- IGD (SPEC "IGD", Algorithm 1 as DD_IGD computes it): the official sampler with autograd recording the model
-  forward on every step; on guided steps (low <= t <= high), after the unguided sample s:
-  deviation  s ← s − γ·∇_{x_t} cos(x_t[0], m*) (both rows), m* = argmax over a Python-list FIFO memory;
+- IGD (Algorithm 1 as the IGD code's `p_sample` computes it: miaostudy/RAE-IGD `IGD/diffusion/gaussian_diffusion.py`
+  at bfd8fed, whose `sample_mp.sh` equals DD_IGD's; the same loop as Lokshaw-Chau/MinimaxDiffusion
+  `diffusion/gaussian_diffusion.py` at 3a9bbbd, 2–4 lines further down): the official sampler with autograd
+  recording the model forward on every step (line 650: the loop's `no_grad` is commented out); on guided steps
+  (low <= t <= high, lines 479–483), after the unguided sample s of both rows (line 488):
+  deviation  s[0] ← s[0] − γ·∇_{x_t[0]} cos(x_t[0], m*) (lines 489–504: `used_sample0, _ = sample.chunk(2)`; the
+             shadow row never receives it), m* = argmax over a Python-list FIFO memory (cos eps 1e-6);
   influence  for each checkpoint k a separate backward of (1 − cos(∇_θk CE, G_k)) / K to x_t, CE averaged over both
-  decoded rows, checkpoints and real gradients copied to the device every step; s[0] ← s[0] − k·ρ_t·g_I[0],
-  ρ_t = 0.0015·√(1−ᾱ_t)·RMS(eps[0]) / RMS(g_I[0]). The memory receives the final latent of row 0 after each image.
+             decoded rows (lines 507–527), checkpoints and real gradients copied to the device every step;
+             s[0] ← s[0] − k·ρ_t·g_I[0] (lines 530–532, written into row 0 at line 556),
+             ρ_t = 0.0015·√(1−ᾱ_t)·RMS(eps[0]) / RMS(g_I[0]) (line 343: `out["l2"]`).
+  The memory receives the final latent of row 0 after each image.
   `authors_igd_sample`.
 - DAP (SPEC "DAP", the paper's Algorithm 1; no code is public): x̃ = ancestral step with CFG from two forwards;
   x ← x̃ − γ·∇_{x_t} (1/N)·Σ_n D_K(φ(x_t), φ_n), D_K written from its kernel, φ = a DiT block output computed by
@@ -187,7 +194,7 @@ def authors_dit_sample(
 def deviation_gradient(x_t: Tensor, memory: list[Tensor]) -> Tensor:
     """∇_{x_t} cos(x_t[0], m*), m* = argmax_m cos(x_t[0], m) over the memory list ([1, C, H, W] each).
 
-    x_t: [2, C, H, W] leaf with requires_grad -> [1, C, H, W] (broadcast onto both rows by the caller).
+    x_t: [2, C, H, W] leaf with requires_grad -> [1, C, H, W] (the caller subtracts it from row 0 only).
     """
     query = x_t[0].flatten()
     similarities = torch.stack([F.cosine_similarity(query, m.flatten(), dim=0, eps=LATENT_COS_EPS) for m in memory])
@@ -334,8 +341,8 @@ def p_sample_igd(
         sample = sample.detach()
         if not guided:
             return sample
-        if memory:
-            sample = sample - gamma * deviation_gradient(x_t, memory)
+        if memory:  # row 0 only: used_sample0, _ = sample.chunk(2) (lines 489-502)
+            sample = torch.cat([sample[:1] - gamma * deviation_gradient(x_t, memory), sample[1:]])
         grad = influence_gradient(x_t, out["pred_xstart"], decode, surrogate, flat_params, class_real_grads, label)
     alpha_bar = float(diffusion.alphas_cumprod[t])
     eps_row0, grad_row0 = out["eps"][0].detach(), grad[0]

@@ -65,9 +65,10 @@ class DeviationGuidance(Guidance):
     """G_D with one `fastdd.ops.CosineMemory` per class; memories persist across batches of the same class.
 
     In a batch each row queries its own class's memory (one image per class per batch keeps the
-    one-at-a-time order). After each batch the final latents are added to their class memory.
-    compat=True subtracts the conditional row's update from its shadow row too (the authors apply
-    s ← s − γ·g_D to the whole [cond; uncond] sample).
+    one-at-a-time order). After each batch the final latents are added to their class memory. In the official
+    2-row loop only the conditional row receives the update, as in the authors' `p_sample` (RAE-IGD
+    `IGD/diffusion/gaussian_diffusion.py` lines 489–502: `used_sample0, _ = sample.chunk(2)`, the deviation is
+    subtracted from it and written back into row 0 at line 556); the shadow row never gets it.
     """
 
     capturable = True  # memories are updated in place; the rows' memories are fixed by the batch's classes
@@ -82,14 +83,13 @@ class DeviationGuidance(Guidance):
         policy: str = "fifo",
         low: int = 30,
         high: int = 45,
-        compat: bool = False,
         device: torch.device | str = "cpu",
     ):
         if gamma < 0:
             raise ValueError(f"gamma must be >= 0, got {gamma}")
         if capacity <= 0:
             raise ValueError(f"capacity must be > 0, got {capacity}")
-        self.gamma, self.low, self.high, self.compat = gamma, low, high, compat
+        self.gamma, self.low, self.high = gamma, low, high
         self.memories = [
             ops.CosineMemory(capacity, dim, policy=policy, device=device, dtype=torch.float32)
             for _ in range(num_classes)
@@ -103,8 +103,7 @@ class DeviationGuidance(Guidance):
                 row's class on the host.
 
         Returns:
-            [R, C, H, W] delta: the update on the first ctx.rows rows; the shadow rows get zeros, or the conditional
-            row's update with compat=True.
+            [R, C, H, W] delta: the update on the first ctx.rows rows, zeros on the shadow rows.
         """
         rows = ctx.rows
         x_t = ctx.x_t[:rows].detach()
@@ -113,8 +112,6 @@ class DeviationGuidance(Guidance):
             memory = self.memories[label]
             grads.append(deviation_gradient(x_t[b : b + 1], memory.buffer, memory.count))
         update = -self.gamma * torch.cat(grads)
-        if self.compat:
-            return update.repeat(ctx.x_t.shape[0] // rows, 1, 1, 1)
         return torch.cat([update, torch.zeros_like(ctx.x_t[rows:])])
 
     def end_batch(self, final_latents: Tensor, labels: Tensor) -> None:

@@ -182,7 +182,6 @@ def build(options: IGDOptions, spec: RunSpec, models: Models, data: RealData) ->
         capacity=options.memory,
         low=low,
         high=high,
-        compat=spec.compat,
         device=device,
     )
     influence = InfluenceGuidance(

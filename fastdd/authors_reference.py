@@ -582,3 +582,76 @@ def authors_d3hr_generate(
             pred_xstart = (x - math.sqrt(1 - alpha_bar) * eps) / math.sqrt(alpha_bar)
             x = math.sqrt(alpha_bar_prev) * pred_xstart + math.sqrt(1 - alpha_bar_prev) * eps
     return x[0]
+
+
+# --------------------------------------------------------------------------- IGD: Algorithm 2, the authors' script
+def authors_select_checkpoints(
+    model: nn.Module,
+    snapshots: Tensor,
+    images: Tensor,
+    labels: Tensor,
+    num_classes: int,
+    seed: int,
+    threshold: float = 0.7,
+    grad_ipc: int = 80,
+) -> list[int]:
+    """DD_IGD's `test_ckpts_grad_sim.py` (at e0887b3): the checkpoints its walk prints.
+
+    Restated: the dataset keeps each class's first 500 images (ImageFolder(ipc=500), lines 160-162); one shuffled
+    DataLoader (batch 500, drop_last, lines 167-174) is read once before any checkpoint: per batch, each class not
+    yet holding more than grad_ipc images takes the batch's images of that class, until every class holds more
+    (lines 191-209), then each class keeps its first grad_ipc (line 213); a class's gradient at a checkpoint is the
+    mean-CE gradient of those images in one chunk (gap = 100, lines 219-220, 264-278); the similarity of two
+    checkpoints is the mean over classes of Σ pg·rg / (‖pg‖‖rg‖ + 1e-6) (lines 237-238, 251); checkpoint 0 is the
+    first reference and each checkpoint below the threshold (0.7, line 227) becomes the next (lines 224-247). The
+    loader's generator is seeded with `seed` (theirs: the global one, --seed 1); with fewer than 500 images the batch
+    holds them all (their loader would yield nothing).
+
+    model: the surrogate (its parameters are replaced by each snapshot); snapshots: [E, P]; images: [N, C, H, W];
+    labels: [N]. -> the kept snapshot indices.
+    """
+    from torch.utils.data import DataLoader, TensorDataset
+
+    keep = torch.cat([torch.nonzero(labels == c).flatten()[:500] for c in range(num_classes)])
+    loader = DataLoader(
+        TensorDataset(images[keep], labels[keep]),
+        batch_size=min(500, len(keep)),
+        shuffle=True,
+        drop_last=True,
+        generator=torch.Generator().manual_seed(seed),
+    )
+    grad_memory: dict[int, list[Tensor]] = {c: [] for c in range(num_classes)}
+    for x, y in loader:
+        for c in sorted(set(y.tolist())):
+            if len(grad_memory[c]) > grad_ipc:
+                continue
+            grad_memory[c].extend(x[y == c].split(1))
+        if min(len(v) for v in grad_memory.values()) > grad_ipc:
+            break
+    for c in grad_memory:
+        grad_memory[c] = grad_memory[c][:grad_ipc]
+
+    def class_grads(flat: Tensor) -> list[Tensor]:
+        theta = flat.detach().clone().requires_grad_(True)
+        out = []
+        for c in range(num_classes):
+            batch = torch.cat(grad_memory[c])
+            logits = functional_call(model, unflatten_params(model, theta), (batch,))
+            loss = F.cross_entropy(logits, torch.full((len(batch),), c))
+            out.append(torch.autograd.grad(loss, theta)[0])
+        return out
+
+    def similarity(current: list[Tensor], previous: list[Tensor]) -> float:
+        values = [
+            float(torch.sum(pg * rg) / (torch.norm(pg) * torch.norm(rg) + 0.000001))
+            for pg, rg in zip(current, previous)
+        ]
+        return sum(values) / len(values)
+
+    kept, previous = [0], class_grads(snapshots[0])
+    for index in range(1, len(snapshots)):
+        current = class_grads(snapshots[index])
+        if similarity(current, previous) < threshold:
+            kept.append(index)
+            previous = current
+    return kept

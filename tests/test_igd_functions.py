@@ -8,10 +8,19 @@ import torch
 import torch.nn.functional as F
 from torch.func import functional_call
 from torch.nn.utils import parameters_to_vector
+from torch.utils.data import DataLoader
 
 from fastdd import authors_reference as authors_igd
 from fastdd.guidance import adaptive_scale, deviation_gradient, influence_gradient, real_gradients, select_checkpoints
-from fastdd.guidance.igd import class_mean_gradient
+from fastdd.guidance.igd import (
+    SurrogateConfig,
+    authors_selection_indices,
+    build_surrogate_bundle,
+    class_mean_gradient,
+    selection_statistics,
+    train_trajectory,
+    walk_checkpoints,
+)
 from fastdd.models import ConvNet
 from fastdd.ops.reference import unflatten_params
 
@@ -153,34 +162,73 @@ def test_the_authors_algorithm_2_averages_per_class_cosines():
         select_checkpoints(per_class, rule="mean")
 
 
-def test_the_authors_selection_takes_80_shuffled_images_per_class_and_their_rule():
-    """build_surrogate_bundle(selection="authors"): Algorithm 2's gradients on 80 images per class in a shuffled order
-    drawn from the seed (not the first ones), then the authors' rule; "paper": the first max_images and its rule."""
-    from fastdd.guidance.igd import SurrogateConfig, build_surrogate_bundle, epoch_class_gradients
+@pytest.fixture(scope="module")
+def five_class_trajectory():
+    """A 16-epoch ConvNet trajectory on 5 synthetic classes of 150 images (750: one full loader batch of 500)."""
+    generator = torch.Generator().manual_seed(0)
+    labels = torch.arange(5).repeat_interleave(150)
+    centers = torch.randn(5, 1, 8, 8, generator=generator)
+    images = (0.6 * centers[labels] + torch.randn(len(labels), 1, 8, 8, generator=generator)).clamp(-1, 1)
+    config = SurrogateConfig(channel=1, num_classes=5, width=8, depth=2, im_size=8)
+    snapshots = train_trajectory(config, images, labels, epochs=15, flip=False, seed=0, progress=False)
+    return config, snapshots, images, labels
 
-    config = SurrogateConfig(channel=1, num_classes=2, width=8, depth=1, im_size=8)
+
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+def test_the_authors_algorithm_2_with_their_inputs_picks_what_the_restated_script_picks(five_class_trajectory, seed):
+    """selection="authors" = DD_IGD's test_ckpts_grad_sim.py restated (fastdd.authors_reference): one shuffled draw of
+    80 images per class reused for every checkpoint, one chunk, the mean of per-class cosines, the moving
+    reference; same picks for every loader seed, at their threshold (0.7) and at one that keeps four epochs."""
+    config, snapshots, images, labels = five_class_trajectory
+    for threshold in (0.7, 0.95):
+        fastdd_picks = build_surrogate_bundle(
+            config, snapshots, images, labels, threshold=threshold, selection="authors", seed=seed, max_checkpoints=None
+        ).epochs
+        restated = authors_igd.authors_select_checkpoints(
+            config.build().eval(), snapshots, images, labels, 5, seed, threshold
+        )
+        assert fastdd_picks == restated
+    assert len(fastdd_picks) == 4  # at 0.95 the walk is not trivial
+
+
+def test_the_authors_draw_is_one_shuffled_pass_of_500_image_batches():
+    """authors_selection_indices: the first 80 images of each class in the stream of a seeded shuffled loader over the
+    first 500 images of every class, batches of 500, the last partial batch dropped; fewer than 500 images: one
+    batch of all; a class with no image in the draw is refused."""
+    labels = torch.arange(3).repeat_interleave(600)[torch.randperm(1800, generator=torch.Generator().manual_seed(1))]
+    chosen = authors_selection_indices(labels, 3, seed=5)
+    pool = torch.cat([torch.nonzero(labels == c).flatten()[:500] for c in range(3)])
+    stream = [pool[i] for batch in DataLoader(range(len(pool)), 500, shuffle=True, drop_last=True,
+                                              generator=torch.Generator().manual_seed(5)) for i in batch]  # fmt: skip
+    for c in range(3):
+        expected = [int(i) for i in stream if labels[i] == c][:80]
+        assert chosen[c].tolist() == expected and len(expected) == 80
+    assert all(int(i) in set(pool.tolist()) for x in chosen for i in x)  # never past a class's first 500
+    small = authors_selection_indices(torch.tensor([0, 1, 0, 1]), 2, seed=0)
+    assert sorted(torch.cat(small).tolist()) == [0, 1, 2, 3]
+    with pytest.raises(ValueError, match="class 2"):
+        authors_selection_indices(torch.tensor([0, 1, 0, 1]), 3, seed=0)
+
+
+def test_algorithm_2_statistics_accumulated_by_class_equal_the_in_memory_rules():
+    """selection_statistics (one class at a time) gives the similarities select_checkpoints computes from all the
+    gradients at once, for both rules."""
+    config = SurrogateConfig(channel=1, num_classes=3, width=8, depth=1, im_size=8)
     generator = torch.Generator().manual_seed(0)
     params = sum(p.numel() for p in config.build().parameters())
-    snapshots = 0.1 * torch.randn(3, params, generator=generator)
-    images = torch.randn(200, 1, 8, 8, generator=generator)
-    labels = torch.arange(200) % 2
-    shuffled = epoch_class_gradients(config, snapshots, images, labels, shuffle_seed=7, max_images=80)
-    order = torch.Generator().manual_seed(7)
+    snapshots = 0.1 * torch.randn(6, params, generator=generator)
+    images = torch.randn(60, 1, 8, 8, generator=generator)
+    labels = torch.arange(60) % 3
     model = config.build().eval()
-    expected = []
-    for snapshot in snapshots:  # a new order of each class's images at every snapshot, from one generator
-        per_class = []
-        for c in range(2):
-            chosen = images[labels == c]
-            chosen = chosen[torch.randperm(len(chosen), generator=order)]
-            per_class.append(class_mean_gradient(model, snapshot, chosen, c, max_images=80))
-        expected.append(torch.stack(per_class))
-    torch.testing.assert_close(shuffled, torch.stack(expected))
-    first = epoch_class_gradients(config, snapshots, images, labels, max_images=80)
-    assert (shuffled - first).abs().max() > 1e-4
-    for selection in ("paper", "authors"):
-        bundle = build_surrogate_bundle(config, snapshots, images, labels, threshold=1.0, selection=selection, seed=7)
-        grads = shuffled if selection == "authors" else epoch_class_gradients(config, snapshots, images, labels)
-        assert bundle.epochs == select_checkpoints(grads, 1.0, selection)
+    stats = selection_statistics(model, snapshots, lambda c: images[labels == c], 3, chunk=7)
+    grads = torch.stack(
+        [
+            torch.stack([class_mean_gradient(model, s, images[labels == c], c, chunk=7) for c in range(3)])
+            for s in snapshots
+        ]
+    )
+    for rule in ("paper", "authors"):
+        for threshold in (0.5, 0.9, 0.99, 1.0):
+            assert walk_checkpoints(stats.similarity(rule), threshold) == select_checkpoints(grads, threshold, rule)
     with pytest.raises(ValueError, match="selection"):
         build_surrogate_bundle(config, snapshots, images, labels, selection="mean")

@@ -122,7 +122,8 @@ def add_parser(subparsers) -> None:
         choices=SELECTION_RULES,
         default="paper",
         help="Algorithm 2 as the paper states it (cosine of class-mean gradients) or as the authors' "
-        "test_ckpts_grad_sim.py computes it (mean of per-class cosines + 1e-6, 80 shuffled images per class, --seed)",
+        "test_ckpts_grad_sim.py computes it (mean of per-class cosines + 1e-6 on 80 images per class from one shuffled "
+        "pass over the first 500 of each class, seeded by --seed)",
     )
     parser.add_argument("--epochs-list", default=None, help="use these epochs instead of Algorithm 2 (e.g. 0,2,11,40)")
     parser.add_argument(

@@ -279,8 +279,16 @@ class InfluenceGuidance(Guidance):
 
 
 # --------------------------------------------------------------------------- real gradients and Algorithm 2
+REAL_IMAGES_PER_CLASS, REAL_CHUNK = 200, 50  # the real gradients: the class's first 200 images in 4 chunks of 50
+
+
 def class_mean_gradient(
-    surrogate: nn.Module, flat_params: Tensor, images: Tensor, label: int, max_images: int = 200, chunk: int = 50
+    surrogate: nn.Module,
+    flat_params: Tensor,
+    images: Tensor,
+    label: int,
+    max_images: int = REAL_IMAGES_PER_CLASS,
+    chunk: int = REAL_CHUNK,
 ) -> Tensor:
     """G for one class and parameter set: the mean CE gradient over the class's first images.
 
@@ -341,12 +349,131 @@ def real_gradients(
 
 
 SELECTION_RULES = ("paper", "authors")
-AUTHORS_IMAGES_PER_CLASS = 80  # test_ckpts_grad_sim.py's default image count per class
-AUTHORS_COS_EPS = 1e-6  # ... and the epsilon of its per-class cosine
+# DD_IGD's test_ckpts_grad_sim.py (at e0887b3), the authors' Algorithm 2: ImageFolder(ipc=500) keeps each class's first
+# 500 files (lines 160-162); one DataLoader(batch_size=500, shuffle=True, drop_last=True) (lines 167-174) is read ONCE,
+# before any checkpoint, each class keeping the first 80 of its images in that stream (lines 191-213, --grad-ipc 80 at
+# line 302); each class's gradient is one chunk of those 80 (gap = 100 > 80, lines 219-220, 264-278); the cosine has
+# +1e-6 (line 251) and is averaged over classes (lines 237-238).
+AUTHORS_REAL_IPC, AUTHORS_LOADER_BATCH, AUTHORS_IMAGES_PER_CLASS, AUTHORS_COS_EPS = 500, 500, 80, 1e-6
+
+
+def authors_selection_indices(labels: Tensor, num_classes: int, seed: int) -> list[Tensor]:
+    """The images the authors' Algorithm 2 script computes its gradients on: per class, the dataset indices of the first
+    80 images of the class in one shuffled pass over the first 500 images of every class (class-major, as their
+    ImageFolder), read in batches of 500 with the last partial batch dropped (fewer than 500 images: one batch of
+    all, where their loader would yield nothing). The shuffle is torch.utils.data's, from a generator seeded with
+    `seed` (the authors seed the global generator with --seed 1).
+
+    Args:
+        labels: [N] class of every dataset image, in dataset order.
+        num_classes: number of classes.
+        seed: the loader's seed.
+
+    Returns:
+        num_classes index tensors (up to 80 each, in stream order).
+
+    Raises:
+        ValueError: if a class gets no image (its gradient would be undefined).
+    """
+    from torch.utils.data import DataLoader, TensorDataset
+
+    pool = torch.cat([torch.nonzero(labels == c).flatten()[:AUTHORS_REAL_IPC] for c in range(num_classes)])
+    loader = DataLoader(
+        TensorDataset(pool, labels[pool]),
+        batch_size=min(AUTHORS_LOADER_BATCH, len(pool)),
+        shuffle=True,
+        drop_last=True,
+        generator=torch.Generator().manual_seed(seed),
+    )
+    chosen: list[list[int]] = [[] for _ in range(num_classes)]
+    for indices, classes in loader:
+        for index, c in zip(indices.tolist(), classes.tolist()):
+            if len(chosen[c]) < AUTHORS_IMAGES_PER_CLASS:
+                chosen[c].append(index)
+        if min(len(x) for x in chosen) >= AUTHORS_IMAGES_PER_CLASS:
+            break
+    for c, x in enumerate(chosen):
+        if not x:
+            raise ValueError(f"class {c}: no image in the authors' Algorithm 2 draw (it has too few images)")
+    return [torch.tensor(x, dtype=torch.long) for x in chosen]
+
+
+@dataclass
+class SelectionStatistics:
+    """What Algorithm 2 compares, accumulated class by class (one class's gradients in memory at a time).
+
+    mean_grads: [E, P] class-averaged gradient at each of the E snapshots; class_cosines: [E, E] float64 mean over
+    classes of Σ g_e·g_r / (‖g_e‖‖g_r‖ + 1e-6) (the authors' per-class cosine)."""
+
+    mean_grads: Tensor
+    class_cosines: Tensor
+
+    def similarity(self, rule: str) -> Tensor:
+        """[E, E] similarity of snapshot pairs: "paper": the cosine of the class-averaged gradients (the paper's
+        Algorithm 2); "authors": the mean of the per-class cosines (test_ckpts_grad_sim.py)."""
+        if rule == "authors":
+            return self.class_cosines
+        unit = F.normalize(self.mean_grads.double(), dim=1)
+        return unit @ unit.T
+
+
+def selection_statistics(
+    model: nn.Module,
+    snapshots: Tensor,
+    class_images: Callable[[int], Tensor],
+    num_classes: int,
+    chunk: int,
+    progress: bool = False,
+) -> SelectionStatistics:
+    """Algorithm 2's inputs from every snapshot's per-class mean gradients, one class at a time.
+
+    Args:
+        model: the surrogate network (its own parameter values are not used).
+        snapshots: [E, P] parameter snapshots.
+        class_images: c -> [n, C, H, W] the images class c's gradient is the mean CE gradient of.
+        num_classes: number of classes.
+        chunk: images per chunk (see `class_mean_gradient`).
+        progress: show a progress bar over the classes.
+
+    Returns:
+        The SelectionStatistics.
+    """
+    total = torch.zeros(snapshots.shape, dtype=torch.float32)
+    cosines = torch.zeros(len(snapshots), len(snapshots), dtype=torch.float64)
+    for c in progress_bar(range(num_classes), desc="algorithm 2 gradients", unit="class", disable=not progress):
+        images = class_images(c)
+        grads = torch.stack([class_mean_gradient(model, snap, images, c, len(images), chunk) for snap in snapshots])
+        total += grads.cpu()
+        grads = grads.double()
+        norms = grads.norm(dim=1)
+        cosines += (grads @ grads.T).cpu() / (norms[:, None] * norms[None, :] + AUTHORS_COS_EPS).cpu()
+    return SelectionStatistics(total / num_classes, cosines / num_classes)
+
+
+def walk_checkpoints(similarity: Tensor, threshold: float = 0.7) -> list[int]:
+    """Algorithm 2's walk: keep snapshot 0; keep e when its similarity to the last kept snapshot is < threshold.
+
+    Args:
+        similarity: [E, E] similarity of snapshot pairs (`SelectionStatistics.similarity`).
+        threshold: in (0, 1].
+
+    Returns:
+        The kept snapshots, ascending, starting with 0.
+
+    Raises:
+        ValueError: if threshold is not in (0, 1].
+    """
+    if not 0 < threshold <= 1:
+        raise ValueError(f"threshold must be in (0, 1], got {threshold}")
+    kept = [0]
+    for epoch in range(1, similarity.shape[0]):
+        if float(similarity[epoch, kept[-1]]) < threshold:
+            kept.append(epoch)
+    return kept
 
 
 def select_checkpoints(epoch_class_grads: Tensor, threshold: float = 0.7, rule: str = "paper") -> list[int]:
-    """Algorithm 2: the checkpoint epochs.
+    """Algorithm 2 on gradients held in memory: the checkpoint epochs.
 
     Keep epoch 0; walk the epochs and keep e when its similarity to the reference epoch is < threshold, making it
     the new reference. rule "paper": the similarity is the cosine of the class-averaged gradients (the paper's
@@ -364,24 +491,13 @@ def select_checkpoints(epoch_class_grads: Tensor, threshold: float = 0.7, rule: 
     Raises:
         ValueError: if threshold is not in (0, 1] or rule is unknown.
     """
-    if not 0 < threshold <= 1:
-        raise ValueError(f"threshold must be in (0, 1], got {threshold}")
     if rule not in SELECTION_RULES:
         raise ValueError(f"rule must be one of {SELECTION_RULES}, got {rule!r}")
-
-    def similarity(grads: Tensor, reference: Tensor) -> float:
-        """grads, reference: [num_classes, P]."""
-        if rule == "paper":
-            return float(F.cosine_similarity(grads.mean(0), reference.mean(0), dim=0))
-        dots = (grads * reference).sum(-1)
-        return float((dots / (grads.norm(dim=-1) * reference.norm(dim=-1) + AUTHORS_COS_EPS)).mean())
-
-    kept, reference = [0], epoch_class_grads[0]
-    for epoch in range(1, len(epoch_class_grads)):
-        if similarity(epoch_class_grads[epoch], reference) < threshold:
-            kept.append(epoch)
-            reference = epoch_class_grads[epoch]
-    return kept
+    grads = epoch_class_grads.double().transpose(0, 1)  # [classes, E, P]
+    norms = grads.norm(dim=-1)
+    cosines = (grads @ grads.transpose(1, 2)) / (norms[:, :, None] * norms[:, None, :] + AUTHORS_COS_EPS)
+    statistics = SelectionStatistics(epoch_class_grads.mean(1), cosines.mean(0))
+    return walk_checkpoints(statistics.similarity(rule), threshold)
 
 
 # ----------------------------------------------------------------------------------------- surrogate checkpoints
@@ -490,50 +606,6 @@ def train_trajectory(
     return torch.stack(snapshots)
 
 
-def epoch_class_gradients(
-    config: SurrogateConfig,
-    snapshots: Tensor,
-    images: Tensor,
-    labels: Tensor,
-    progress: bool = False,
-    shuffle_seed: int | None = None,
-    **kwargs,
-) -> Tensor:
-    """Per-class mean gradients at every snapshot (the input of Algorithm 2).
-
-    Args:
-        config: the surrogate architecture.
-        snapshots: [E + 1, P] parameter snapshots.
-        images: [N, C, H, W] real images.
-        labels: [N] class labels.
-        progress: show a progress bar.
-        shuffle_seed: None: each class's first images; else at every snapshot a new random order of each class's
-            images (a shuffled loader, as the authors' script), drawn from this seed.
-        **kwargs: max_images, chunk (see `class_mean_gradient`).
-
-    Returns:
-        [E + 1, num_classes, P] float32 gradients.
-
-    Raises:
-        ValueError: if a class has no images.
-    """
-    model = config.build().eval()
-    generator = None if shuffle_seed is None else torch.Generator().manual_seed(shuffle_seed)
-
-    def class_images(c: int) -> Tensor:
-        chosen = images[labels == c]
-        return chosen if generator is None else chosen[torch.randperm(len(chosen), generator=generator)]
-
-    return torch.stack(
-        [
-            torch.stack(
-                [class_mean_gradient(model, snap, class_images(c), c, **kwargs) for c in range(config.num_classes)]
-            )
-            for snap in progress_bar(snapshots, desc="algorithm 2 gradients", disable=not progress)
-        ]
-    )
-
-
 @dataclass
 class SurrogateBundle:
     """What influence guidance needs: config, flat_params [K, P], real_grads [num_classes, K, P], epochs [K]."""
@@ -630,8 +702,8 @@ def build_surrogate_bundle(
     max_checkpoints: int | None = MAX_CHECKPOINTS,
     selection: str = "paper",
     seed: int = 0,
-    max_images: int = 200,
-    chunk: int = 50,
+    max_images: int = REAL_IMAGES_PER_CLASS,
+    chunk: int = REAL_CHUNK,
     progress: bool = False,
 ) -> SurrogateBundle:
     """Pick checkpoints and compute their real gradients.
@@ -646,10 +718,12 @@ def build_surrogate_bundle(
         max_checkpoints: keep at most this many of the checkpoints Algorithm 2 selects, the first ones (every
             published pick has K = 4; noisy small data can make Algorithm 2 keep almost every epoch); said on stderr
             when it applies. None: no cap.
-        selection: Algorithm 2's rule (see `select_checkpoints`); "authors" also takes its gradients, as the
-            authors' script, on AUTHORS_IMAGES_PER_CLASS images per class from a loader shuffled with `seed`.
-        seed: the authors' shuffle seed.
-        max_images: see `class_mean_gradient`.
+        selection: Algorithm 2's rule and inputs. "paper": the cosine of the class-averaged gradients, each class's
+            gradient on its first max_images images in chunks of `chunk` (as the real gradients); "authors": the
+            authors' script, its mean of per-class cosines on the images of `authors_selection_indices` (one
+            shuffled draw reused for every snapshot, one chunk per class).
+        seed: the authors' loader seed.
+        max_images: see `class_mean_gradient` (the real gradients and the paper's Algorithm 2).
         chunk: see `class_mean_gradient`.
         progress: show a progress bar (Algorithm 2's gradients).
 
@@ -663,11 +737,13 @@ def build_surrogate_bundle(
         raise ValueError(f"selection must be one of {SELECTION_RULES}, got {selection!r}")
     model = config.build().eval()
     if epochs is None:
-        shuffle, count = (seed, AUTHORS_IMAGES_PER_CLASS) if selection == "authors" else (None, max_images)
-        grads = epoch_class_gradients(
-            config, snapshots, images, labels, progress, shuffle, max_images=count, chunk=chunk
-        )
-        epochs = select_checkpoints(grads, threshold, selection)
+        if selection == "authors":
+            chosen = authors_selection_indices(labels, config.num_classes, seed)
+            class_images, selection_chunk = (lambda c: images[chosen[c]]), AUTHORS_IMAGES_PER_CLASS
+        else:
+            class_images, selection_chunk = (lambda c: images[labels == c][:max_images]), chunk
+        statistics = selection_statistics(model, snapshots, class_images, config.num_classes, selection_chunk, progress)
+        epochs = walk_checkpoints(statistics.similarity(selection), threshold)
         if max_checkpoints is not None and len(epochs) > max_checkpoints:
             print(f"fastdd: Algorithm 2 kept {len(epochs)} checkpoints (epochs {epochs}); using the first "
                   f"{max_checkpoints} ({epochs[:max_checkpoints]})", file=sys.stderr)  # fmt: skip

@@ -85,8 +85,8 @@ class IGDOptions:
     selection: str | None = option(
         None,
         "Algorithm 2 as the paper states it (cosine of class-mean gradients) or as the authors' test_ckpts_grad_sim.py "
-        "computes it (mean of per-class cosines, +1e-6, 80 shuffled images per class), when computed on the fly "
-        "(default: paper; authors with --compat)",
+        "computes it (mean of per-class cosines +1e-6 on 80 images per class from one shuffled pass, seeded by "
+        "--seed), when computed on the fly (default: paper; authors with --compat)",
         flag="--igd-selection",
         choices=SELECTION_RULES,
     )

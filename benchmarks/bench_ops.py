@@ -23,10 +23,13 @@ HERE = Path(__file__).resolve().parent
 
 
 def summary_table(summaries: list[dict]) -> str:
-    """Markdown: one row per (op, shape), fastdd vs the strongest baseline."""
+    """Markdown: one row per (op, shape), fastdd vs the strongest baseline (a device column when the rows were measured
+    on more than one device)."""
+    several = len({r.get("device") for r in summaries}) > 1
     lines = [
-        "| op | shape | fastdd (auto) | strongest baseline | speed-up | fastdd % of roofline (bound) | peak MiB fastdd / baseline |",
-        "|---|---|---|---|---|---|---|",
+        "| op | shape | fastdd (auto) | strongest baseline | speed-up | fastdd % of roofline (bound) | peak MiB fastdd / baseline |"
+        + (" device |" if several else ""),
+        "|---|---|---|---|---|---|---|" + ("---|" if several else ""),
     ]
     for r in summaries:
         auto = r["fastdd (auto)"].removeprefix("fastdd ")
@@ -39,6 +42,7 @@ def summary_table(summaries: list[dict]) -> str:
         lines.append(
             f"| {r['op']} | {r['shape']} | {auto}: {_ms(r['fastdd_ms'])} | {r['strongest baseline']}: "
             f"{_ms(r['baseline_ms'])} | {r['speedup']:.2f}× | {roof} | {memory} |"
+            + (f" {r['device']} |" if several else "")
         )
     return "\n".join(lines)
 
@@ -83,13 +87,14 @@ def main() -> None:
         if code:
             raise SystemExit(code)
         result = json.loads((args.out / f"{name}_{torch.device(args.device).type}{suffix}.json").read_text())
-        summaries += result["summary"]
+        summaries += [{**r, "device": result["machine_peak"]["device"]} for r in result["summary"]]
         peaks = result["machine_peak"]
     name = f"ops_{torch.device(args.device).type}{suffix}"
     (args.out / f"{name}.json").write_text(json.dumps({"machine_peak": peaks, "summary": summaries}, indent=2))
     table = summary_table(summaries)
+    devices = sorted({r["device"] for r in summaries})
     header = (
-        f"Device: {peaks['device']}; peak measured by each benchmark (last: {peaks['peak_gflops']:.0f} GFLOP/s "
+        f"Device: {'; '.join(devices)}; peak measured by each benchmark (last: {peaks['peak_gflops']:.0f} GFLOP/s "
         f"fp32, the faster of matmul {peaks['matmul_gflops']:.0f} and 3×3 convolution {peaks['conv_gflops']:.0f}; "
         f"{peaks['copy_gbps']:.1f} GB/s copy).\n\n"
     )

@@ -29,9 +29,7 @@ import dataclasses
 import io
 import json
 import os
-import statistics
 import sys
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,6 +39,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
+from .bench.common import timeit
 from .data.atomic import save_safetensors_atomic, write_bytes_atomic
 from .data.classes import resolve_classes
 from .data.imagefolder import matches_sha256, save_png_atomic
@@ -553,15 +552,7 @@ class Probe:
 
     def seconds(self, fn: Callable[[], object], repeats: int = 5) -> float:
         """Median seconds of `repeats` calls of fn after one untimed warm-up call."""
-        fn()
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            fn()
-            if self.run.models.device.type == "cuda":
-                torch.cuda.synchronize(self.run.models.device)
-            times.append(time.perf_counter() - start)
-        return statistics.median(times)
+        return timeit(fn, self.run.models.device, repeats, warmup=1, do_bench=False)
 
     def _inputs(self, rows: int, shape: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         device, label = self.run.models.device, self.run.models.class_labels[0]

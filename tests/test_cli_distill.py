@@ -185,7 +185,7 @@ def test_igd_caps_the_surrogate_at_four_checkpoints_and_says_so(tmp_path, assets
     every epoch: the cap keeps the first 4 it selects (--igd-max-checkpoints), said on stderr."""
     import fastdd.guidance.igd as igd
 
-    monkeypatch.setattr(igd, "select_checkpoints", lambda grads, threshold, rule: list(range(len(grads))))
+    monkeypatch.setattr(igd, "walk_checkpoints", lambda similarity, threshold: list(range(len(similarity))))
     out = tmp_path / "run"
     args = ["distill", "--method", "igd", "--ipc", "1", "--out", str(out), "--model", str(assets["abc_prior"]),
             "--data", str(assets["data"]), "--steps", "3", "--surrogate-epochs", "8", "--quiet", "--device", "cpu"]  # fmt: skip

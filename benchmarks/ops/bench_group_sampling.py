@@ -1,7 +1,8 @@
 """Benchmark of D3HR group sampling against what a user writes with torch, written well.
 
 - group_sampling(mean, std, ipc = 10, n_candidates): draw n_candidates groups of ipc latents from N(mean, diag(std²)),
-  score each (D3HR: ‖member mean − mean‖ + ‖member std − std‖ + 0.1·‖member skewness‖), keep the best. Baselines:
+  score each (D3HR's evaluate_distribution_batch: ‖member mean − mean‖ + ‖member std − std‖ + 0.1·‖skewness_batch‖, each
+  feature standardised over the members), keep the best. Baselines:
   "D3HR batched": one torch.normal of all [n, ipc, D] candidates, vectorised scoring, argmin (the D3HR code's way);
   "chunked randn": torch.randn in chunks of 1024 candidates × std + mean, vectorised scoring, running argmin (cache
   and memory friendly; it draws exactly fastdd's cpp candidates, so it is checked to pick the same group).
@@ -38,10 +39,10 @@ QUICK_DIM = 64
 
 
 def torch_score(groups: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
-    """The D3HR score of [n, ipc, D] candidates, vectorised -> [n]."""
+    """The D3HR score of [n, ipc, D] candidates, vectorised as the authors' evaluate_distribution_batch -> [n]."""
     n = groups.shape[-1]
-    member_mean = groups.mean(-1, keepdim=True)
-    skew = (((groups - member_mean) / groups.std(-1, keepdim=True)) ** 3).sum(-1) * n / ((n - 1) * (n - 2))
+    member_mean = groups.mean(1, keepdim=True)
+    skew = (((groups - member_mean) / groups.std(1, keepdim=True)) ** 3).sum(-1) * (n / ((n - 1) * (n - 2)))
     mean_term = torch.linalg.vector_norm(groups.mean(1) - mean, dim=-1)
     std_term = torch.linalg.vector_norm(groups.std(1) - std, dim=-1)
     return mean_term + std_term + 0.1 * torch.linalg.vector_norm(skew, dim=-1)

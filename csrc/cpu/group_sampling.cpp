@@ -3,7 +3,9 @@
 //
 // score_g = w_mean·‖mean over members − mean‖
 //         + w_std·‖unbiased std over members − std‖ (left out when ipc = 1)
-//         + w_skew·‖skew per member‖, skew = adjusted Fisher–Pearson skewness of a member over its D features.
+//         + w_skew·‖skew per member‖ (both left out when ipc = 1), the authors' skewness_batch (D3HR
+//           generation/group_sampling.py lines 170-177): each feature standardised across the group's members
+//           (their mean and unbiased std), skew_i = Σ_d z_id³ · D / ((D − 1)(D − 2)).
 // One task per group (OpenMP through at::parallel_for): the group is read from memory once and its later
 // passes hit the cache, where the PyTorch reference makes a dozen passes over all [G, ipc, D]. Element-wise
 // work is in the input precision (float32, or float64 for float64 input; bfloat16 / float16 are widened to
@@ -14,8 +16,10 @@
 
 #include <algorithm>
 #include <cmath>
+#include <limits>
 #include <optional>
 #include <tuple>
+#include <vector>
 
 #include "common.h"
 
@@ -28,13 +32,15 @@ struct FeatureErrors {
   double std = 0;   // Σ_d (unbiased std over members − std[d])²
 };
 
-// The per-feature statistics over the ipc members of one group [ipc, dim].
+// The per-feature statistics over the ipc members of one group [ipc, dim]; with ipc > 1 also each member's Σ_d z³
+// (z: the feature standardised over the members) added into member_cubes[ipc].
 template <typename scalar_t>
 FASTDD_INLINE FeatureErrors feature_errors_impl(const scalar_t* group, const scalar_t* mean, const scalar_t* std,
-                                                int64_t ipc, int64_t dim) {
+                                                int64_t ipc, int64_t dim, double* member_cubes) {
   FeatureErrors errors;
   scalar_t member_sum[kFeatureChunk];
   scalar_t squares[kFeatureChunk];
+  scalar_t inverse_std[kFeatureChunk];
   for (int64_t d0 = 0; d0 < dim; d0 += kFeatureChunk) {
     const int64_t width = std::min(kFeatureChunk, dim - d0);
     std::fill_n(member_sum, width, scalar_t(0));
@@ -58,62 +64,57 @@ FASTDD_INLINE FeatureErrors feature_errors_impl(const scalar_t* group, const sca
     const scalar_t std_divisor = scalar_t(std::max<int64_t>(ipc - 1, 1));
 #pragma omp simd reduction(+ : mean_error, std_error)
     for (int64_t d = 0; d < width; ++d) {
+      const scalar_t member_std = std::sqrt(squares[d] / std_divisor);
+      inverse_std[d] = scalar_t(1) / member_std;
       const double mean_gap = double(member_sum[d]) - double(mean[d0 + d]);
-      const double std_gap = double(std::sqrt(squares[d] / std_divisor)) - double(std[d0 + d]);
+      const double std_gap = double(member_std) - double(std[d0 + d]);
       mean_error += mean_gap * mean_gap;
       std_error += std_gap * std_gap;
     }
     errors.mean += mean_error;
     errors.std += std_error;
+    if (ipc > 1) {
+      for (int64_t i = 0; i < ipc; ++i) {
+        const scalar_t* row = group + i * dim + d0;
+        double cubes = 0;
+#pragma omp simd reduction(+ : cubes)
+        for (int64_t d = 0; d < width; ++d) {
+          const scalar_t z = (row[d] - member_sum[d]) * inverse_std[d];
+          cubes += double(z * z * z);
+        }
+        member_cubes[i] += cubes;
+      }
+    }
   }
   return errors;
 }
 
-// Adjusted Fisher–Pearson skewness of one member row [dim]: Σ z³ · n / ((n − 1)(n − 2)) (unbiased std in z).
-template <typename scalar_t>
-FASTDD_INLINE double row_skewness_impl(const scalar_t* row, int64_t dim) {
-  double sum = 0;
-#pragma omp simd reduction(+ : sum)
-  for (int64_t d = 0; d < dim; ++d) sum += double(row[d]);
-  const scalar_t row_mean = scalar_t(sum / double(dim));
-  double m2 = 0, m3 = 0;
-#pragma omp simd reduction(+ : m2, m3)
-  for (int64_t d = 0; d < dim; ++d) {
-    const scalar_t centred = row[d] - row_mean;
-    const scalar_t squared = centred * centred;
-    m2 += double(squared);
-    m3 += double(squared * centred);
-  }
-  const double n = double(dim);
-  const double variance = m2 / (n - 1);
-  return m3 / (variance * std::sqrt(variance)) * n / ((n - 1) * (n - 2));
-}
-
 FASTDD_SIMD_CLONES FeatureErrors feature_errors(const float* g, const float* m, const float* s, int64_t ipc,
-                                                int64_t D) {
-  return feature_errors_impl(g, m, s, ipc, D);
+                                                int64_t D, double* cubes) {
+  return feature_errors_impl(g, m, s, ipc, D, cubes);
 }
 FASTDD_SIMD_CLONES FeatureErrors feature_errors(const double* g, const double* m, const double* s, int64_t ipc,
-                                                int64_t D) {
-  return feature_errors_impl(g, m, s, ipc, D);
+                                                int64_t D, double* cubes) {
+  return feature_errors_impl(g, m, s, ipc, D, cubes);
 }
-FASTDD_SIMD_CLONES double row_skewness(const float* row, int64_t D) { return row_skewness_impl(row, D); }
-FASTDD_SIMD_CLONES double row_skewness(const double* row, int64_t D) { return row_skewness_impl(row, D); }
 
 template <typename scalar_t>
 void group_score_kernel(const scalar_t* groups, const scalar_t* mean, const scalar_t* std, int64_t n_groups,
                         int64_t ipc, int64_t dim, double w_mean, double w_std, double w_skew, scalar_t* scores) {
+  const double n = double(dim);
+  const double skew_factor = n / ((n - 1) * (n - 2));
   at::parallel_for(0, n_groups, 1, [&](int64_t begin, int64_t end) {
+    std::vector<double> member_cubes(ipc);
     for (int64_t g = begin; g < end; ++g) {
       const scalar_t* group = groups + g * ipc * dim;
-      const FeatureErrors errors = feature_errors(group, mean, std, ipc, dim);
-      double skew_squares = 0;
-      for (int64_t i = 0; i < ipc; ++i) {
-        const double skew = row_skewness(group + i * dim, dim);
-        skew_squares += skew * skew;
+      std::fill(member_cubes.begin(), member_cubes.end(), 0.0);
+      const FeatureErrors errors = feature_errors(group, mean, std, ipc, dim, member_cubes.data());
+      double score = w_mean * std::sqrt(errors.mean);
+      if (ipc > 1) {
+        double skew_squares = 0;
+        for (const double cubes : member_cubes) skew_squares += (cubes * skew_factor) * (cubes * skew_factor);
+        score += w_std * std::sqrt(errors.std) + w_skew * std::sqrt(skew_squares);
       }
-      double score = w_mean * std::sqrt(errors.mean) + w_skew * std::sqrt(skew_squares);
-      if (ipc > 1) score += w_std * std::sqrt(errors.std);
       scores[g] = scalar_t(score);
     }
   });
@@ -150,7 +151,10 @@ std::tuple<at::Tensor, at::Tensor> group_sampling(const at::Tensor& mean, const 
     const int64_t size = std::min(chunk, n_candidates - start);
     at::Tensor groups = at::randn({size, ipc, mean.size(0)}, generator, mean.options());
     groups.mul_(std).add_(mean);
-    const at::Tensor scores = group_score(groups, mean, std, w_mean, w_std, w_skew).to(mean.scalar_type());
+    // a NaN score (a feature on which all members are equal: no skewness) is never chosen
+    const at::Tensor scores = at::nan_to_num(group_score(groups, mean, std, w_mean, w_std, w_skew),
+                                             std::numeric_limits<double>::infinity())
+                                  .to(mean.scalar_type());
     const int64_t index = scores.argmin().item<int64_t>();
     const at::Tensor score = scores[index];
     if (!best_group.defined() || score.lt(best_score).item<bool>()) {

@@ -8,7 +8,9 @@ Per class:
    `save_class_statistics` / `load_class_statistics` keep them per class in a safetensors file, and
    `inverted_class_statistics` reuses a file that is already there instead of inverting again.
 3. `select_group`: `fastdd.ops.group_sampling` keeps the lowest-score group of IPC latents among
-   n_candidates groups drawn from N(mean, std²).
+   n_candidates groups drawn from N(mean, std²), scored as the authors' `evaluate_distribution_batch` and
+   `skewness_batch` (`fastdd.ops.reference.group_score`). Their script draws 10^8 groups per class
+   (D3HR_AUTHORS_CANDIDATES, the `--compat` default); fastdd's default is 10^4.
 4. `generate_from_group`: DDIM (η = 0) from the start index with `GuidedSampler.ddim_sample(x_start=group)`.
 `distill_class` runs the four steps.
 
@@ -21,8 +23,10 @@ reproduces the authors' pairing. Their last two DDIM steps also differ slightly 
 `GuidedSampler.ddim_sample`).
 
 Seeds: the authors draw every class's candidates from the same seeds i·12345 (one per batch of 10,000
-groups). Here each class gets its own generator, seeded with `group_seed(seed, class_index)`, so classes do
-not share candidate noise and a class's group does not depend on which other classes run.
+groups, on CUDA). Here each class gets its own generator, seeded with `group_seed(seed, class_index)`, so classes
+do not share candidate noise and a class's group does not depend on which other classes run. A candidate whose
+score is NaN (no skewness: a feature equal on all members, possible at IPC 2 after rounding) is never kept; the
+authors' `torch.min` returns NaN there and their loop drops that whole batch.
 """
 
 from __future__ import annotations
@@ -45,6 +49,10 @@ from ..sampling.seeds import image_seed
 
 D3HR_TARGET_INDEX = 31  # step 18 of 50 with "leading" spacing (timestep 620)
 D3HR_CANDIDATES = 10_000
+# the authors' group_sampling.py: --m 100000 (lines 287-291) -> m // 10 = 10,000 batches of 10,000 groups per class
+# (lines 325-331): 10^8 candidates per class
+D3HR_AUTHORS_CANDIDATES = 100_000_000
+GROUP_SLICE = 2**20  # candidates per group_sampling call (the best is kept across slices: progress, bounded work)
 D3HR_WEIGHTS = (1.0, 1.0, 0.1)
 STATISTICS_KEYS = ("mean", "variance", "count")
 
@@ -333,10 +341,13 @@ def select_group(
     generator: torch.Generator | None = None,
     weights: tuple[float, float, float] = D3HR_WEIGHTS,
     backend: str = "auto",
+    progress: bool = False,
 ) -> tuple[Tensor, Tensor]:
     """The lowest-score group of ipc latents among n_candidates drawn from the class Gaussian.
 
-    Groups drawn from N(mean, variance) by `fastdd.ops.group_sampling` on the flattened Gaussian.
+    Groups drawn from N(mean, variance) by `fastdd.ops.group_sampling` on the flattened Gaussian, GROUP_SLICE
+    candidates per call from the same generator; the first lowest score across calls is kept (strict <, as the
+    authors' loop over its batches).
 
     Args:
         stats: the class Gaussian (mean, variance [C, H, W]).
@@ -345,6 +356,7 @@ def select_group(
         generator: generator of the draws, on the statistics' device.
         weights: (w_mean, w_std, w_skew) of the score.
         backend: the group_sampling backend.
+        progress: a bar over the calls when there is more than one.
 
     Returns:
         (group [ipc, C, H, W], score 0-dim).
@@ -361,16 +373,16 @@ def select_group(
         raise ValueError("stats: mean or variance contains NaN or Inf")
     if (stats.variance < 0).any():
         raise ValueError("stats: variance has negative entries")
-    group, score = ops.group_sampling(
-        stats.mean.flatten(),
-        stats.variance.flatten().sqrt(),
-        ipc,
-        n_candidates,
-        generator=generator,
-        weights=weights,
-        backend=backend,
-    )
-    return group.view(ipc, *stats.mean.shape), score
+    mean, std = stats.mean.flatten(), stats.variance.flatten().sqrt()
+    best_group, best_score = None, None
+    slices = range(0, n_candidates, GROUP_SLICE)
+    bar = progress_bar(slices, desc="d3hr groups", unit="slice", disable=not progress or len(slices) == 1)
+    for start in bar:
+        count = min(GROUP_SLICE, n_candidates - start)
+        group, score = ops.group_sampling(mean, std, ipc, count, generator=generator, weights=weights, backend=backend)
+        if best_score is None or bool(score < best_score):
+            best_group, best_score = group, score
+    return best_group.view(ipc, *stats.mean.shape), best_score
 
 
 def _model_device(sampler: GuidedSampler) -> torch.device:
@@ -466,7 +478,9 @@ def class_group(
     device = latents.device if latents is not None else _model_device(sampler)
     stats = ClassStatistics(stats.mean.to(device), stats.variance.to(device), stats.count, stats.config)
     generator = torch.Generator(device=device).manual_seed(group_seed(seed, class_index))
-    group, _ = select_group(stats, ipc, n_candidates, generator=generator, weights=weights, backend=backend)
+    group, _ = select_group(
+        stats, ipc, n_candidates, generator=generator, weights=weights, backend=backend, progress=progress
+    )
     return group
 
 

@@ -6,13 +6,18 @@ numerics and CFG on every eps channel."""
 
 from __future__ import annotations
 
+import math
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
+from .. import ops
+from ..bench.common import timeit
 from ..guidance.d3hr import (
+    D3HR_AUTHORS_CANDIDATES,
     D3HR_CANDIDATES,
     D3HR_WEIGHTS,
     check_statistics_file,
@@ -51,8 +56,11 @@ class D3HROptions:
         "inversion target / generation start step for 50 steps (SPEC: 31, timestep 620 = step 18 of 50)",
         flag="--d3hr-target",
     )
-    candidates: int = option(
-        D3HR_CANDIDATES, "candidate groups drawn per class (SPEC: 10,000)", flag="--d3hr-candidates"
+    candidates: int | None = option(
+        None,
+        "candidate groups drawn per class (default 10,000; with --compat the authors' 100,000,000: their "
+        "group_sampling.py --m 100000 draws m // 10 batches of 10,000; --dry-run says how long that takes here)",
+        flag="--d3hr-candidates",
     )
     batch: int = option(64, "images per DDIM-inversion batch", flag="--d3hr-batch")
     stats: str | None = option(
@@ -66,13 +74,16 @@ class D3HROptions:
 def build(options: D3HROptions, spec: RunSpec, models: Models, data: RealData) -> MethodSetup:
     """A sampling override: DDIM from each class's selected group (statistics on disk, group recomputed)."""
     check(0 <= options.target <= 49, f"--d3hr-target must be in 0..49, got {options.target}")
-    check(options.candidates > 0, f"--d3hr-candidates must be > 0, got {options.candidates}")
+    candidates = options.candidates
+    if candidates is None:
+        candidates = D3HR_AUTHORS_CANDIDATES if spec.compat else D3HR_CANDIDATES
+    check(candidates > 0, f"--d3hr-candidates must be > 0, got {candidates}")
     check(options.batch > 0, f"--d3hr-batch must be > 0, got {options.batch}")
     target = rescale_index(options.target, spec.steps)
     check_pool(spec, data, 2, "D3HR's unbiased variance")
     params = {
         "target_index": target,
-        "n_candidates": options.candidates,
+        "n_candidates": candidates,
         "inversion_batch": options.batch,
         "weights": list(D3HR_WEIGHTS),
         "timestep_spacing": models.diffusion.timestep_spacing,
@@ -91,17 +102,32 @@ def build(options: D3HROptions, spec: RunSpec, models: Models, data: RealData) -
                     statistics_path(stats_dir, label), statistics_config(like_run, label, target, inputs)
                 )
 
-    def inversion_seconds(probe) -> float:
-        """Each class inverted in batches of options.batch images, `target` DDIM steps per batch."""
+    def state_seconds(probe) -> float:
+        """Each class inverted in batches of options.batch images, `target` DDIM steps per batch, then its
+        candidate groups drawn and scored."""
         seconds = 0.0
         for n in data.class_counts():
             full, rest = divmod(n, options.batch)
             seconds += full * probe.model_call(options.batch) + (probe.model_call(rest) if rest else 0.0)
-        return target * seconds
+        return target * seconds + data.num_classes * group_seconds(probe.seconds)
 
-    cost = Cost(sampling_steps=target + 1, state=inversion_seconds)
+    def group_seconds(timer) -> float:
+        """Seconds of one class's group sampling: a timed call on min(candidates, 1024) groups, scaled."""
+        dim, count = math.prod(models.latent_shape), min(candidates, 1024)
+        mean = torch.zeros(dim, device=models.device)
+        call = lambda: ops.group_sampling(mean, mean + 1, spec.ipc, count)  # noqa: E731
+        return timer(call, repeats=2) * candidates / count
+
+    cost = Cost(sampling_steps=target + 1, state=state_seconds)
     if spec.dry_run:
         return MethodSetup(params=params, cost=cost)
+    if candidates > 10 * D3HR_CANDIDATES and spec.progress:
+        per_class = group_seconds(lambda fn, repeats: timeit(fn, models.device, repeats, 1, do_bench=False))
+        print(
+            f"d3hr: {candidates:,} candidate groups per class take ~{per_class / 60:.1f} min per class on "
+            f"{models.device.type} (a timed probe); --d3hr-candidates N draws fewer",
+            file=sys.stderr,
+        )
     if stats_dir is None:  # private to the run, named by what the statistics depend on
         stats_dir = spec.state_dir / f"d3hr_stats_{cache_key(inputs)}"
     groups: dict[int, Tensor] = {}
@@ -124,7 +150,7 @@ def build(options: D3HROptions, spec: RunSpec, models: Models, data: RealData) -
                 models.class_labels[c],
                 spec.ipc,
                 target_index=target,
-                n_candidates=options.candidates,
+                n_candidates=candidates,
                 seed=spec.seed,
                 stats_dir=stats_dir,
                 batch_size=options.batch,

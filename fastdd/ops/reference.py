@@ -158,28 +158,33 @@ def mercer_coefficients(
 
 
 # --------------------------------------------------------------------------- D3HR group sampling
-def sample_skewness(x: Tensor) -> Tensor:
-    """Adjusted Fisher–Pearson skewness of each row over its features. x: [..., n] -> [...].
+def group_skewness(groups: Tensor) -> Tensor:
+    """D3HR's skewness of each member of each group, as the authors' `skewness_batch` computes it
+    (lin-zhao-resoLve/D3HR `generation/group_sampling.py` lines 170-177): every feature is standardised ACROSS THE
+    GROUP'S MEMBERS (mean and unbiased std over the ipc axis, no epsilon), then each member's z³ is summed over its
+    features and scaled by n / ((n − 1)(n − 2)) with n = D, the feature count (sic).
 
-    z = (x − mean) / std (unbiased std); skew = Σ z³ · n / ((n − 1)(n − 2)).
+    groups: [G, ipc, D] (ipc >= 2: one member has no std) -> [G, ipc].
     """
-    n = x.shape[-1]
-    z = (x - x.mean(-1, keepdim=True)) / x.std(-1, keepdim=True)
-    return (z**3).sum(-1) * n / ((n - 1) * (n - 2))
+    n = groups.shape[-1]
+    z = (groups - groups.mean(1, keepdim=True)) / groups.std(1, keepdim=True)
+    return (z**3).sum(-1) * (n / ((n - 1) * (n - 2)))
 
 
 def group_score(groups: Tensor, mean: Tensor, std: Tensor, weights=(1.0, 1.0, 0.1)) -> Tensor:
-    """D3HR score of candidate groups (lower is better). groups: [G, ipc, D]; mean, std: [D] -> [G].
+    """D3HR score of candidate groups (lower is better), the authors' `evaluate_distribution_batch` (D3HR
+    `generation/group_sampling.py` lines 213-227). groups: [G, ipc, D]; mean, std: [D] -> [G].
 
-    w0·‖mean over members − mean‖ + w1·‖std over members (unbiased) − std‖ + w2·‖skew per member‖
-    (norms over features, then over members for the skew). With ipc = 1 the std term is left out
-    (an unbiased std of one member is undefined).
+    w0·‖mean over members − mean‖ + w1·‖std over members (unbiased) − std‖ + w2·‖`group_skewness`‖ (norms over
+    features, the skew's over members). With ipc = 1 the std and skew terms are left out: both need an unbiased std
+    over one member, which is undefined (the authors' script gets NaN for every group there and fails).
     """
     ipc = groups.shape[1]
     score = weights[0] * (groups.mean(1) - mean).norm(dim=-1)
     if ipc > 1:
         score = score + weights[1] * (groups.std(1) - std).norm(dim=-1)
-    return score + weights[2] * sample_skewness(groups).norm(dim=-1)
+        score = score + weights[2] * group_skewness(groups).norm(dim=-1)
+    return score
 
 
 def group_sampling(
@@ -195,7 +200,8 @@ def group_sampling(
     """Best of n_candidates groups of ipc latents drawn from N(mean, diag(std²)).
 
     mean, std: [D] -> (group [ipc, D], score 0-dim). Candidates are drawn in chunks of `chunk` groups
-    as randn(chunk, ipc, D) * std + mean from `generator`, in order, so the result is reproducible.
+    as randn(chunk, ipc, D) * std + mean from `generator`, in order, so the result is reproducible. A candidate
+    whose score is NaN (a feature on which all its members are equal: no skewness) is never chosen.
     """
     best_score = torch.tensor(float("inf"), device=mean.device)
     best_group = None
@@ -203,7 +209,7 @@ def group_sampling(
         n = min(chunk, n_candidates - start)
         noise = torch.randn(n, ipc, mean.shape[0], generator=generator, device=mean.device, dtype=mean.dtype)
         groups = noise * std + mean
-        scores = group_score(groups, mean, std, weights)
+        scores = group_score(groups, mean, std, weights).nan_to_num(nan=math.inf)  # undefined skew: never chosen
         i = scores.argmin()
         if best_group is None or scores[i] < best_score:
             best_score, best_group = scores[i].clone(), groups[i].clone()  # not views that keep the chunk alive

@@ -3,11 +3,9 @@
 Candidate g, member i, feature d is mean[d] + std[d] · n where n is a standard normal from Triton's
 Philox (`tl.rand4x` + Box–Muller) keyed by a 64-bit seed read from a device tensor. Each program owns one candidate
 and streams over the features in blocks of 4·BLOCK_Q (one Philox call gives 4 normals: 4 sub-blocks of
-BLOCK_Q features), keeping in registers
-- per member: the running count / mean / M2 / M3 of its features, merged block by block with the
-  pairwise update of Chan et al. (stable in float32, no raw Σx³);
-- per feature: the mean and unbiased std over the members (exact, the whole [ipc, BLOCK_Q] tile is there),
-  accumulated as Σ_d (mean_d − mean[d])² and Σ_d (std_d − std[d])².
+BLOCK_Q features). Every statistic of the score is per feature over the members (the whole [ipc, BLOCK_Q] tile is
+there), so it keeps in registers only Σ_d (mean_d − mean[d])², Σ_d (std_d − std[d])² and, per member, Σ_d z³ with
+z the feature standardised over the members (the authors' skewness_batch).
 The same kernel in "materialise" mode writes the members of chosen candidates (by index, read from a
 device tensor) with the same stream, so the returned group is the one that was scored. This is a different
 random stream from the reference's torch.randn: backends agree on the scoring, not on the candidates.
@@ -78,16 +76,13 @@ def _consume_tile(
     groups_ptr,
     group_rows,
     member_valid,
-    count,
-    member_mean,
-    member_m2,
-    member_m3,
+    member_cubes,
     mean_error,
     std_error,
     IPC: tl.constexpr,
     MATERIALISE: tl.constexpr,
 ):
-    """Fold one [BLOCK_I, BLOCK_Q] tile of normals (features `features`) into the running statistics."""
+    """Fold one [BLOCK_I, BLOCK_Q] tile of normals (features `features`) into the running sums."""
     feature_valid = features < dim
     valid = member_valid[:, None] & feature_valid[None, :]
     mu = tl.load(mean_ptr + features, mask=feature_valid, other=0.0)
@@ -103,25 +98,10 @@ def _consume_tile(
         spread = tl.where(valid, x - feature_mean[None, :], 0.0)
         feature_std = tl.sqrt(tl.sum(spread * spread, axis=0) * (1.0 / (IPC - 1)))
         std_error += tl.where(feature_valid, (feature_std - sigma) * (feature_std - sigma), 0.0)
-
-    # over features, per member: central moments of the tile, then Chan's pairwise merge
-    tile_count = tl.sum(feature_valid.to(tl.float32), axis=0)
-    tile_mean = tl.sum(x, axis=1) * (1.0 / tl.maximum(tile_count, 1.0))
-    centred = tl.where(valid, x - tile_mean[:, None], 0.0)
-    tile_m2 = tl.sum(centred * centred, axis=1)
-    tile_m3 = tl.sum(centred * centred * centred, axis=1)
-    total = count + tile_count
-    inv_total = 1.0 / total  # scalar divisions only: per-element ones would need the slow-path stack frame
-    delta = tile_mean - member_mean
-    tile_share = tile_count * inv_total
-    member_m3 += (
-        tile_m3
-        + delta * delta * delta * (count * tile_share * (count - tile_count) * inv_total)
-        + 3.0 * delta * (count * tile_m2 - tile_count * member_m2) * inv_total
-    )
-    member_m2 += tile_m2 + delta * delta * count * tile_share
-    member_mean += delta * tile_share
-    return total, member_mean, member_m2, member_m3, mean_error, std_error
+        inverse_std = 1.0 / tl.where(feature_valid, feature_std, 1.0)
+        z = spread * inverse_std[None, :]
+        member_cubes += tl.sum(z * z * z, axis=1)
+    return member_cubes, mean_error, std_error
 
 
 @triton.jit
@@ -159,17 +139,14 @@ def group_candidates_kernel(
     counter_base = (candidate * IPC + members.to(tl.int64)) * blocks_per_member * BLOCK_Q
     group_rows = program.to(tl.int64) * IPC + members.to(tl.int64)
 
-    count = tl.zeros([], dtype=tl.float32)
-    member_mean = tl.zeros([BLOCK_I], dtype=tl.float32)
-    member_m2 = tl.zeros([BLOCK_I], dtype=tl.float32)
-    member_m3 = tl.zeros([BLOCK_I], dtype=tl.float32)
+    member_cubes = tl.zeros([BLOCK_I], dtype=tl.float32)
     mean_error = tl.zeros([BLOCK_Q], dtype=tl.float32)
     std_error = tl.zeros([BLOCK_Q], dtype=tl.float32)
     for block in range(0, blocks_per_member):
         counters = counter_base[:, None] + (block * BLOCK_Q + lanes)[None, :]
         n0, n1, n2, n3 = _standard_normals(seed, counters)
         d0 = block * 4 * BLOCK_Q
-        count, member_mean, member_m2, member_m3, mean_error, std_error = _consume_tile(
+        member_cubes, mean_error, std_error = _consume_tile(
             n0,
             d0 + lanes,
             dim,
@@ -178,16 +155,13 @@ def group_candidates_kernel(
             groups_ptr,
             group_rows,
             member_valid,
-            count,
-            member_mean,
-            member_m2,
-            member_m3,
+            member_cubes,
             mean_error,
             std_error,
             IPC,
             MATERIALISE,
         )
-        count, member_mean, member_m2, member_m3, mean_error, std_error = _consume_tile(
+        member_cubes, mean_error, std_error = _consume_tile(
             n1,
             d0 + BLOCK_Q + lanes,
             dim,
@@ -196,16 +170,13 @@ def group_candidates_kernel(
             groups_ptr,
             group_rows,
             member_valid,
-            count,
-            member_mean,
-            member_m2,
-            member_m3,
+            member_cubes,
             mean_error,
             std_error,
             IPC,
             MATERIALISE,
         )
-        count, member_mean, member_m2, member_m3, mean_error, std_error = _consume_tile(
+        member_cubes, mean_error, std_error = _consume_tile(
             n2,
             d0 + 2 * BLOCK_Q + lanes,
             dim,
@@ -214,16 +185,13 @@ def group_candidates_kernel(
             groups_ptr,
             group_rows,
             member_valid,
-            count,
-            member_mean,
-            member_m2,
-            member_m3,
+            member_cubes,
             mean_error,
             std_error,
             IPC,
             MATERIALISE,
         )
-        count, member_mean, member_m2, member_m3, mean_error, std_error = _consume_tile(
+        member_cubes, mean_error, std_error = _consume_tile(
             n3,
             d0 + 3 * BLOCK_Q + lanes,
             dim,
@@ -232,10 +200,7 @@ def group_candidates_kernel(
             groups_ptr,
             group_rows,
             member_valid,
-            count,
-            member_mean,
-            member_m2,
-            member_m3,
+            member_cubes,
             mean_error,
             std_error,
             IPC,
@@ -243,13 +208,11 @@ def group_candidates_kernel(
         )
 
     if SCORE:
-        # adjusted Fisher–Pearson skewness per member: Σ z³ · n / ((n − 1)(n − 2)), Σ z³ = M3 / s³
-        variance = tl.where(member_valid, member_m2 / (count - 1.0), 1.0)  # padded members: no 0/0
-        skew = member_m3 / (variance * tl.sqrt(variance)) * (count / (count - 1.0) / (count - 2.0))
-        skew = tl.where(member_valid, skew, 0.0)
-        score = w_mean * tl.sqrt(tl.sum(mean_error, axis=0)) + w_skew * tl.sqrt(tl.sum(skew * skew, axis=0))
-        if IPC > 1:
-            score += w_std * tl.sqrt(tl.sum(std_error, axis=0))
+        score = w_mean * tl.sqrt(tl.sum(mean_error, axis=0))
+        if IPC > 1:  # the skew per member: Σ_d z³ · n / ((n − 1)(n − 2)) with n = D (the authors' skewness_batch)
+            n = dim.to(tl.float32)
+            skew = tl.where(member_valid, member_cubes * (n / (n - 1.0) / (n - 2.0)), 0.0)
+            score += w_std * tl.sqrt(tl.sum(std_error, axis=0)) + w_skew * tl.sqrt(tl.sum(skew * skew, axis=0))
         tl.store(scores_ptr + program, score)
 
 
@@ -294,7 +257,7 @@ def group_sampling_triton(mean: Tensor, std: Tensor, seed: Tensor, ipc: int, n_c
     _launch(
         mean, std, seed, ipc, n_candidates, seed, scores, scores, weights, indexed=False, score=True, materialise=False
     )
-    best = scores.argmin().view(1)
+    best = scores.nan_to_num(nan=float("inf")).argmin().view(1)  # a NaN score (no skewness) is never chosen
     group = torch.empty(ipc, mean.shape[0], device=mean.device, dtype=torch.float32)
     _launch(mean, std, seed, ipc, 1, best, scores, group, weights, indexed=True, score=False, materialise=True)
     return group, scores.index_select(0, best).view(())

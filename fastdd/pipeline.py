@@ -382,6 +382,7 @@ def run_config(spec: RunSpec, sampling: SamplingSettings, models: Models, data: 
         "missing_keys": models.description.get("missing_keys"),
         "numerics": models.description.get("numerics"),
         "revision": models.description.get("revision"),
+        "scheduler": models.description.get("scheduler"),
         "vae": models.description.get("vae", "none"),
         "vae_sha256": models.description.get("vae_sha256"),
         "data_fingerprint": data.fingerprint,
@@ -500,12 +501,16 @@ def prepare(spec: RunSpec, options: Any = None) -> PreparedRun:
     )
     if spec.cfg_scale is None:
         spec = dataclasses.replace(spec, cfg_scale=DIGITS_CFG_SCALE if dataset == "digits" else DIT_CFG_SCALE)
+    schedule = dict(description.get("schedule", {}))
+    folder_spacing = schedule.pop("timestep_spacing", None)
+    if spec.spacing is None and folder_spacing is not None and sampling.spacing in ("leading", "trailing"):
+        sampling = dataclasses.replace(sampling, spacing=folder_spacing)  # the pipeline's own diffusers spacing
     latent = (prior.in_channels, prior.input_size, prior.input_size)
     image = (codec.image_channels, prior.input_size * codec.downsample, prior.input_size * codec.downsample)
     models = Models(
         prior,
         codec,
-        GaussianDiffusion(spec.steps, learn_sigma=prior.learn_sigma, timestep_spacing=sampling.spacing),
+        GaussianDiffusion(spec.steps, learn_sigma=prior.learn_sigma, timestep_spacing=sampling.spacing, **schedule),
         latent,
         image,
         class_labels,

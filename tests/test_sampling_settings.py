@@ -4,10 +4,12 @@ combination that reproduces diffusers' DiTPipeline, and --compat's per-method au
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 from tiny_dit import save_tiny_dit_pipeline
 
 import fastdd
@@ -53,13 +55,19 @@ def test_dpm_solver_refuses_guided_methods(tmp_path):
     assert not (tmp_path / "x").exists()
 
 
-def test_ddim_with_leading_spacing_reproduces_dit_pipeline(tmp_path):
+@pytest.mark.parametrize(
+    "scheduler",
+    [{}, {"set_alpha_to_one": False}, {"steps_offset": 1}, {"beta_end": 0.03, "set_alpha_to_one": False}],
+    ids=["dit", "set_alpha_to_one_false", "steps_offset_1", "other_betas"],
+)
+def test_ddim_with_leading_spacing_reproduces_dit_pipeline(tmp_path, scheduler):
     """`--sampler ddim --spacing leading` on a diffusers pipeline (diffusers numerics, the format's default; CFG on all
-    eps channels, one row per image: no --compat) gives DiTPipeline's images from the same initial noise."""
+    eps channels, one row per image: no --compat) gives DiTPipeline's images from the same initial noise, following
+    the folder's scheduler config (betas, set_alpha_to_one, steps_offset)."""
     from diffusers import DiTPipeline
 
     # DiTPipeline hard-codes the null class 1000: a 1000-class model
-    folder = save_tiny_dit_pipeline(tmp_path / "pipe", num_classes=1000, num_layers=2, randomise=True)
+    folder = save_tiny_dit_pipeline(tmp_path / "pipe", num_classes=1000, num_layers=2, randomise=True, **scheduler)
     labels, scale = [3, 7], 4.0
     expected = DiTPipeline.from_pretrained(folder)(
         labels, guidance_scale=scale, generator=torch.Generator().manual_seed(0), num_inference_steps=STEPS,
@@ -74,6 +82,7 @@ def test_ddim_with_leading_spacing_reproduces_dit_pipeline(tmp_path):
         )
     )  # fmt: skip
     assert run.models.description["numerics"] == "diffusers" and run.sampler.cfg_channels is None
+    assert run.directory.run_config["scheduler"]["set_alpha_to_one"] == scheduler.get("set_alpha_to_one", True)
     latents = run.sampler.ddim_sample(labels, x_start=initial, progress=False)
     images = (run.models.codec.decode(latents) / 2 + 0.5).clamp(0, 1)
     assert expected.std() > 0.01
@@ -81,6 +90,45 @@ def test_ddim_with_leading_spacing_reproduces_dit_pipeline(tmp_path):
     iddpm = run.sampler.replace(diffusion=type(run.models.diffusion)(STEPS, timestep_spacing="iddpm"))
     other = (run.models.codec.decode(iddpm.ddim_sample(labels, x_start=initial, progress=False)) / 2 + 0.5).clamp(0, 1)
     assert (other - expected).abs().max() > 1e-3  # the spacing matters: the default (iddpm) is not DiTPipeline's
+    if scheduler:  # the config matters: DiT's default schedule misses these pipelines
+        plain = run.sampler.replace(diffusion=type(run.models.diffusion)(STEPS, timestep_spacing="leading"))
+        images = run.models.codec.decode(plain.ddim_sample(labels, x_start=initial, progress=False)) / 2 + 0.5
+        assert (images.clamp(0, 1) - expected).abs().max() > 2e-5  # (twice the parity tolerance; measured ≥ 4e-5)
+
+
+def test_a_pipelines_spacing_is_the_default_of_a_diffusers_spacing_method(tmp_path):
+    """D3HR (DiTPipeline's leading spacing by default) follows a pipeline whose scheduler says "trailing"; an explicit
+    --spacing still wins."""
+    folder = save_tiny_dit_pipeline(tmp_path / "pipe", num_classes=1000, timestep_spacing="trailing")
+    (tmp_path / "classes.txt").write_text("a 3\nb 7\n")
+    spec = dict(method="d3hr", ipc=1, model=str(folder), classes=str(tmp_path / "classes.txt"), data=str(tmp_path),
+                dry_run=True, device="cpu", quiet=True)  # fmt: skip
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        for i in range(2):
+            Image.new("RGB", (16, 16), (i * 40, 80, 120)).save(tmp_path / name / f"{i}.png")
+    assert (
+        fastdd.prepare(fastdd.RunSpec(out=str(tmp_path / "r1"), **spec)).models.diffusion.timestep_spacing == "trailing"
+    )
+    explicit = fastdd.prepare(fastdd.RunSpec(out=str(tmp_path / "r2"), spacing="leading", **spec))
+    assert explicit.models.diffusion.timestep_spacing == "leading"
+
+
+@pytest.mark.parametrize(
+    "scheduler, refused",
+    [
+        ({"prediction_type": "v_prediction"}, "prediction_type 'v_prediction'"),
+        ({"clip_sample": True}, "clip_sample: true"),
+        ({"beta_schedule": "squaredcos_cap_v2"}, "beta_schedule 'squaredcos_cap_v2'"),
+        ({"timestep_spacing": "linspace"}, 'timestep_spacing "linspace"'),
+    ],
+)
+def test_a_scheduler_config_fastdd_cannot_follow_is_refused_in_one_line(tmp_path, scheduler, refused):
+    folder = save_tiny_dit_pipeline(tmp_path / "pipe", num_classes=1000, **scheduler)
+    with pytest.raises(ValueError, match=re.escape(refused)) as error:
+        fastdd.prepare(fastdd.RunSpec(method="dit", ipc=1, out=str(tmp_path / "run"), model=str(folder), dry_run=True,
+                                      device="cpu", quiet=True))  # fmt: skip
+    assert "scheduler_config.json: fastdd cannot follow" in str(error.value) and "\n" not in str(error.value)
 
 
 AUTHORS = {  # method -> (numerics, spacing, CFG channels, shadow rows) of its authors' code

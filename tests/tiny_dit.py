@@ -108,11 +108,14 @@ def share_block0_embedder(transformer) -> None:
         block.norm1.emb.load_state_dict(first)
 
 
-def save_tiny_dit_pipeline(folder, num_classes: int, num_layers: int = 1, seed: int = 0, randomise: bool = False):
+def save_tiny_dit_pipeline(
+    folder, num_classes: int, num_layers: int = 1, seed: int = 0, randomise: bool = False, **scheduler_options
+):
     """A diffusers DiTPipeline saved with save_pretrained at folder: a latent DiTTransformer2DModel (2 heads × 16,
-    4 -> 8 channels, 8×8 latents), `tiny_vae()` (16×16 RGB images) and a DDIMScheduler with DiT's linear betas, drawn
-    after torch.manual_seed(seed). randomise: the zero-initialised adaLN and output layers drawn from N(0, 0.05²).
-    Every block's copy of the timestep/label embedder equals block 0's, as in released weights."""
+    4 -> 8 channels, 8×8 latents), `tiny_vae()` (16×16 RGB images) and a DDIMScheduler with DiT's linear betas (and
+    `scheduler_options`, e.g. set_alpha_to_one=False), drawn after torch.manual_seed(seed). randomise: the
+    zero-initialised adaLN and output layers drawn from N(0, 0.05²). Every block's copy of the timestep/label
+    embedder equals block 0's, as in released weights."""
     from diffusers import DDIMScheduler, DiTPipeline, DiTTransformer2DModel
 
     torch.manual_seed(seed)
@@ -132,7 +135,9 @@ def save_tiny_dit_pipeline(folder, num_classes: int, num_layers: int = 1, seed: 
                 if "norm1.linear" in name or "proj_out" in name:
                     param.normal_(0, 0.05)
         share_block0_embedder(transformer)
-    scheduler = DDIMScheduler(beta_schedule="linear", beta_start=0.0001, beta_end=0.02, clip_sample=False)
+    scheduler_options = {"beta_schedule": "linear", "beta_start": 0.0001, "beta_end": 0.02, "clip_sample": False,
+                         **scheduler_options}  # fmt: skip
+    scheduler = DDIMScheduler(**scheduler_options)
     DiTPipeline(transformer=transformer, vae=tiny_vae(), scheduler=scheduler).save_pretrained(folder)
     return folder
 

@@ -97,7 +97,9 @@ def build(options: SAMOptions, spec: RunSpec, models: Models, data: RealData) ->
     else:
         latents, labels = real_latents(spec, models, data)
         model_labels = torch.as_tensor(models.class_labels)[labels]
-        diffusion = GaussianDiffusion(1000, learn_sigma=prior.learn_sigma)
+        schedule = models.description.get("schedule", {})  # a diffusers pipeline's training schedule, if any
+        train = {k: v for k, v in schedule.items() if k in ("num_train_steps", "train_betas")}
+        diffusion = GaussianDiffusion(train.get("num_train_steps", 1000), learn_sigma=prior.learn_sigma, **train)
         result = finetune_sam(
             finetuned,
             diffusion,

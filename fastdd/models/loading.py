@@ -82,6 +82,41 @@ def resolve_hub_id(spec: str, option: str, revision: str | None = None) -> Path:
         ) from None
 
 
+SCHEDULER_KEYS = (
+    "_class_name",
+    "num_train_timesteps",
+    "beta_schedule",
+    "beta_start",
+    "beta_end",
+    "trained_betas",
+    "steps_offset",
+    "set_alpha_to_one",
+    "timestep_spacing",
+    "prediction_type",
+)
+
+
+def read_scheduler(path: Path) -> tuple[dict, dict] | None:
+    """(what the manifest records of it, GaussianDiffusion's schedule keywords) of a diffusers pipeline's
+    `scheduler/scheduler_config.json` (of `path`, or of the pipeline holding a `transformer` folder `path`); None
+    without one. ValueError naming the file for what fastdd cannot follow (`schedule_from_diffusers`)."""
+    import json
+
+    from ..sampling.diffusion import schedule_from_diffusers
+
+    folders = [path / "scheduler"] + ([path.parent / "scheduler"] if path.name == "transformer" else [])
+    for folder in folders:
+        file = folder / "scheduler_config.json"
+        if file.is_file():
+            try:
+                config = json.loads(file.read_text())
+            except (OSError, ValueError) as err:
+                raise ValueError(f"--model: {file} is not readable JSON ({err})") from None
+            recorded = {key: config[key] for key in SCHEDULER_KEYS if key in config}
+            return recorded, schedule_from_diffusers(config, f"--model: {file}")
+    return None
+
+
 def load_checkpoint(
     path: Path, device: torch.device, allow_missing_keys: bool, description: dict, num_heads: int | None = None
 ) -> nn.Module:
@@ -128,7 +163,8 @@ def load_generator(
     revision: str | None = None,
 ) -> tuple[nn.Module, object, dict]:
     """(DiT in eval mode without gradients, codec, description for the manifest) for --model / --vae; `data` (the
-    --data folder or None) picks the default model. An official checkpoint loads strictly unless
+    --data folder or None) picks the default model. A diffusers pipeline's scheduler config is read (description
+    "scheduler": what is recorded; "schedule": GaussianDiffusion's keywords). An official checkpoint loads strictly unless
     allow_missing_keys (then the keys it lacks are listed on stderr and recorded). revision: of a --model hub id (a
     pipeline's own VAE comes from the same snapshot)."""
     from ..prior import load_prior
@@ -167,6 +203,9 @@ def load_generator(
                     network = load_diffusers_dit(path).to(device)
                 except ValueError as err:
                     raise ValueError(f"--model {spec}: {err}") from None
+                scheduler = read_scheduler(path)
+                if scheduler is not None:
+                    description["scheduler"], description["schedule"] = scheduler
         except (OSError, RuntimeError, KeyError, TypeError) as err:
             raise ValueError(
                 f"--model {spec}: cannot load a DiT ({type(err).__name__}: {str(err).splitlines()[0]})"

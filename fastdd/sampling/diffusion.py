@@ -76,10 +76,11 @@ def space_timesteps(num_train_steps: int, section_counts: str | Sequence[int]) -
     return sorted(set(kept))
 
 
-def diffusers_timesteps(num_train_steps: int, num_steps: int, spacing: str) -> list[int]:
-    """diffusers' `timestep_spacing` ("leading": k · (T // N), "trailing": round(T - k · T/N) - 1), ascending."""
+def diffusers_timesteps(num_train_steps: int, num_steps: int, spacing: str, steps_offset: int = 0) -> list[int]:
+    """diffusers' `timestep_spacing` ("leading": k · (T // N) + steps_offset, "trailing": round(T - k · T/N) - 1, as
+    DDIMScheduler.set_timesteps), ascending."""
     if spacing == "leading":
-        steps = (np.arange(num_steps) * (num_train_steps // num_steps)).round().astype(np.int64)
+        steps = (np.arange(num_steps) * (num_train_steps // num_steps)).round().astype(np.int64) + steps_offset
     elif spacing == "trailing":
         steps = np.round(np.arange(num_train_steps, 0, -num_train_steps / num_steps)).astype(np.int64) - 1
     else:
@@ -87,15 +88,64 @@ def diffusers_timesteps(num_train_steps: int, num_steps: int, spacing: str) -> l
     return sorted(int(s) for s in steps)
 
 
+SCHEDULER_CLASSES = ("DDIMScheduler", "DDPMScheduler", "DPMSolverMultistepScheduler")
+
+
+def schedule_from_diffusers(config: dict, source: str) -> dict:
+    """GaussianDiffusion's schedule keywords from a diffusers scheduler config (a pipeline's
+    `scheduler/scheduler_config.json`): num_train_steps, train_betas ("linear" / "scaled_linear" betas or
+    trained_betas), steps_offset, set_alpha_to_one, and timestep_spacing when the config names one. ValueError naming
+    `source` for what fastdd cannot follow: another beta schedule, a prediction type other than epsilon, x̂0 clipping
+    or thresholding, zero-SNR rescaling, "linspace" spacing (whose DDIM steps to t − T//N, not to the previous
+    kept timestep)."""
+
+    def refuse(what: str):
+        raise ValueError(f"{source}: fastdd cannot follow {what}")
+
+    if config.get("_class_name") not in SCHEDULER_CLASSES:
+        refuse(f"a {config.get('_class_name')!r} scheduler (it follows {', '.join(SCHEDULER_CLASSES)})")
+    if config.get("prediction_type", "epsilon") != "epsilon":
+        refuse(f"prediction_type {config['prediction_type']!r} (DiT predicts epsilon)")
+    for flag in ("clip_sample", "thresholding", "rescale_betas_zero_snr"):
+        if config.get(flag):
+            refuse(f"{flag}: true")
+    steps = int(config.get("num_train_timesteps", 1000))
+    schedule = config.get("beta_schedule", "linear")
+    start, end = float(config.get("beta_start", 0.0001)), float(config.get("beta_end", 0.02))
+    if config.get("trained_betas") is not None:
+        betas = np.asarray(config["trained_betas"], dtype=np.float64)
+    elif schedule == "linear":
+        betas = np.linspace(start, end, steps, dtype=np.float64)
+    elif schedule == "scaled_linear":
+        betas = np.linspace(start**0.5, end**0.5, steps, dtype=np.float64) ** 2
+    else:
+        refuse(f"beta_schedule {schedule!r} (it follows linear, scaled_linear and trained_betas)")
+    out = {
+        "num_train_steps": steps,
+        "train_betas": betas.tolist(),
+        "steps_offset": int(config.get("steps_offset", 0)),
+        "set_alpha_to_one": bool(config.get("set_alpha_to_one", True)),
+    }
+    spacing = config.get("timestep_spacing")
+    if spacing == "linspace":
+        refuse('timestep_spacing "linspace" (its DDIM steps to t − T//N, not to the previous kept timestep)')
+    if spacing is not None:
+        out["timestep_spacing"] = spacing
+    return out
+
+
 class GaussianDiffusion:
     """Respaced ADM/IDDPM diffusion: float64 tables over respaced indices 0..N-1 and pure step functions.
 
-    num_steps: N sampling steps; num_train_steps: T; beta_schedule: "linear";
+    num_steps: N sampling steps; num_train_steps: T; beta_schedule: "linear" (IDDPM's, scaled by 1000/T) unless
+    train_betas gives the T training betas (a diffusers scheduler config: `schedule_from_diffusers`);
     learn_sigma: the model outputs [eps; v] (2C channels, learned-range variance), else eps only with the
     fixed variance of ADM (sigma_small=False: "fixed large" = [σ̃²_1, β_1, β_2, ...]; True: σ̃²).
     timestep_spacing: "iddpm" (space_timesteps(T, str(N)), the official DiT sampler), "leading" / "trailing"
     (diffusers' DDIMScheduler spacings; "leading" = IDDPM "ddimN" when N divides T), or any IDDPM section
-    string such as "10,15,25" (its counts must sum to N).
+    string such as "10,15,25" (its counts must sum to N); steps_offset shifts "leading" timesteps (diffusers');
+    set_alpha_to_one: DDIM's last step ends at ᾱ = 1 (else at the training ᾱ of timestep 0, diffusers'
+    `set_alpha_to_one: false`; ancestral DDPM is unaffected).
     Every table of TABLE_NAMES is an attribute: a float64 CPU tensor [N] indexed by respaced index;
     `timesteps` (long [N]) maps respaced index -> original timestep; `train_betas` / `train_alphas_cumprod`
     are the original [T] schedule.
@@ -111,8 +161,9 @@ class GaussianDiffusion:
         "sqrt_one_minus_alphas_cumprod",
         "sqrt_recip_alphas_cumprod",
         "sqrt_recipm1_alphas_cumprod",
-        "sqrt_alphas_cumprod_prev",
-        "sqrt_one_minus_alphas_cumprod_prev",
+        "ddim_alphas_cumprod_prev",
+        "sqrt_ddim_alphas_cumprod_prev",
+        "sqrt_one_minus_ddim_alphas_cumprod_prev",
         "sqrt_alphas_cumprod_next",
         "sqrt_one_minus_alphas_cumprod_next",
         "posterior_variance",
@@ -134,6 +185,9 @@ class GaussianDiffusion:
         sigma_small: bool = False,
         timestep_spacing: str = "iddpm",
         clip_denoised: bool = False,
+        train_betas: Sequence[float] | None = None,
+        steps_offset: int = 0,
+        set_alpha_to_one: bool = True,
     ):
         if num_train_steps < 2:
             raise ValueError(f"num_train_steps must be >= 2, got {num_train_steps}")
@@ -143,14 +197,21 @@ class GaussianDiffusion:
             raise ValueError(
                 f"beta_schedule: only 'linear' (the ADM/DiT schedule) is implemented, got {beta_schedule!r}"
             )
-        train_betas = linear_betas(num_train_steps)
+        if train_betas is None:
+            train_betas = linear_betas(num_train_steps)
+        else:
+            train_betas = np.asarray(train_betas, dtype=np.float64)
+            if train_betas.shape != (num_train_steps,) or not ((train_betas > 0) & (train_betas < 1)).all():
+                raise ValueError(
+                    f"train_betas: expected {num_train_steps} values in (0, 1), got shape {train_betas.shape}"
+                )
         if timestep_spacing == "iddpm":
             kept = space_timesteps(num_train_steps, str(num_steps))
         elif timestep_spacing in ("leading", "trailing"):
-            kept = diffusers_timesteps(num_train_steps, num_steps, timestep_spacing)
+            kept = diffusers_timesteps(num_train_steps, num_steps, timestep_spacing, steps_offset)
         else:
             kept = space_timesteps(num_train_steps, timestep_spacing)
-        if len(kept) != num_steps:
+        if len(kept) != num_steps or kept[-1] >= num_train_steps:
             raise ValueError(
                 f"timestep_spacing {timestep_spacing!r} keeps {len(kept)} steps, not num_steps={num_steps}"
             )
@@ -158,6 +219,7 @@ class GaussianDiffusion:
         self.num_steps, self.num_train_steps = num_steps, num_train_steps
         self.beta_schedule, self.timestep_spacing = beta_schedule, timestep_spacing
         self.learn_sigma, self.sigma_small, self.clip_denoised = learn_sigma, sigma_small, clip_denoised
+        self.steps_offset, self.set_alpha_to_one = steps_offset, set_alpha_to_one
         self.timestep_list: list[int] = kept
         self.timesteps = torch.tensor(kept, dtype=torch.long)
         self.train_betas = torch.from_numpy(train_betas)
@@ -168,15 +230,18 @@ class GaussianDiffusion:
         for t in kept:
             betas.append(1.0 - train_ac[t] / last)
             last = train_ac[t]
-        self._master = {name: torch.from_numpy(value) for name, value in self._compute_tables(np.array(betas)).items()}
+        final_alpha = 1.0 if set_alpha_to_one else float(train_ac[0])
+        tables = self._compute_tables(np.array(betas), final_alpha)
+        self._master = {name: torch.from_numpy(value) for name, value in tables.items()}
         self._alpha_bar_list: list[float] = self._master["alphas_cumprod"].tolist()
         self._on_device: dict[tuple[torch.device, torch.dtype], dict[str, Tensor]] = {}
         self._timesteps_on_device: dict[torch.device, Tensor] = {}
 
-    def _compute_tables(self, betas: np.ndarray) -> dict[str, np.ndarray]:
+    def _compute_tables(self, betas: np.ndarray, final_alpha: float) -> dict[str, np.ndarray]:
         alphas = 1.0 - betas
         ac = np.cumprod(alphas)
         ac_prev = np.append(1.0, ac[:-1])
+        ddim_prev = np.append(final_alpha, ac[:-1])  # where DDIM's step from index 0 ends
         ac_next = np.append(ac[1:], 0.0)
         posterior_variance = betas * (1.0 - ac_prev) / (1.0 - ac)
         # log of the posterior variance, with its 0 at index 0 replaced by the value at index 1
@@ -197,8 +262,9 @@ class GaussianDiffusion:
             "sqrt_one_minus_alphas_cumprod": np.sqrt(1.0 - ac),
             "sqrt_recip_alphas_cumprod": np.sqrt(1.0 / ac),
             "sqrt_recipm1_alphas_cumprod": np.sqrt(1.0 / ac - 1.0),
-            "sqrt_alphas_cumprod_prev": np.sqrt(ac_prev),
-            "sqrt_one_minus_alphas_cumprod_prev": np.sqrt(1.0 - ac_prev),
+            "ddim_alphas_cumprod_prev": ddim_prev,
+            "sqrt_ddim_alphas_cumprod_prev": np.sqrt(ddim_prev),
+            "sqrt_one_minus_ddim_alphas_cumprod_prev": np.sqrt(1.0 - ddim_prev),
             "sqrt_alphas_cumprod_next": np.sqrt(ac_next),
             "sqrt_one_minus_alphas_cumprod_next": np.sqrt(1.0 - ac_next),
             "posterior_variance": posterior_variance,
@@ -208,7 +274,7 @@ class GaussianDiffusion:
             "fixed_variance": fixed_variance,
             "fixed_log_variance": fixed_log_variance,
             # DDIM σ for η = 1: sqrt((1 - ᾱ_prev) / (1 - ᾱ)) · sqrt(1 - ᾱ / ᾱ_prev)
-            "ddim_sigma": np.sqrt((1.0 - ac_prev) / (1.0 - ac)) * np.sqrt(1.0 - ac / ac_prev),
+            "ddim_sigma": np.sqrt((1.0 - ddim_prev) / (1.0 - ac)) * np.sqrt(1.0 - ac / ddim_prev),
         }
 
     # ------------------------------------------------------------------------------------ tables
@@ -463,7 +529,7 @@ class GaussianDiffusion:
         return pred_xstart, eps
 
     def ddim_step(self, eps: Tensor, x_t: Tensor, i: Index, eta: float = 0.0, noise: Tensor | None = None) -> Tensor:
-        """DDIM update from index i to i-1 (to ᾱ_prev = 1 at i == 0, i.e. x̂0).
+        """DDIM update from index i to i-1 (at i == 0 to the final ᾱ: 1, i.e. x̂0, unless set_alpha_to_one is False).
 
         x_{i-1} = sqrt(ᾱ_prev) · x̂0 + sqrt(1 - ᾱ_prev - σ²) · eps + σ · noise,
         σ = η · sqrt((1 - ᾱ_prev)/(1 - ᾱ)) · sqrt(1 - ᾱ/ᾱ_prev).
@@ -486,13 +552,13 @@ class GaussianDiffusion:
         pred_xstart, eps = self._xstart_and_eps(eps, x_t, i)
         if eta == 0:
             return (
-                self._coefficient("sqrt_alphas_cumprod_prev", i, x_t) * pred_xstart
-                + self._coefficient("sqrt_one_minus_alphas_cumprod_prev", i, x_t) * eps
+                self._coefficient("sqrt_ddim_alphas_cumprod_prev", i, x_t) * pred_xstart
+                + self._coefficient("sqrt_one_minus_ddim_alphas_cumprod_prev", i, x_t) * eps
             )
         if noise is None:
             raise ValueError("noise is required when eta > 0")
         sigma = eta * self._coefficient("ddim_sigma", i, x_t)
-        ac_prev = self._coefficient("alphas_cumprod_prev", i, x_t)
+        ac_prev = self._coefficient("ddim_alphas_cumprod_prev", i, x_t)
         direction = torch.sqrt((1 - ac_prev - sigma**2).clamp_min(0))
         return torch.sqrt(ac_prev) * pred_xstart + direction * eps + sigma * noise
 

@@ -156,7 +156,10 @@ def make_model_factory(arch: str, channels: int, num_classes: int, image_size: i
 
 
 def read_manifest(folder: Path) -> dict | None:
-    """The manifest `fastdd distill` wrote in folder (None without one); ValueError naming it when unreadable."""
+    """The manifest `fastdd distill` wrote in folder (None without one); ValueError naming it when unreadable or when a
+    field eval reads is malformed: config.classes a list of names, config.image_size a positive int, config.channels
+    1 or 3, and every image record {class_index within the classes, class = classes[class_index], index,
+    path = "<class>/<index>.png", sha256}."""
     path = folder / "manifest.json"
     if not path.exists():
         return None
@@ -170,7 +173,35 @@ def read_manifest(folder: Path) -> dict | None:
         or not all(isinstance(value, list) for value in (manifest["config"].get("classes"), manifest.get("images")))
     ):
         raise ValueError(f"{path} is not a readable fastdd manifest (no config.classes or images list)")
+    config, classes = manifest["config"], manifest["config"]["classes"]
+    if not all(isinstance(name, str) for name in classes):
+        raise ValueError(f"{path}: config.classes must be a list of names")
+    for key, valid in (("image_size", lambda v: v > 0), ("channels", lambda v: v in (1, 3))):
+        value = config.get(key)
+        if value is not None and not (isinstance(value, int) and not isinstance(value, bool) and valid(value)):
+            raise ValueError(f"{path}: config.{key} is {value!r}, not a valid {key}")
+    for number, record in enumerate(manifest["images"]):
+        problem = _record_problem(record, classes)
+        if problem:
+            raise ValueError(f"{path}: image record {number} {problem}")
     return manifest
+
+
+def _record_problem(record, classes: list[str]) -> str | None:
+    """What is wrong with one manifest image record, or None."""
+    if not isinstance(record, dict):
+        return f"is a {type(record).__name__}, not a record"
+    missing = [k for k in ("class_index", "class", "index", "path", "sha256") if k not in record]
+    if missing:
+        return f"lacks {', '.join(missing)}"
+    c, index = record["class_index"], record["index"]
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in (c, index)) or not 0 <= c < len(classes):
+        return f"has class_index {c!r} / index {index!r} outside the {len(classes)} classes"
+    if record["class"] != classes[c] or record["path"] != f"{classes[c]}/{index}.png":
+        return f"names class {record['class']!r} and path {record['path']!r}, but class_index {c} is {classes[c]!r}"
+    if not isinstance(record["sha256"], str):
+        return "has no sha256 text"
+    return None
 
 
 def manifest_training_set(folder: Path, manifest: dict, image_size: int, channels: int) -> tuple[Tensor, Tensor]:
@@ -208,8 +239,20 @@ def summary_path(folder: str | os.PathLike, arch: str, json_path: str | os.PathL
     return Path(json_path) if json_path else Path(folder) / f"eval_{arch}.json"
 
 
-def check_writable(path: Path) -> None:
-    """ValueError naming --json when path cannot be written (checked before any training)."""
+def check_writable(path: Path, folder: Path, real_val: str | os.PathLike | None) -> None:
+    """ValueError naming --json when path cannot be written or would overwrite something eval reads or a run owns
+    (checked before any training): inside the distilled folder only a top-level eval_*.json is allowed, nothing
+    inside --real-val."""
+    resolved = path.resolve()
+    if folder.resolve() in resolved.parents and not (
+        resolved.parent == folder.resolve() and resolved.name.startswith("eval_") and resolved.suffix == ".json"
+    ):
+        raise ValueError(
+            f"--json {path}: inside the distilled folder only a top-level eval_*.json may be written (this would "
+            "overwrite the run's own files)"
+        )
+    if real_val is not None and Path(real_val).resolve() in resolved.parents:
+        raise ValueError(f"--json {path}: inside --real-val {real_val}; write the summary elsewhere")
     target = path if path.exists() else path.parent
     if not target.exists() or not os.access(target, os.W_OK) or (path.exists() and path.is_dir()):
         raise ValueError(f"--json {path}: cannot write there (missing folder, a folder, or no permission)")
@@ -240,8 +283,8 @@ def evaluate(
         allow_incomplete: evaluate a run whose manifest says it is not complete. quiet: no progress bar.
 
     Returns:
-        {"dir", "arch", "ipc", "epochs", "seeds", "top1_mean", "top1_std", "per_seed", "complete"} (top-1 in
-        percent). Raises ValueError (naming the CLI option) on bad input, before any training.
+        {"dir", "arch", "ipc", "epochs", "seeds", "top1_mean", "top1_std", "per_seed", "complete" (every seed ran),
+        "run_complete" (the distilled run was finished), "images", "images_planned"} (top-1 in percent). Raises ValueError (naming the CLI option) on bad input, before any training.
     """
     folder = Path(folder)
     if not folder.is_dir():
@@ -265,7 +308,7 @@ def evaluate(
     if image_size is None:
         raise ValueError(f"{folder} has no manifest.json: pass --image-size")
     out = summary_path(folder, arch, json_path)
-    check_writable(out)
+    check_writable(out, folder, real_val)
     if manifest is not None:
         classes = config["classes"]
         train_x, train_y = manifest_training_set(folder, manifest, image_size, channels)
@@ -278,6 +321,14 @@ def evaluate(
     else:
         val_x, val_y, _ = load_image_folder(real_val, image_size, channels, classes=classes)
     ipc = max(int((train_y == c).sum()) for c in range(len(classes)))
+    run_complete = manifest is None or bool(manifest.get("complete"))
+    planned = len(classes) * config["ipc"] if isinstance(config.get("ipc"), int) else len(train_y)
+    if not run_complete:
+        print(
+            f"eval: {folder} is not a complete run ({len(train_y)} of {planned} images); the summary says so "
+            "(run_complete: false)",
+            file=sys.stderr,
+        )
     epochs = epochs or epochs_for_ipc(ipc)
     factory = make_model_factory(arch, channels, len(classes), image_size)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -299,6 +350,9 @@ def evaluate(
                 "seeds": seeds[: len(results)],
                 **summarize(results),
                 "complete": len(results) == len(seeds),
+                "run_complete": run_complete,
+                "images": len(train_y),
+                "images_planned": planned,
             }
             write_bytes_atomic((json.dumps(summary, indent=2) + "\n").encode(), out)  # a killed eval keeps it
             if not quiet:

@@ -14,10 +14,13 @@ from typing import Any
 REQUIRED = dataclasses.MISSING
 
 
-def option(default: Any, help: str, *, flag: str | None = None, choices: tuple | None = None) -> Any:
+def option(
+    default: Any, help: str, *, flag: str | None = None, choices: tuple | None = None, compare: bool = True
+) -> Any:
     """A dataclass field with its CLI flag (default: --<field-name>), help text and allowed values; default REQUIRED
-    makes a field without default (a required CLI option)."""
-    metadata = {"help": help, "flag": flag, "choices": choices}
+    makes a field without default (a required CLI option). compare=False: a location that does not determine the
+    images (what is read from it is checked on its own), left out of the run config a resume compares."""
+    metadata = {"help": help, "flag": flag, "choices": choices, "compare": compare}
     if default is REQUIRED:
         return dataclasses.field(metadata=metadata)
     if isinstance(default, (list, dict, set)):
@@ -51,9 +54,12 @@ def documented(cls: type) -> type:
 
 
 def record(options: Any) -> dict:
-    """{manifest key: value} of an options instance, as JSON (ranges as the CLI's 'low,high' text)."""
+    """{manifest key: value} of an options instance, as JSON (ranges as the CLI's 'low,high' text), without the fields
+    made with compare=False."""
     out = {}
     for field in option_fields(type(options)):
+        if not field.metadata.get("compare", True):
+            continue
         value = getattr(options, field.name)
         out[dest_of(field)] = f"{value[0]},{value[1]}" if isinstance(value, tuple) else value
     return out

@@ -26,6 +26,7 @@ removed when the run starts again. The manifest holds no timestamps, so it is by
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import io
 import json
 import os
@@ -36,7 +37,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import load_file
 
 from .bench.common import timeit
@@ -46,7 +46,15 @@ from .data.imagefolder import matches_sha256, save_png_atomic
 from .data.real import RealData, real_data
 from .environment import versions
 from .methods import Method, MethodSetup, Models, RunSpec, get_method
-from .methods.base import MAX_IMAGES, STATE_DIR, SamplingSettings, check_options, default_device, default_sample
+from .methods.base import (
+    MAX_IMAGES,
+    STATE_DIR,
+    WEIGHT_KEYS,
+    SamplingSettings,
+    check_options,
+    default_device,
+    default_sample,
+)
 from .models.loading import load_generator
 from .options import record as record_options
 from .progress import progress_bar
@@ -208,33 +216,40 @@ class RunDirectory:
         return load_file(str(self.latents_path(batch)))["latents"]
 
     def batch_intact(self, batch: Batch) -> bool:
-        """Whether a finished batch's record parses and names its images, its latents file holds one row per image,
-        and every PNG exists with the sha256 the record holds (a batch that is not is generated again)."""
+        """Whether a finished batch's record parses and names its images, its latents file has the sha256 the record
+        holds (so a file swapped for another batch's, or altered with its header intact, is not restored into the
+        memories), and every PNG exists with the sha256 the record holds (a batch that is not is generated again)."""
         try:
-            records = json.loads(self.record_path(batch).read_text())
-            if [(r["class_index"], r["index"]) for r in records] != batch.items:
+            record = json.loads(self.record_path(batch).read_text())
+            images = record["images"]
+            if [(r["class_index"], r["index"]) for r in images] != batch.items:
                 return False
-            with safe_open(str(self.latents_path(batch)), framework="pt") as f:  # the header only: restore reads it
-                if f.get_slice("latents").get_shape()[0] != len(batch.items):
-                    return False
-            return all(matches_sha256(self.image_path(c, i), r["sha256"]) for (c, i), r in zip(batch.items, records))
-        except Exception:  # missing, unreadable or malformed (safetensors raises its own error type)
+            if not matches_sha256(self.latents_path(batch), record["latents_sha256"]):
+                return False
+            return all(matches_sha256(self.image_path(c, i), r["sha256"]) for (c, i), r in zip(batch.items, images))
+        except Exception:  # missing, unreadable or malformed (an old record format included)
             return False
 
     def finish_batch(self, batch: Batch, images: torch.Tensor, latents: torch.Tensor, records: list[dict]) -> None:
-        """Write the batch's PNGs and latents, then its record (which marks it done). Adds each PNG's sha256."""
+        """Write the batch's PNGs and latents, then its record (which marks it done): the per-image records, each with
+        its PNG's sha256, and the latents file's sha256."""
         for (class_index, image_index), image, record in zip(batch.items, images, records):
             record["sha256"] = save_png_atomic(image, self.image_path(class_index, image_index))
         save_safetensors_atomic({"latents": latents.float()}, self.latents_path(batch))
-        write_json_atomic(self.record_path(batch), records)
+        latents_sha256 = hashlib.sha256(self.latents_path(batch).read_bytes()).hexdigest()
+        write_json_atomic(self.record_path(batch), {"images": records, "latents_sha256": latents_sha256})
 
     def records(self) -> list[dict]:
+        """The per-image records of every finished batch, by class and index."""
         folder = self.state / "batches"
         if not folder.exists():
             return []
         out = []
         for path in sorted(folder.glob("*.json"), key=lambda p: int(p.stem)):
-            out += json.loads(path.read_text())
+            try:
+                out += json.loads(path.read_text())["images"]
+            except (ValueError, KeyError, TypeError):  # a corrupt record: its batch is generated again
+                continue
         return sorted(out, key=lambda r: (r["class_index"], r["index"]))
 
     def write_manifest(self, complete: bool = False) -> None:
@@ -377,14 +392,11 @@ def run_config(spec: RunSpec, sampling: SamplingSettings, models: Models, data: 
         "class_labels": models.class_labels,
         "dataset": data.dataset,
         "data": spec.data,
-        "model": models.description["model"],
-        "model_sha256": models.description.get("model_sha256"),
+        **{key: models.description.get(key) for key in WEIGHT_KEYS},
+        "vae": models.description.get("vae", "none"),
         "missing_keys": models.description.get("missing_keys"),
         "numerics": models.description.get("numerics"),
-        "revision": models.description.get("revision"),
         "scheduler": models.description.get("scheduler"),
-        "vae": models.description.get("vae", "none"),
-        "vae_sha256": models.description.get("vae_sha256"),
         "data_fingerprint": data.fingerprint,
         "image_size": models.image_shape[1],
         "channels": models.image_shape[0],
@@ -447,15 +459,65 @@ def check_final_latents(latents: torch.Tensor, batch: Batch, class_names: list[s
         )
 
 
+SATURATED_SHARE = 0.95  # of an image's values at 0 or 255 once saved ...
+NOISE_STEP = 64.0  # ... with a mean step between neighbouring pixels above this (8-bit levels): saturated noise
+
+
+def degenerate(image: torch.Tensor) -> str | None:
+    """Why a decoded image [C, H, W] in [-1, 1] is not a picture, or None: "one flat colour" (every channel constant:
+    black, grey, red, ...) or "saturated noise" (≥ 95% of its values clipped to 0 or 255 and a mean jump of more than
+    64 levels between neighbouring pixels, as an exploded CFG scale or η makes; a digit on black is saturated but
+    smooth)."""
+    flat = image.flatten(1)
+    if bool((flat.amax(1) == flat.amin(1)).all()):
+        return "one flat colour"
+    levels = ((image.clamp(-1, 1) + 1) * 127.5).round()
+    saturated = ((levels == 0) | (levels == 255)).float().mean()
+    steps = torch.cat(
+        [(levels[:, 1:] - levels[:, :-1]).abs().flatten(), (levels[:, :, 1:] - levels[:, :, :-1]).abs().flatten()]
+    )
+    if float(saturated) >= SATURATED_SHARE and float(steps.mean()) > NOISE_STEP:
+        return "saturated noise"
+    return None
+
+
 def check_images(images: torch.Tensor, batch: Batch, class_names: list[str]) -> None:
-    """ValueError naming the first decoded image [C, H, W] that is one flat colour (e.g. all black)."""
-    flat = (images.flatten(1).amax(1) == images.flatten(1).amin(1)).tolist()
-    if any(flat):
-        c, i = batch.items[flat.index(True)]
-        raise ValueError(
-            f"image {i} of class {class_names[c]!r} decoded to one flat colour (likely causes: broken "
-            "model or VAE weights); nothing of its batch was written"
-        )
+    """ValueError naming the first decoded image [C, H, W] that is `degenerate` (nothing of its batch is written: a
+    run never exits 0 with such an image)."""
+    for (c, i), image in zip(batch.items, images):
+        why = degenerate(image)
+        if why is not None:
+            raise ValueError(
+                f"image {i} of class {class_names[c]!r} decoded to {why} (likely causes: a guidance or CFG scale, or "
+                "--eta, too large for this model, or broken model or VAE weights); nothing of its batch was written"
+            )
+
+
+RESERVED_NAMES = ("manifest.json", "preview.png", STATE_DIR)  # and eval_*.json, which `fastdd eval` writes
+
+
+def inside(path: str | os.PathLike, folder: str | os.PathLike) -> bool:
+    """Whether `path` is `folder` or lies under it (both resolved, symlinks followed)."""
+    path, folder = Path(path).resolve(), Path(folder).resolve()
+    return path == folder or folder in path.parents
+
+
+def check_output_paths(spec: RunSpec, class_names: list[str], model_path: Path | None) -> None:
+    """The one check of where a run writes, before anything is written (ValueError naming the option): --out must not
+    lie in --data or in a --model / --vae folder (the run's own files would change the inputs it is resumed with),
+    nor contain --data; no class folder may take a name the run writes itself (manifest.json, preview.png, the state
+    folder, eval_*.json)."""
+    for name in class_names:
+        if name in RESERVED_NAMES or (name.startswith("eval_") and name.endswith(".json")):
+            raise ValueError(f"class {name!r}: fastdd writes a file of that name in --out; rename the class folder")
+    sources = [("--data", spec.data), ("--model", model_path), ("--vae", spec.vae)]
+    for option, source in sources:
+        if source is None or not Path(source).is_dir():
+            continue
+        if inside(spec.out, source):
+            raise ValueError(f"--out {spec.out} lies inside {option} {source}; choose an --out outside it")
+        if option == "--data" and inside(source, spec.out):
+            raise ValueError(f"--data {source} lies inside --out {spec.out}; choose an --out outside it")
 
 
 def check_weights(model: torch.nn.Module, option: str) -> None:
@@ -499,6 +561,7 @@ def prepare(spec: RunSpec, options: Any = None) -> PreparedRun:
     class_names, class_labels, dataset = resolve_classes(
         spec.classes, spec.data, prior.num_classes, description.get("prior_extra", {})
     )
+    check_output_paths(spec, class_names, description.get("model_path"))
     if spec.cfg_scale is None:
         spec = dataclasses.replace(spec, cfg_scale=DIGITS_CFG_SCALE if dataset == "digits" else DIT_CFG_SCALE)
     schedule = dict(description.get("schedule", {}))
@@ -667,10 +730,21 @@ def run(spec: RunSpec, options: Any = None) -> RunResult:
         import torch.distributed as dist
 
         dist.init_process_group("nccl" if prepared.models.device.type == "cuda" else "gloo")
-    if rank == 0:
+    if world == 1:
         directory.start()
-    if world > 1:
-        dist.barrier()
+    else:  # rank 0 takes the folder; every rank learns whether it could, so all of them stop in one line if not
+        refusal = [None]
+        if rank == 0:
+            try:
+                directory.start()
+            except (ValueError, OSError) as err:
+                refusal = [err]
+        dist.broadcast_object_list(refusal, src=0)
+        if refusal[0] is not None:
+            dist.destroy_process_group()
+            if rank == 0:
+                raise refusal[0]
+            raise ValueError(f"rank {rank}: rank 0 could not start the run: {refusal[0]}")
     made = generate(
         directory,
         prepared.plan,
@@ -712,4 +786,7 @@ def distill(method: str, ipc: int, out: str | os.PathLike, options: Any = None, 
     Returns:
         RunResult(out, images, generated). Raises ValueError (naming the CLI option) on bad input.
     """
-    return run(RunSpec(method=method, ipc=ipc, out=str(out), **settings), options)
+    return run(
+        RunSpec(method=method, ipc=ipc, out=os.fspath(out) if isinstance(out, os.PathLike) else out, **settings),
+        options,
+    )

@@ -291,7 +291,7 @@ class Unsafe:  # a pickled object a weights-only load must refuse (an argparse N
 def test_pickled_objects_need_explicit_trust(tmp_path):
     model = small_dit()
     torch.save({"ema": model.state_dict(), "args": Unsafe()}, tmp_path / "train.pt")
-    with pytest.raises(ValueError, match="train.pt.*weights_only=False"):
+    with pytest.raises(ValueError, match="train.pt: cannot read checkpoint: it is not a checkpoint of tensors"):
         load_dit_checkpoint(tmp_path / "train.pt", num_heads=4)
     loaded = load_dit_checkpoint(tmp_path / "train.pt", num_heads=4, weights_only=False)
     x, t, y = inputs()

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 from PIL import Image
-from tiny_dit import TINY_PIXEL_DIT, save_tiny_prior
+from tiny_dit import TINY_PIXEL_DIT, bounded_pixel_dit_, save_tiny_prior
 
 import fastdd
 from fastdd.cli.main import main
@@ -93,7 +93,7 @@ def test_shared_d3hr_statistics_of_other_data_are_refused(tmp_path, assets, caps
         capsys,
         args(tmp_path / "y", assets["abc_prior"], "--data", str(assets["data_b"])) + d3hr,
         tmp_path / "y",
-        "was made with other settings (differs in: inputs)",
+        "made with other settings (differs in: inputs)",
     )
     other_cfg = args(tmp_path / "z", assets["abc_prior"], "--data", str(assets["data_a"]), "--cfg-scale", "1.5")
     refused(capsys, other_cfg + d3hr, tmp_path / "z", "differs in: cfg_scale")
@@ -261,7 +261,7 @@ def official(tmp_path_factory):
     with torch.no_grad():
         for p in model.parameters():
             p.add_(0.05 * torch.randn_like(p))
-    state = model.state_dict()
+    state = bounded_pixel_dit_(model).state_dict()
     torch.save(state, root / "whole.pt")
     torch.save({k: v for k, v in state.items() if k != "blocks.0.attn.qkv.weight"}, root / "partial.pt")
     return root
@@ -343,6 +343,7 @@ def test_a_diffusers_folder_changed_in_place_makes_the_folder_another_run(tmp_pa
     torch.manual_seed(0)
     model = DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=16, in_channels=1, out_channels=2,
                                   num_layers=1, sample_size=16, patch_size=4, num_embeds_ada_norm=10)  # fmt: skip
+    bounded_pixel_dit_(model)
     folder, out = tmp_path / "transformer", tmp_path / "run"
     model.save_pretrained(folder)
     assert main(args(out, folder, "--vae", "none")) == 0

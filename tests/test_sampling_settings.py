@@ -101,12 +101,13 @@ def test_a_pipelines_spacing_is_the_default_of_a_diffusers_spacing_method(tmp_pa
     --spacing still wins."""
     folder = save_tiny_dit_pipeline(tmp_path / "pipe", num_classes=1000, timestep_spacing="trailing")
     (tmp_path / "classes.txt").write_text("a 3\nb 7\n")
-    spec = dict(method="d3hr", ipc=1, model=str(folder), classes=str(tmp_path / "classes.txt"), data=str(tmp_path),
+    data = tmp_path / "data"
+    spec = dict(method="d3hr", ipc=1, model=str(folder), classes=str(tmp_path / "classes.txt"), data=str(data),
                 dry_run=True, device="cpu", quiet=True)  # fmt: skip
     for name in ("a", "b"):
-        (tmp_path / name).mkdir()
+        (data / name).mkdir(parents=True)
         for i in range(2):
-            Image.new("RGB", (16, 16), (i * 40, 80, 120)).save(tmp_path / name / f"{i}.png")
+            Image.new("RGB", (16, 16), (i * 40, 80, 120)).save(data / name / f"{i}.png")
     assert (
         fastdd.prepare(fastdd.RunSpec(out=str(tmp_path / "r1"), **spec)).models.diffusion.timestep_spacing == "trailing"
     )

@@ -70,7 +70,7 @@ def test_an_id_missing_from_the_cache_fails_in_one_line_naming_the_option(tmp_pa
 @pytest.fixture(scope="module")
 def narrow_official(tmp_path_factory) -> Path:
     """An official-format state dict of a 10-class pixel DiT of width 32 (no standard variant: heads unknown)."""
-    from tiny_dit import TINY_PIXEL_DIT
+    from tiny_dit import TINY_PIXEL_DIT, bounded_pixel_dit_
 
     from fastdd.models.dit import DiT
 
@@ -79,6 +79,7 @@ def narrow_official(tmp_path_factory) -> Path:
     with torch.no_grad():
         for p in model.parameters():
             p.add_(0.05 * torch.randn_like(p))
+    bounded_pixel_dit_(model)
     path = tmp_path_factory.mktemp("official") / "narrow.pt"
     torch.save(model.state_dict(), path)
     return path
@@ -133,7 +134,7 @@ def test_a_minimax_training_checkpoint_runs_from_the_command_line(tmp_path, caps
     (weights-only) and samples; the EMA weights are the ones used."""
     import argparse
 
-    from tiny_dit import TINY_PIXEL_DIT
+    from tiny_dit import TINY_PIXEL_DIT, bounded_pixel_dit_
 
     from fastdd.cli.main import main
     from fastdd.models.dit import DiT
@@ -143,6 +144,7 @@ def test_a_minimax_training_checkpoint_runs_from_the_command_line(tmp_path, caps
     with torch.no_grad():
         for p in ema.parameters():
             p.add_(0.05 * torch.randn_like(p))
+    bounded_pixel_dit_(ema)
     state = ema.state_dict()
     path = tmp_path / "0008000.pt"
     torch.save({"model": {k: torch.zeros_like(v) for k, v in state.items()}, "ema": state, "opt": {"state": {}},

@@ -148,16 +148,58 @@ def relative_error(actual: torch.Tensor, expected: torch.Tensor, floor: float = 
 
 
 def save_tiny_prior(path, classes: list[str], dataset: str, nan: bool = False):
-    """A 1-block 16×16 pixel-space fastdd prior for `classes` saved at path (with one NaN weight if nan)."""
-    from fastdd.prior import save_prior
+    """A 16×16 pixel-space fastdd prior for `classes` (at most 10) saved at path: the shipped digits prior with the
+    label embeddings of its first len(classes) digits and its null class, so that its images are pictures, not the
+    saturated noise of random weights (which a run refuses); with one NaN weight if nan."""
+    from fastdd.models.loading import DIGITS_PRIOR_PATH
+    from fastdd.prior import load_prior, save_prior
 
-    torch.manual_seed(0)
-    model = DiT(**TINY_PIXEL_DIT, num_classes=len(classes))
-    with torch.no_grad():  # DiT zero-initialises its output layers: give them weights so the output depends on x
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-        if nan:
+    digits, extra = load_prior(DIGITS_PRIOR_PATH)
+    config = digits.config() | {"num_classes": len(classes)}
+    model = DiT(**config)
+    state = digits.state_dict()
+    table = state["y_embedder.embedding_table.weight"]
+    state["y_embedder.embedding_table.weight"] = torch.cat([table[: len(classes)], table[-1:]])
+    model.load_state_dict(state)
+    if nan:
+        with torch.no_grad():
             model.blocks[0].attn.qkv.weight[0, 0] = float("nan")
-    metadata = {"dataset": dataset, "classes": classes, "image_size": 16, "channels": 1, "latent": "pixel"}
+    metadata = {**extra, "dataset": dataset, "classes": classes}
     save_prior(model, path, metadata)
     return path
+
+
+def bounded_pixel_dit_(model):
+    """Make a random pixel-space DiT (fastdd's or diffusers' DiTTransformer2DModel) sample pictures instead of the
+    saturated noise of random weights (which a run refuses): the patch embedding copies each patch's pixels into the
+    hidden dims (alternating ± copies, so a token has mean 0 and the RMS of its patch) and the output projection reads
+    the first copy back as eps, so eps is the patch over its RMS (about the right noise at high t, bounded everywhere); the adaLN weights are damped to keep class dependence
+    small. In place; returns the model."""
+    fastdd_layout = hasattr(model, "x_embedder")
+    patch_embed = model.x_embedder.proj if fastdd_layout else model.pos_embed.proj
+    final = model.final_layer.linear if fastdd_layout else model.proj_out_2
+    modulations = (
+        [b.adaLN_modulation[-1] for b in model.blocks] + [model.final_layer.adaLN_modulation[-1]]
+        if fastdd_layout
+        else [b.norm1.linear for b in model.transformer_blocks] + [model.proj_out_1]
+    )
+    channels, p = patch_embed.weight.shape[1], patch_embed.weight.shape[2]
+    out_channels = final.weight.shape[0] // (p * p)
+    with torch.no_grad():
+        patch_embed.weight.zero_()
+        patch_embed.bias.zero_()
+        final.weight.zero_()
+        final.bias.zero_()
+        for c in range(channels):
+            for u in range(p):
+                for v in range(p):
+                    hidden = c * p * p + u * p + v
+                    for copy in range(patch_embed.weight.shape[0] // (channels * p * p)):  # ± copies: mean 0
+                        patch_embed.weight[hidden + copy * channels * p * p, c, u, v] = 10.0 * (-1.0) ** copy
+                    final.weight[u * p * out_channels + v * out_channels + c, hidden] = 1.0
+        for layer in modulations:
+            layer.weight.mul_(0.01)
+            layer.bias.mul_(0.01)
+        if fastdd_layout:  # (diffusers recomputes its sin-cos table when it loads: the ×10 patch outweighs it)
+            model.pos_embed.zero_()
+    return model

@@ -26,10 +26,15 @@ def run(args) -> int:
         )
     except ValueError as err:
         raise UsageError(str(err)) from None
+    incomplete = (
+        ""
+        if summary["run_complete"]
+        else f" (incomplete run: {summary['images']} of {summary['images_planned']} images)"
+    )
     print(f"| set | arch | IPC | epochs | top-1 (mean ± std over {len(seeds)} seeds) |")
     print("|---|---|---|---|---|")
     print(
-        f"| {args.dir} | {args.arch} | {summary['ipc']} | {summary['epochs']} | "
+        f"| {args.dir}{incomplete} | {args.arch} | {summary['ipc']} | {summary['epochs']} | "
         f"{summary['top1_mean']:.2f} ± {summary['top1_std']:.2f} |"
     )
     print(f"wrote {summary_path(args.dir, args.arch, args.json)}")

@@ -9,8 +9,15 @@ from . import bench, distill, evaluate, info, prior, surrogate
 from .errors import UsageError
 
 
+class Parser(argparse.ArgumentParser):
+    """An argument parser whose errors are one line (argparse prints the whole usage first), exit code 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fastdd", description=__doc__)
+    parser = Parser(prog="fastdd", description=__doc__)
     subparsers = parser.add_subparsers(dest="command", required=True)
     info.add_parser(subparsers)
     distill.add_parser(subparsers)
@@ -28,6 +35,10 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as err:
         print(f"fastdd {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # what was written is atomic: the state resumes as it is
+        hint = "run the same command to resume" if args.command == "distill" else "run the same command again"
+        print(f"fastdd {args.command}: interrupted; {hint}", file=sys.stderr)
+        return 130
     return int(result or 0)
 
 

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from .digits import DIGITS_CLASSES, load_digits_split
-from .imagefolder import load_image_folder, scan_image_folder
+from .imagefolder import check_mode, load_image_folder, scan_image_folder
 
 
 @dataclass
@@ -71,9 +71,12 @@ def real_data(
             for path, _ in samples:
                 try:
                     with Image.open(path) as img:
+                        check_mode(img, path)
                         img.verify()
                 except (OSError, UnidentifiedImageError, Image.DecompressionBombError) as err:
                     raise ValueError(f"--data: cannot read image {path} ({err})") from None
+                except ValueError as err:
+                    raise ValueError(f"--data: {err}") from None
 
         def load_folder():
             images, labels, _ = load_image_folder(data, size, channels, classes=class_names)

@@ -231,6 +231,50 @@ def statistics_config(sampler: GuidedSampler, class_index: int, target_index: in
     return config | ({"inputs": inputs} if inputs else {})
 
 
+FOLDER_CONFIG = "statistics.json"
+
+
+def claim_statistics_folder(stats_dir: str | Path, config: dict, write: bool = True) -> None:
+    """Make a shared statistics folder this run's, or refuse it (ValueError, before anything else is written).
+
+    The folder's `statistics.json` records the settings its files are made with (a `statistics_config` without the
+    class); it is read, and written when absent, under an exclusive lock on the folder's `.lock`, so two runs started
+    together on an empty folder cannot both claim it: the second sees the first's settings. Per-class files are
+    checked against the same settings when they are read (`check_statistics_file`).
+
+    Args:
+        stats_dir: the folder (created when write and missing).
+        config: the folder-level settings.
+        write: False (a dry run): only check what is there.
+    """
+    import fcntl
+
+    from ..data.atomic import write_bytes_atomic
+
+    folder = Path(stats_dir)
+    if folder.exists() and not folder.is_dir():
+        raise ValueError(f"--d3hr-stats {folder} is a file, not a folder")
+    if not folder.exists() and not write:
+        return
+    folder.mkdir(parents=True, exist_ok=True)
+    record = folder / FOLDER_CONFIG
+    with open(folder / ".lock", "a+") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if record.exists():
+            try:
+                stored = json.loads(record.read_text())
+            except ValueError as err:
+                raise ValueError(f"--d3hr-stats: {record} is not readable JSON ({err})") from None
+            if stored != json.loads(json.dumps(config)):
+                changed = sorted(k for k in set(stored) | set(config) if stored.get(k) != config.get(k))
+                raise ValueError(
+                    f"--d3hr-stats {folder} holds statistics made with other settings (differs in: "
+                    f"{', '.join(changed)}); use another folder or delete it"
+                )
+        elif write:
+            write_bytes_atomic((json.dumps(config, indent=2, sort_keys=True) + "\n").encode(), record)
+
+
 def check_statistics_file(path: Path, config: dict) -> ClassStatistics:
     """A stored class Gaussian, checked to have been made with `config`.
 

@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import math
 import sys
+import types
+import typing
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -244,11 +246,34 @@ def check(condition: bool, message: str) -> None:
         raise ValueError(message)
 
 
+def _type_ok(value: Any, hint: Any) -> bool:
+    """Whether value fits a field annotation (int, float, str, bool, tuple[int, int], X | None); bools are not ints."""
+    if hint is Any:
+        return True
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_type_ok(value, arg) for arg in typing.get_args(hint))
+    if hint is type(None):
+        return value is None
+    if origin is tuple:
+        return isinstance(value, tuple) and all(_type_ok(v, a) for v, a in zip(value, typing.get_args(hint)))
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, hint)
+
+
 def check_options(options: Any) -> None:
-    """ValueError naming the flag of the first field of `options` (a dataclass of `option` fields) that is a NaN or
-    infinite float (it would turn every image black or into noise without an error) or not one of its choices."""
+    """ValueError naming the flag of the first field of `options` (a dataclass of `option` fields) whose value has
+    another type than its annotation (the Python API: seed=0.5, out=None), is a NaN or infinite float (it would turn
+    every image black or into noise without an error) or is not one of its choices."""
+    hints = typing.get_type_hints(type(options))
     for option_field in option_fields(type(options)):
         value, choices = getattr(options, option_field.name), option_field.metadata.get("choices")
+        if not _type_ok(value, hints[option_field.name]):
+            expected = str(hints[option_field.name]).replace("typing.", "").replace("<class '", "").replace("'>", "")
+            raise ValueError(f"{flag_of(option_field)} must be {expected}, got {value!r}")
         if isinstance(value, float) and not math.isfinite(value):
             raise ValueError(f"{flag_of(option_field)} must be a finite number, got {value}")
         if choices and value is not None and value not in choices:
@@ -256,15 +281,28 @@ def check_options(options: Any) -> None:
 
 
 # bump when a cached artefact's content changes meaning; 2: SAM's gammas in Minimax's blocks (all blocks of a DiT of
-# depth <= 14)
-CACHE_FORMAT = 2
+# depth <= 14); 3: keys name numerics, precision, compat, the scheduler and hub snapshots
+CACHE_FORMAT = 3
+# what the manifest and every cache record of the weights: source, fingerprint, hub revision and resolved snapshot
+WEIGHT_KEYS = ("model", "model_sha256", "revision", "model_snapshot", "vae", "vae_sha256", "vae_snapshot")
 
 
-def cache_inputs(models: Models, data: RealData, depends_on: dict) -> dict:
-    """What a cached artefact depends on: format version, the real data (`RealData.fingerprint`), the model and VAE
-    weights and `depends_on` (the method options and seeds it depends on)."""
-    weights = {k: models.description.get(k) for k in ("model", "model_sha256", "vae", "vae_sha256")}
-    return {"format": CACHE_FORMAT, "data": data.fingerprint, "weights": weights, **depends_on}
+def cache_inputs(spec: RunSpec, models: Models, data: RealData, depends_on: dict) -> dict:
+    """Everything a cached or shared artefact depends on, in one place (every cache, the shared D3HR statistics folder
+    and the manifest's run config name the same facts): format version, the real data (`RealData.fingerprint`), the
+    weights of the model and the VAE (fingerprints, hub snapshots), the DiT numerics, the scheduler a diffusers
+    pipeline brings, --precision, --compat, and `depends_on` (the method options and seeds it depends on)."""
+    weights = {k: models.description.get(k) for k in WEIGHT_KEYS}
+    return {
+        "format": CACHE_FORMAT,
+        "data": data.fingerprint,
+        "weights": weights,
+        "numerics": models.description.get("numerics"),
+        "scheduler": models.description.get("scheduler"),
+        "precision": spec.precision,
+        "compat": spec.compat,
+        **depends_on,
+    }
 
 
 def cache_key(inputs: dict) -> str:
@@ -287,7 +325,7 @@ def read_cache(path: Path, load: Callable[[Path], Any]) -> Any:
 
 def cache_path(spec: RunSpec, models: Models, data: RealData, kind: str, depends_on: dict) -> Path:
     """spec.state_dir / '<kind>_<cache_key>.safetensors'."""
-    return spec.state_dir / f"{kind}_{cache_key(cache_inputs(models, data, depends_on))}.safetensors"
+    return spec.state_dir / f"{kind}_{cache_key(cache_inputs(spec, models, data, depends_on))}.safetensors"
 
 
 def rescale_index(index: int, steps: int, of_steps: int = 50) -> int:

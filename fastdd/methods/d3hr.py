@@ -21,6 +21,7 @@ from ..guidance.d3hr import (
     D3HR_CANDIDATES,
     D3HR_WEIGHTS,
     check_statistics_file,
+    claim_statistics_folder,
     class_group,
     load_class_statistics,
     statistics_config,
@@ -66,8 +67,10 @@ class D3HROptions:
     stats: str | None = option(
         None,
         "folder of per-class inverted statistics to reuse across runs (default: in the "
-        "run folder); a file made with other settings is refused",
+        "run folder); a folder or file made with other settings is refused; not part of the run config (its files are "
+        "checked against the run's settings)",
         flag="--d3hr-stats",
+        compare=False,
     )
 
 
@@ -90,12 +93,15 @@ def build(options: D3HROptions, spec: RunSpec, models: Models, data: RealData) -
         "sampler": "ddim, eta 0 (from the selected latents)",
         "stats_dir": options.stats,
     }
-    inputs = cache_inputs(models, data, {"seed": spec.seed})
+    inputs = cache_inputs(spec, models, data, {"seed": spec.seed})
     stats_dir = Path(options.stats) if options.stats else None
     if stats_dir is not None:  # a shared folder: refuse files made with other settings now, before anything is written
         like_run = GuidedSampler(
             models.prior, models.diffusion, cfg_scale=spec.cfg_scale, num_classes=models.num_model_classes
         )
+        folder_config = statistics_config(like_run, 0, target, inputs)
+        del folder_config["class_index"]
+        claim_statistics_folder(stats_dir, folder_config, write=not spec.dry_run)
         for label in models.class_labels:
             if statistics_path(stats_dir, label).is_file():
                 check_statistics_file(

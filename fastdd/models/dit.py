@@ -16,6 +16,8 @@ pre-MLP LayerNorm.  The defaults (0 and 1e-6) are the official DiT numerics.
 
 from __future__ import annotations
 
+import contextlib
+import glob
 import math
 import os
 import re
@@ -483,8 +485,10 @@ def _read_checkpoint(source, weights_only: bool) -> tuple[Mapping, str]:
         with torch.serialization.safe_globals([(TrainingArgs, "argparse.Namespace")]):
             obj = torch.load(path, map_location="cpu", weights_only=weights_only)
     except Exception as error:  # unpickling of non-tensor objects is refused with weights_only=True
-        hint = " (pass weights_only=False only if you trust this file)" if weights_only else ""
-        raise ValueError(f"{path}: cannot read checkpoint{hint}: {error}") from error
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        if first.startswith("Weights only load failed"):  # torch's advice to unpickle untrusted code: not given
+            first = "it is not a checkpoint of tensors (corrupt, another format, or pickled objects)"
+        raise ValueError(f"{path}: cannot read checkpoint: {first[:200]}") from error
     if not isinstance(obj, Mapping):
         raise ValueError(f"{path}: expected a state dict or a dict with an 'ema' entry, got {type(obj).__name__}")
     return obj, path
@@ -510,8 +514,17 @@ def _extract_state_dict(obj: Mapping, name: str) -> dict[str, torch.Tensor]:
     return state
 
 
+DIT_KEY_PREFIXES = ("x_embedder.", "t_embedder.", "y_embedder.", "blocks.", "final_layer.", "pos_embed")
+
+
 def _require(state: Mapping, key: str, name: str) -> torch.Tensor:
     if key not in state:
+        if not any(k.startswith(DIT_KEY_PREFIXES) for k in state):
+            example = next(iter(state), None)
+            raise ValueError(
+                f"{name}: not a DiT checkpoint (none of its {len(state)} keys is a DiT key"
+                + (f", e.g. {example!r})" if example else ")")
+            )
         raise ValueError(f"{name}: cannot infer the DiT config, key {key!r} is missing")
     return state[key]
 
@@ -631,6 +644,20 @@ def load_dit_checkpoint(
 
 
 # ----------------------------------------------------------------------------------------- diffusers
+@contextlib.contextmanager
+def quiet_diffusers():
+    """diffusers' loaders log warnings and fallbacks on stderr (e.g. "Defaulting to unsafe serialization"); fastdd
+    says in one line what went wrong instead."""
+    from diffusers.utils import logging
+
+    level = logging.get_verbosity()
+    logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        logging.set_verbosity(level)
+
+
 def _diffusers_block_key_map(index: int) -> dict[str, str]:
     """fastdd key -> diffusers key for the non-qkv parameters of block ``index``."""
     src, dst = f"transformer_blocks.{index}.", f"blocks.{index}."
@@ -669,10 +696,15 @@ def load_diffusers_dit(
         if not os.path.isdir(folder):
             raise ValueError(f"path_or_model: not a folder: {folder}")
         subfolder = "transformer" if os.path.isfile(os.path.join(folder, "transformer", "config.json")) else None
+        weights = os.path.join(folder, subfolder or "")
+        if not glob.glob(os.path.join(weights, "diffusion_pytorch_model*")):
+            raise ValueError(f"{weights}: holds no weights (diffusion_pytorch_model.safetensors or .bin)")
         try:
-            source = DiTTransformer2DModel.from_pretrained(folder, subfolder=subfolder, variant=variant)
+            with quiet_diffusers():
+                source = DiTTransformer2DModel.from_pretrained(folder, subfolder=subfolder, variant=variant)
         except (OSError, ValueError) as error:
-            raise ValueError(f"{folder}: cannot load a diffusers DiT: {error}") from error
+            first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            raise ValueError(f"{folder}: cannot load a diffusers DiT: {first}") from error
         name = folder
     else:
         source, name = path_or_model, type(path_or_model).__name__

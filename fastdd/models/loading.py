@@ -128,10 +128,12 @@ def load_checkpoint(
     try:
         return load_dit_checkpoint(str(path), strict=True, device=device, **heads)
     except ValueError as err:
-        if not allow_missing_keys or "shape mismatch" in str(err):
+        key_mismatch = "does not match the DiT" in str(err) and "shape mismatch" not in str(err)
+        if not allow_missing_keys or not key_mismatch:
             if "num_heads" in str(err):
                 raise ValueError(f"--model {path}: {str(err).replace('pass num_heads=', 'pass --num-heads')}") from None
-            raise ValueError(f"--model {path}: {err}; pass --allow-missing-keys to load it anyway") from None
+            hint = "; pass --allow-missing-keys to load it anyway" if key_mismatch else ""
+            raise ValueError(f"--model {path}: {err}{hint}") from None
         network = load_dit_checkpoint(str(path), strict=False, device=device, **heads)
         description["missing_keys"] = str(err)
         print(f"fastdd: --allow-missing-keys: {err}", file=sys.stderr)
@@ -139,16 +141,27 @@ def load_checkpoint(
 
 
 def load_codec(vae: str, device: torch.device, precision: str):
-    """The LatentCodec of --vae: an alias (mse | ema), a hub id (resolved through the cache) or a folder."""
+    """(the LatentCodec of --vae, the folder it was loaded from): an alias (mse | ema), a hub id (resolved through the
+    cache to a snapshot folder) or a folder."""
     from .vae import VAE_ALIASES, LatentCodec
 
     name = VAE_ALIASES.get(vae, vae)
-    source = str(resolve_hub_id(name, "--vae")) if looks_like_hub_id(name) else name
+    source = resolve_hub_id(name, "--vae") if looks_like_hub_id(name) else Path(name)
     try:
-        return LatentCodec.from_pretrained(source, device=device, channels_last=device.type == "cuda",
-                                           precision=precision)  # fmt: skip
+        codec = LatentCodec.from_pretrained(str(source), device=device, channels_last=device.type == "cuda",
+                                            precision=precision)  # fmt: skip
     except ValueError as err:
         raise ValueError(f"--vae {vae}: {err}") from None
+    return codec, source
+
+
+def describe_weights(description: dict, key: str, path: Path, hub_id: bool) -> None:
+    """Record what the weights at `path` are under description[key + "_sha256"] (`weights_fingerprint`) and, for a hub
+    id, description[key + "_snapshot"]: the snapshot (commit) the cache resolved it to."""
+    if path.exists():
+        description[f"{key}_sha256"] = weights_fingerprint(path)
+    if hub_id:
+        description[f"{key}_snapshot"] = path.resolve().name
 
 
 def load_generator(
@@ -173,14 +186,15 @@ def load_generator(
     spec = model or (str(DIGITS_PRIOR_PATH) if data is None else DEFAULT_DIT)
     if revision is not None and not looks_like_hub_id(spec):
         raise ValueError(f"--revision {revision}: --model {spec} is not a hub id (a revision picks a hub snapshot)")
-    path = resolve_hub_id(spec, "--model", revision) if looks_like_hub_id(spec) else Path(spec)
+    hub_model = looks_like_hub_id(spec)
+    path = resolve_hub_id(spec, "--model", revision) if hub_model else Path(spec)
     if model is None and data is None and not path.is_file():
         raise ValueError(f"the bundled digits prior {path} is missing; make it with `fastdd prior train --out {path}`")
     description = {"model": spec if model else ("bundled digits prior" if data is None else spec)}
     if revision is not None:
         description["revision"] = revision
-    if path.exists():
-        description["model_sha256"] = weights_fingerprint(path)
+    describe_weights(description, "model", path, hub_model)
+    description["model_path"] = path
     if path.is_file() and is_fastdd_prior(path):
         try:
             network, extra = load_prior(path, device)
@@ -212,10 +226,12 @@ def load_generator(
             ) from None
         if vae is None:  # a pipeline's own VAE, else the SD VAE the DiT was trained with
             vae = str(path) if (path / "vae" / "config.json").is_file() else "mse"
-        codec = PixelCodec(network.in_channels) if vae == "none" else load_codec(vae, device, precision)
         description.update(vae=vae)
-        if Path(vae).exists():
-            description["vae_sha256"] = weights_fingerprint(Path(vae))
+        if vae == "none":
+            codec = PixelCodec(network.in_channels)
+        else:
+            codec, vae_path = load_codec(vae, device, precision)
+            describe_weights(description, "vae", vae_path, vae_path != Path(vae))
         extra = {}
     if numerics is not None:
         network.set_numerics(numerics)

@@ -56,8 +56,11 @@ def load_vae(
         subfolder = "vae"
     if os.path.isdir(name_or_path):
         check_vae_folder(os.path.join(name_or_path, subfolder or ""))
+    from .dit import quiet_diffusers
+
     try:
-        vae = AutoencoderKL.from_pretrained(name_or_path, subfolder=subfolder, torch_dtype=dtype)
+        with quiet_diffusers():
+            vae = AutoencoderKL.from_pretrained(name_or_path, subfolder=subfolder, torch_dtype=dtype)
     except (OSError, ValueError) as error:
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise ValueError(f"cannot load an AutoencoderKL from {name_or_path!r}: {first_line}") from None

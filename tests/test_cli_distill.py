@@ -262,7 +262,8 @@ def test_interrupted_run_with_several_images_per_batch_resumes_byte_identical(tm
 
 # ----------------------------------------------------------------------------------------- resume
 def run_cli(args: list[str], env_extra: dict[str, str] | None = None, **kwargs) -> subprocess.Popen:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env_extra or {})}
+    # PYTHONSAFEPATH: the child imports the installed fastdd, as a user's shell does, not the checkout it runs in
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONSAFEPATH": "1", **(env_extra or {})}
     return subprocess.Popen(
         [sys.executable, "-m", "fastdd", *args],
         env=env,

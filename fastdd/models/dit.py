@@ -484,11 +484,15 @@ def _read_checkpoint(source, weights_only: bool) -> tuple[Mapping, str]:
     try:  # Minimax's training checkpoints pickle their argparse Namespace beside the tensors: read as TrainingArgs
         with torch.serialization.safe_globals([(TrainingArgs, "argparse.Namespace")]):
             obj = torch.load(path, map_location="cpu", weights_only=weights_only)
-    except Exception as error:  # unpickling of non-tensor objects is refused with weights_only=True
+    except OSError as error:
+        raise ValueError(f"{path}: cannot read checkpoint: {error}") from error
+    except Exception as error:  # garbage bytes fail anywhere in the unpickler, with messages that vary by content
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        if first.startswith("Weights only load failed"):  # torch's advice to unpickle untrusted code: not given
-            first = "it is not a checkpoint of tensors (corrupt, another format, or pickled objects)"
-        raise ValueError(f"{path}: cannot read checkpoint: {first[:200]}") from error
+        said = "" if first.startswith("Weights only load failed") else f"; torch.load: {first[:120]}"
+        raise ValueError(  # torch's advice to unpickle untrusted code is not given
+            f"{path}: cannot read checkpoint: it is not a checkpoint of tensors "
+            f"(corrupt, another format, or pickled objects{said})"
+        ) from error
     if not isinstance(obj, Mapping):
         raise ValueError(f"{path}: expected a state dict or a dict with an 'ema' entry, got {type(obj).__name__}")
     return obj, path

@@ -31,6 +31,7 @@ import io
 import json
 import os
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,7 +40,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file
 
-from .bench.common import timeit
+from .bench.common import synchronize
 from .data.atomic import save_safetensors_atomic, write_bytes_atomic
 from .data.classes import resolve_classes
 from .data.imagefolder import matches_sha256, save_png_atomic
@@ -52,11 +53,11 @@ from .methods.base import (
     WEIGHT_KEYS,
     SamplingSettings,
     check_options,
-    default_device,
     default_sample,
 )
 from .models.loading import load_generator
 from .options import record as record_options
+from .parallel import distributed_env, resolve_device
 from .progress import progress_bar
 from .sampling import GaussianDiffusion, GuidedSampler
 from .sampling.labels import LocalLabels, label_map
@@ -350,26 +351,6 @@ def generate(
 
 
 # ----------------------------------------------------------------------------------------- the run
-def distributed_env() -> tuple[int, int, int]:
-    """(rank, world size, local rank) from the torchrun environment (1 process without it)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    return int(os.environ.get("RANK", "0")), world, int(os.environ.get("LOCAL_RANK", "0"))
-
-
-def resolve_device(name: str | None, local_rank: int, world: int) -> torch.device:
-    """The torch device of --device (default: cuda when available); CUDA ranks take their local GPU."""
-    try:
-        device = torch.device(name or default_device())
-    except RuntimeError:
-        raise ValueError(f"--device: unknown device {name!r}") from None
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError(f"--device {name}: CUDA is not available")
-        if world > 1 and device.index is None:
-            device = torch.device("cuda", local_rank)
-    return device
-
-
 def run_config(spec: RunSpec, sampling: SamplingSettings, models: Models, data: RealData, method_args: dict) -> dict:
     """Everything that determines the images (compared on resume; the manifest's "config")."""
     return {
@@ -420,6 +401,7 @@ class PreparedRun:
     directory: RunDirectory
     rank: int = 0
     world: int = 1
+    prepare_seconds: float = 0.0  # what loading the models and data and building the method took
 
     def sample_batch(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, list[dict]]:
         """(images [B, C, H, W] in [-1, 1] on the CPU, final latents [B, C, h, w], per-image records) of a batch."""
@@ -530,6 +512,7 @@ def check_weights(model: torch.nn.Module, option: str) -> None:
 def prepare(spec: RunSpec, options: Any = None) -> PreparedRun:
     """Validate, load the generator and the data, build the method and its sampler (ValueError naming the CLI
     option on bad input; nothing is written). options: the method's options dataclass (default: its defaults)."""
+    started = time.perf_counter()
     spec.validate()
     method = get_method(spec.method)
     options = method.options() if options is None else options
@@ -581,9 +564,10 @@ def prepare(spec: RunSpec, options: Any = None) -> PreparedRun:
         device,
         description,
     )
-    data = real_data(spec.data, dataset, class_names, image, verify=not method.needs_data)
+    workers = spec.workers if spec.workers is not None else min(4, os.cpu_count() or 1)
+    data = real_data(spec.data, dataset, class_names, image, workers=workers, pin_memory=device.type == "cuda")
     if method.needs_data:
-        data.load()
+        data.require()
     if len(class_names) * spec.ipc > MAX_IMAGES:
         raise ValueError(
             f"--ipc {spec.ipc}: {len(class_names)} classes × {spec.ipc} images is more than fastdd's limit "
@@ -609,7 +593,9 @@ def prepare(spec: RunSpec, options: Any = None) -> PreparedRun:
         cuda_graphs=spec.cuda_graphs,
         model_jacobian=not spec.fast,
     )
-    return PreparedRun(spec, method, options, models, data, setup, sampler, plan, directory, rank, world)
+    return PreparedRun(
+        spec, method, options, models, data, setup, sampler, plan, directory, rank, world, time.perf_counter() - started
+    )
 
 
 class Probe:
@@ -618,9 +604,19 @@ class Probe:
     def __init__(self, run: PreparedRun):
         self.run, self._calls = run, {}
 
-    def seconds(self, fn: Callable[[], object], repeats: int = 5) -> float:
-        """Median seconds of `repeats` calls of fn after one untimed warm-up call."""
-        return timeit(fn, self.run.models.device, repeats, warmup=1, do_bench=False)
+    def seconds(self, fn: Callable[[], object], repeats: int = 5, budget: float = 0.5) -> float:
+        """Mean seconds of fn over at least `repeats` calls and at least `budget` seconds (at most 200 calls), after
+        one untimed warm-up call. The mean, not the median: a run is a sum of calls, and on a machine shared with
+        other work the slow calls are part of it."""
+        fn()
+        device, calls = self.run.models.device, 0
+        synchronize(device)
+        start = time.perf_counter()
+        while calls < repeats or (time.perf_counter() - start < budget and calls < 200):
+            fn()
+            calls += 1
+            synchronize(device)
+        return (time.perf_counter() - start) / calls
 
     def _inputs(self, rows: int, shape: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         device, label = self.run.models.device, self.run.models.class_labels[0]
@@ -659,15 +655,20 @@ class Probe:
             return self.seconds(lambda: network(x).float().square().mean().backward())
 
 
-def estimate_seconds(run: PreparedRun, batches: int) -> float:
-    """Seconds for this process: `batches` batches of sampling (a timed model call × steps, guided steps × the
-    method's cost in model calls) plus the method's per-run state (`Cost.state`, from timed probes). Rough: within
-    2× of the real time on the digits default for every method (tests/test_api.py)."""
+def estimate_seconds(run: PreparedRun, batches: list[Batch]) -> float:
+    """Seconds for this process to generate `batches` (the ones left): the preparation (as long as this one took),
+    each batch a timed model call × its sampling steps (guided steps × the method's cost in model calls), plus the
+    method's per-run state still to compute for their classes (`Cost.state`, from timed probes). Within 2× of the real time on the digits default and a small --data
+    folder for every method (tests/test_api.py, benchmarks/dry_run_estimates.py)."""
+    if not batches:
+        return 0.0
     probe, cost = Probe(run), run.setup.cost
-    batch_size = max(len(b.items) for b in run.plan)
     steps = cost.sampling_steps or run.spec.steps
-    sampling = probe.model_call(batch_size) * (steps + cost.guided_step_calls * cost.guided_steps) * batches
-    return sampling + (cost.state(probe) if cost.state is not None else 0.0)
+    per_step = cost.guided_step_calls * cost.guided_steps
+    sampling = sum(probe.model_call(len(b.items)) for b in batches) * (steps + per_step)
+    classes = {c for b in batches for c in b.classes}
+    state = cost.state(probe, classes) if cost.state is not None else 0.0
+    return run.prepare_seconds + sampling + state
 
 
 def print_plan(run: PreparedRun) -> None:
@@ -684,8 +685,12 @@ def print_plan(run: PreparedRun) -> None:
         f"generator   {models.description['model']} ({parameters:,} parameters), latent {list(models.latent_shape)}, "
         f"images {list(models.image_shape)}"
     )
+    sampling = run.setup.sampling or (
+        f"{spec.sampler}{f' eta {spec.eta}' if spec.sampler == 'ddim' else ''}, {spec.steps} steps "
+        f"({models.diffusion.timestep_spacing} spacing)"
+    )
     print(
-        f"sampling    {spec.sampler}, {spec.steps} steps ({models.diffusion.timestep_spacing} spacing), "
+        f"sampling    {sampling}, "
         f"CFG {spec.cfg_scale}{f' on eps[:, :{run.sampler.cfg_channels}]' if run.sampler.cfg_channels else ''}"
         f"{', the official 2-row loop (compat)' if run.sampler.compat else ''}, numerics {models.description['numerics']}, "
         f"{run.setup.cost.guided_steps} guided steps, {spec.precision}{', fast (no DiT Jacobian)' if spec.fast else ''}, "
@@ -697,11 +702,11 @@ def print_plan(run: PreparedRun) -> None:
         f"(≤{spec.class_batch} classes × ≤{spec.images_per_batch} images); "
         f"this process (rank {run.rank} of {run.world}): {len(mine)} batches"
     )
-    done = sum(1 for b in mine if run.directory.batch_done(b))
-    print(f"output      {spec.out} ({done} of {len(mine)} batches already done)")
+    left = [b for b in mine if not (run.directory.batch_done(b) and run.directory.batch_intact(b))]
+    print(f"output      {spec.out} ({len(mine) - len(left)} of {len(mine)} batches already done)")
     print(
-        f"estimate    ~{estimate_seconds(run, len(mine)):.1f} s for this process (timed probes: the sampling steps, "
-        "the guided steps' backward and the method's per-run state)"
+        f"estimate    ~{estimate_seconds(run, left):.1f} s for this process, for the work left (timed probes: the "
+        "sampling steps, the guided steps' backward and the method's per-run state not yet cached)"
     )
 
 
@@ -760,9 +765,9 @@ def run(spec: RunSpec, options: Any = None) -> RunResult:
     if rank == 0:
         directory.write_manifest(complete=True)
         preview = directory.write_preview(spec.ipc)
-        if made == 0 and world == 1:
+        if spec.progress and made == 0 and world == 1:  # (--quiet: nothing but errors)
             print(f"{spec.out} is already complete: {total} images, manifest.json and {preview.name}")
-        else:
+        elif spec.progress:
             print(
                 f"wrote {total} images to {spec.out} ({made} generated now by this process), manifest.json and "
                 f"{preview.name}"

@@ -176,7 +176,10 @@ def test_igd_computes_and_caches_the_surrogate_from_data(tmp_path, assets):
     cache = list((out / ".fastdd").glob("surrogate*.safetensors"))
     assert len(cache) == 1
     bundle = SurrogateBundle.load(cache[0])
-    assert bundle.config.num_classes == 3 and bundle.real_grads.shape[0] == 3 and bundle.epochs[0] == 0
+    assert bundle.config.num_classes == 3 and bundle.real_grads is None and bundle.epochs[0] == 0
+    real_grads = sorted(out.glob(".fastdd/surrogate_*_real_grads/*.safetensors"))  # per class, beside the checkpoints
+    assert [p.name for p in real_grads] == ["0.safetensors", "1.safetensors", "2.safetensors"]
+    assert load_file(real_grads[0])["value"].shape == bundle.flat_params.shape
     assert sorted(p.parent.name for p in out.glob("*/*.png")) == ["a", "b", "c"]
 
 
@@ -308,7 +311,7 @@ def test_sigkill_twice_then_resume_is_byte_identical_to_an_uninterrupted_run(tmp
 
 
 def test_sigkill_after_the_cache_and_before_the_manifest_then_other_data(tmp_path, assets):
-    """A process SIGKILLs itself right after MGD3 cached its modes (before manifest.json exists); the same command
+    """A process SIGKILLs itself right after MGD3 stored its first modes (before manifest.json exists); the same command
     with other --data recomputes them instead of reusing the first data's modes (the images match a fresh run)."""
     other = copy_data(assets["data"], tmp_path / "other")
     for png in sorted(other.glob("*/*.png"))[::2]:
@@ -318,7 +321,8 @@ def test_sigkill_after_the_cache_and_before_the_manifest_then_other_data(tmp_pat
         "import os, signal, fastdd\n"
         f"spec = fastdd.RunSpec(method='mgd3', ipc=2, out={str(out)!r}, data={str(assets['data'])!r}, "
         f"model={str(assets['abc_prior'])!r}, steps=5, quiet=True, device='cpu')\n"
-        "fastdd.prepare(spec)\n"
+        "prepared = fastdd.prepare(spec)\n"
+        "prepared.sample_batch(prepared.plan[0])\n"  # the modes of the first batch's classes are computed and stored
         "os.kill(os.getpid(), signal.SIGKILL)\n"
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
@@ -395,7 +399,10 @@ def test_bad_arguments_fail_with_one_line_and_write_nothing(tmp_path, assets, ca
     out = tmp_path / "out"
     fails_cleanly(capsys, distill_args(out, assets, method="dit", ipc=0), out, "--ipc must be > 0")
     fails_cleanly(capsys, distill_args(out, assets, method="dit", ipc=-3), out, "--ipc must be > 0")
-    fails_cleanly(capsys, distill_args(out, assets, method="nope"), out, "unknown method 'nope'")
+    with pytest.raises(SystemExit) as exit_:  # argparse's choices, in one line
+        main(distill_args(out, assets, method="nope"))
+    err = capsys.readouterr().err.strip()
+    assert exit_.value.code == 2 and len(err.splitlines()) == 1 and "invalid choice: 'nope'" in err and not out.exists()
     fails_cleanly(
         capsys, distill_args(out, assets, "--classes", "imagenet-foo", method="dit"), out, "--classes must be one of"
     )

@@ -8,10 +8,10 @@ import torch
 from tiny_dit import relative_error, tiny_denoising_dit
 
 from fastdd.authors_reference import authors_dit_sample
+from fastdd.data.latents import encode_latents
 from fastdd.guidance.mgd3 import (
     ModeGuidance,
     class_modes,
-    encode_latents,
     fit_modes,
     kmeans,
     kmeans_plus_plus,
@@ -236,8 +236,9 @@ def test_mode_guidance_rejects_bad_settings(model, modes):
         ModeGuidance(modes, stop_index=-2)
     with pytest.raises(ValueError, match="modes"):
         ModeGuidance(torch.zeros(2, 3, 4, 4))
-    with pytest.raises(ValueError, match="NaN"):
-        ModeGuidance({0: torch.full((2, 4, 8, 8), float("nan"))})
+    nan_modes = ModeGuidance({0: torch.full((2, 4, 8, 8), float("nan"))})  # modes may be looked up lazily
+    with pytest.raises(ValueError, match="finite"):
+        nan_modes.begin_batch(torch.zeros(1, dtype=torch.long), [(0, 0, 0)])
     stacked = torch.stack([modes[c] for c in range(NUM_CLASSES)])
     sampler = GuidedSampler(
         model, GaussianDiffusion(NUM_STEPS), [ModeGuidance(stacked)], null_class=NULL_CLASS, num_classes=NUM_CLASSES

@@ -7,8 +7,9 @@ from pathlib import Path
 
 import torch
 
-from ..data.digits import load_digits_split
-from ..data.imagefolder import load_image_folder
+from ..data.digits import DIGITS_CLASSES, DIGITS_IMAGE_SIZE
+from ..data.imagefolder import scan_image_folder
+from ..data.real import real_data
 from ..guidance.igd import (
     DIGITS_SURROGATE,
     MAX_CHECKPOINTS,
@@ -18,6 +19,7 @@ from ..guidance.igd import (
     train_trajectory,
 )
 from ..models.replay_buffer import check_against_model, load_replay_buffer, select_snapshots
+from ..parallel import distributed_env, process_group, resolve_device
 from .errors import UsageError
 
 # the bundle shipped in fastdd/assets/digits_surrogate.safetensors:  fastdd surrogate --out fastdd/assets/digits_surrogate.safetensors
@@ -26,15 +28,18 @@ DIGITS_EPOCHS = 20
 # noise: consecutive cosines 0.8 .. -0.7), so the digits default takes the published ImageNette picks [0, 2, 11, 40]
 # of 50 epochs scaled to 20 epochs; pass --threshold to run Algorithm 2 anyway.
 DIGITS_EPOCH_LIST = [0, 1, 4, 16]
+# the real gradients go into the file up to this size (ImageNet-1K's [1000, 4, P] at ConvNet-6 is ≈45 GB: per class)
+REAL_GRADS_IN_FILE = 2**30
 
 
 def run(args) -> int:
     if args.data is None:
-        images, labels = load_digits_split("train")
+        data = real_data(None, "digits", DIGITS_CLASSES, (1, DIGITS_IMAGE_SIZE, DIGITS_IMAGE_SIZE))
         config, flip = DIGITS_SURROGATE, False
     else:
         try:
-            images, labels, classes = load_image_folder(args.data, args.image_size, 3)
+            classes = scan_image_folder(args.data)[0]
+            data = real_data(args.data, "custom", classes, (3, args.image_size, args.image_size), workers=args.workers)
         except ValueError as err:
             raise UsageError(str(err)) from None
         config = SurrogateConfig(3, len(classes), width=args.width, depth=args.depth, im_size=args.image_size)
@@ -59,16 +64,24 @@ def run(args) -> int:
         num_epochs = args.epochs if args.epochs is not None else (DIGITS_EPOCHS if args.data is None else 50)
         if num_epochs <= 0:
             raise UsageError(f"--epochs must be > 0, got {num_epochs}")
-        snapshots = train_trajectory(
-            config,
-            images,
-            labels,
-            epochs=num_epochs,
-            flip=flip,
-            seed=args.seed,
-            device=args.device,
-            progress=not args.quiet,
-        )
+        _, world, local_rank = distributed_env()
+        try:
+            device = resolve_device(args.device, local_rank, world)
+        except ValueError as err:
+            raise UsageError(str(err)) from None
+        with process_group(device) as (rank, world):  # torchrun: DistributedDataParallel, rank 0 writes
+            snapshots = train_trajectory(
+                config,
+                data,
+                epochs=num_epochs,
+                flip=flip,
+                photometric=flip,
+                seed=args.seed,
+                device=device,
+                progress=not args.quiet,
+            )
+        if rank != 0:
+            return 0
     if epochs is not None and max(epochs) >= len(snapshots):
         raise UsageError(f"--epochs-list asks for epoch {max(epochs)} but there are {len(snapshots)} snapshots")
     threshold = 0.7 if args.threshold is None else args.threshold
@@ -76,21 +89,29 @@ def run(args) -> int:
         raise UsageError(f"--threshold must be in (0, 1], got {threshold}")
     if args.max_checkpoints is not None and args.max_checkpoints <= 0:
         raise UsageError(f"--max-checkpoints must be > 0, got {args.max_checkpoints}")
+    kept = len(epochs) if epochs is not None else args.max_checkpoints or MAX_CHECKPOINTS
+    in_file = 4 * config.num_classes * kept * len(snapshots[0]) <= REAL_GRADS_IN_FILE
     bundle = build_surrogate_bundle(
         config,
         snapshots,
-        images,
-        labels,
+        data,
         epochs=epochs,
         threshold=threshold,
         max_checkpoints=args.max_checkpoints,
         selection=args.selection,
         seed=args.seed,
         progress=not args.quiet,
+        real_grads=in_file,
     )
     out = Path(args.out)
     bundle.save(out)  # creates the parent folders
-    print(f"wrote {out}: checkpoints at epochs {bundle.epochs}, real gradients for {config.num_classes} classes")
+    held = (
+        f"real gradients for {config.num_classes} classes"
+        if in_file
+        else f"no real gradients (over {REAL_GRADS_IN_FILE // 2**30} GiB: a run computes each class's when a batch "
+        "needs them and stores them per class in its state folder)"
+    )
+    print(f"wrote {out}: checkpoints at epochs {bundle.epochs}, {held}")
     return 0
 
 
@@ -99,8 +120,8 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--out", required=True, help="output .safetensors")
     parser.add_argument("--data", default=None, help="ImageFolder of real images (default: digits train split)")
     parser.add_argument("--image-size", type=int, default=256, help="with --data (digits: 16)")
-    parser.add_argument("--width", type=int, default=128)
-    parser.add_argument("--depth", type=int, default=6)
+    parser.add_argument("--width", type=int, default=128, help="ConvNet width (default: 128; IGD's ConvNet-6)")
+    parser.add_argument("--depth", type=int, default=6, help="ConvNet depth (default: 6; IGD's ConvNet-6)")
     parser.add_argument(
         "--epochs", type=int, default=None, help=f"trajectory length (default {DIGITS_EPOCHS} on digits, else 50)"
     )
@@ -129,7 +150,12 @@ def add_parser(subparsers) -> None:
     parser.add_argument(
         "--replay-buffer", default=None, help="import the authors' replay_buffer_<n>.pt instead of training"
     )
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--quiet", action="store_true")
+    parser.add_argument("--seed", type=int, default=0, help="training and loader seed (default: 0)")
+    parser.add_argument(
+        "--device",
+        default="cuda" if torch.cuda.is_available() else "cpu",
+        help="torch device (default: cuda when available, else cpu)",
+    )
+    parser.add_argument("--workers", type=int, default=0, help="DataLoader worker processes that decode --data images")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
     parser.set_defaults(func=run)

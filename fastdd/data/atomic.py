@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import os
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from safetensors.torch import save_file
@@ -63,3 +64,23 @@ def save_safetensors_atomic(
         raise ValueError("metadata: keys and values must be strings")
     cpu = {name: tensor.detach().cpu().contiguous() for name, tensor in tensors.items()}
     write_atomic(path, lambda tmp: save_file(cpu, tmp, metadata))
+
+
+@contextmanager
+def computed_once(path: str | os.PathLike, active: bool = True) -> Iterator[None]:
+    """Hold an exclusive lock on `<path>.lock` for the block: processes that would compute the same artefact (torchrun
+    ranks, a second run sharing a state folder) take turns, so the later ones find it written and only read it. The
+    kernel drops the lock of a killed process. active=False (a dry run) takes no lock and writes nothing."""
+    if not active:
+        yield
+        return
+    import fcntl
+
+    lock = Path(f"{os.fspath(path)}.lock")
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)

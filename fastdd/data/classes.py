@@ -1,4 +1,5 @@
-"""Named class lists (ImageNet wnids) of the distillation benchmarks (SPEC "Class lists")."""
+"""Named class lists (ImageNet wnids) of the distillation benchmarks: ImageNette and ImageWoof (their 10 wnids each)
+and ImageNet-1K (all 1,000, sorted; a wnid's index is its ImageNet / DiT label)."""
 
 from __future__ import annotations
 
@@ -12,33 +13,14 @@ IMAGENETTE = (
 )
 NAMED_CLASS_LISTS = {"imagenette": IMAGENETTE, "imagewoof": IMAGEWOOF}
 
-# ImageNet-1K label index (the DiT class id) of the wnids above
-IMAGENET_INDEX = {
-    "n01440764": 0,
-    "n02102040": 217,
-    "n02979186": 482,
-    "n03000684": 491,
-    "n03028079": 497,
-    "n03394916": 566,
-    "n03417042": 569,
-    "n03425413": 571,
-    "n03445777": 574,
-    "n03888257": 701,
-    "n02096294": 193,
-    "n02093754": 182,
-    "n02111889": 258,
-    "n02088364": 162,
-    "n02086240": 155,
-    "n02089973": 167,
-    "n02087394": 159,
-    "n02115641": 273,
-    "n02099601": 207,
-    "n02105641": 229,
-}
+# ImageNet-1K's 1,000 wnids in the standard sorted order: the DiT class id (label) of a wnid is its index
+IMAGENET1K = (Path(__file__).parent / "imagenet1k_wnids.txt").read_text().split()
+IMAGENET_INDEX = {wnid: index for index, wnid in enumerate(IMAGENET1K)}
+NAMED_CLASS_LISTS["imagenet1k"] = IMAGENET1K
 
 
 def resolve_class_list(spec: str) -> list[str]:
-    """'imagenette' | 'imagewoof' | a text file with one class per line ("name" or "name label")."""
+    """'imagenette' | 'imagewoof' | 'imagenet1k' | a text file with one class per line ("name" or "name label")."""
     return [name for name, _ in resolve_class_entries(spec)]
 
 
@@ -98,6 +80,14 @@ def resolve_classes(
     if classes is not None:
         entries = resolve_class_entries(classes)
         dataset = classes if classes in NAMED_CLASS_LISTS else "custom"
+        if classes in NAMED_CLASS_LISTS and data is not None:
+            missing = [name for name, _ in entries if not (Path(data) / name).is_dir()]
+            if missing:
+                raise ValueError(
+                    f"--classes {classes}: --data {data} lacks {len(missing)} of its {len(entries)} class folders "
+                    f"({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}); for a subset, pass a file "
+                    "of 'wnid label' lines as --classes"
+                )
     elif data is not None:
         from .imagefolder import scan_image_folder
 

@@ -90,14 +90,6 @@ def load_image(path: str | Path, image_size: int, channels: int = 3) -> torch.Te
     return (tensor / 127.5 - 1.0).clamp(-1.0, 1.0)
 
 
-def load_image_folder(root: str | Path, image_size: int, channels: int = 3, classes: list[str] | None = None):
-    """(images [N, channels, S, S] in [-1, 1], labels [N], class names)."""
-    classes, samples = scan_image_folder(root, classes)
-    images = torch.stack([load_image(p, image_size, channels) for p, _ in samples])
-    labels = torch.tensor([c for _, c in samples], dtype=torch.int64)
-    return images, labels, classes
-
-
 def to_uint8(image: torch.Tensor) -> np.ndarray:
     """[C, H, W] in [-1, 1] -> HxW (C=1) or HxWxC uint8, rounding like the authors' save path."""
     array = ((image.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)

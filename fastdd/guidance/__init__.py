@@ -10,6 +10,7 @@
 Their run wiring (options, presets, caching) is in the module of the same name under `fastdd.methods`.
 """
 
+from ..data.latents import encode_latents
 from .d3hr import class_group, distill_class, inverted_class_statistics, select_group
 from .dap import JLProjection, MercerGuidance, RealFeatures, real_features
 from .igd import (
@@ -31,7 +32,7 @@ from .igds import (
     information_gradient,
     train_information_estimator,
 )
-from .mgd3 import ModeGuidance, encode_latents, fit_modes, kmeans, mode_update
+from .mgd3 import ModeGuidance, fit_modes, kmeans, mode_update
 from .sam import SamMemory, difffit_parameters, finetune_sam, save_finetuned, to_difffit
 
 __all__ = [

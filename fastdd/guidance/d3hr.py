@@ -80,6 +80,7 @@ def invert_class_latents(
     cfg_channels: int | None = None,
     batch_size: int = 64,
     progress: bool = True,
+    class_name: str | None = None,
 ) -> Tensor:
     """DDIM inversion of one class's clean latents with label class_index to target_index.
 
@@ -96,6 +97,7 @@ def invert_class_latents(
         cfg_channels: guided eps channels (None: all).
         batch_size: images per call (> 0).
         progress: show a progress bar.
+        class_name: the class's name for the bar (default: its label).
 
     Returns:
         [N, C, H, W] latents at target_index.
@@ -109,7 +111,9 @@ def invert_class_latents(
         raise ValueError(f"batch_size must be > 0, got {batch_size}")
     out = []
     for start in progress_bar(
-        range(0, latents.shape[0], batch_size), disable=not progress, desc=f"d3hr inversion, class {class_index}"
+        range(0, latents.shape[0], batch_size),
+        disable=not progress,
+        desc=f"d3hr inversion, class {class_name or class_index}",
     ):
         chunk = latents[start : start + batch_size]
         labels = torch.full((chunk.shape[0],), class_index, dtype=torch.long, device=chunk.device)
@@ -309,6 +313,7 @@ def inverted_class_statistics(
     batch_size: int = 64,
     inputs: dict | None = None,
     progress: bool = True,
+    class_name: str | None = None,
 ) -> ClassStatistics:
     """The class Gaussian at target_index, reused from stats_dir or computed by DDIM inversion.
 
@@ -325,6 +330,7 @@ def inverted_class_statistics(
         batch_size: images per inversion call.
         inputs: what else the statistics depend on (see `statistics_config`).
         progress: show a progress bar.
+        class_name: the class's name in the progress bar (default: its label).
 
     Returns:
         ClassStatistics: mean, variance [C, H, W], count, config.
@@ -355,6 +361,7 @@ def inverted_class_statistics(
         cfg_channels=sampler.cfg_channels,
         batch_size=batch_size,
         progress=progress,
+        class_name=class_name,
     )
     mean, variance = class_statistics(inverted)
     stats = ClassStatistics(mean, variance, latents.shape[0], config)
@@ -476,6 +483,7 @@ def class_group(
     backend: str = "auto",
     inputs: dict | None = None,
     progress: bool = True,
+    class_name: str | None = None,
 ) -> Tensor:
     """D3HR's representative group of one class.
 
@@ -485,7 +493,7 @@ def class_group(
     Args:
         sampler: the sampler (model, diffusion, CFG settings).
         latents: the class's clean VAE latents [N, C, H, W] (encoder samples, see
-            `fastdd.guidance.mgd3.encode_latents` with sample=True), or None when stats_dir holds the class's
+            `fastdd.data.latents.encode_latents` with sample=True), or None when stats_dir holds the class's
             statistics.
         class_index: the class.
         ipc: group size.
@@ -498,6 +506,7 @@ def class_group(
         backend: the group_sampling backend.
         inputs: what else the statistics depend on (see `statistics_config`).
         progress: show a progress bar.
+        class_name: the class's name in the progress bar (default: its label).
 
     Returns:
         [ipc, C, H, W] latents at target_index, on the model's device (latents' device when given).
@@ -518,6 +527,7 @@ def class_group(
         batch_size=batch_size,
         inputs=inputs,
         progress=progress,
+        class_name=class_name,
     )
     device = latents.device if latents is not None else _model_device(sampler)
     stats = ClassStatistics(stats.mean.to(device), stats.variance.to(device), stats.count, stats.config)

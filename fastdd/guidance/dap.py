@@ -219,7 +219,8 @@ def real_features(
 class RealFeatures:
     """Per-class real features for `MercerGuidance`, computed lazily and cached on the device.
 
-    latents: [N, C, H, W] real latents (VAE latents × 0.18215); labels: [N] classes. t_mode="zero": φ at
+    latents: [N, C, H, W] real latents (VAE latents × 0.18215) with labels: [N] classes, or a mapping class ->
+    [N_c, C, H, W] (e.g. `fastdd.data.latents.ClassCache`, read per class when needed). t_mode="zero": φ at
     timestep 0, computed once per class and kept. t_mode="noised": φ of the latents noised to the step's
     timestep with `real_noise(latents_c, seed, c)`, recomputed for every (class, step index); only the current
     step index is kept (`diffusion` must be the sampler's). dtype: storage dtype of the features (bfloat16
@@ -231,8 +232,8 @@ class RealFeatures:
     def __init__(
         self,
         model: nn.Module,
-        latents: Tensor,
-        labels: Tensor,
+        latents: Tensor | Mapping[int, Tensor],
+        labels: Tensor | None,
         block_index: int,
         t_mode: str = "zero",
         *,
@@ -250,11 +251,12 @@ class RealFeatures:
         check_positive_int("max_cached_classes", max_cached_classes)
         if t_mode == "noised" and diffusion is None:
             raise ValueError("diffusion is required for t_mode='noised' (the sampler's diffusion)")
-        if latents.dim() != 4:
-            raise ValueError(f"latents: expected [N, C, H, W], got {list(latents.shape)}")
-        labels = torch.as_tensor(labels, dtype=torch.long).cpu()
-        if labels.shape != (latents.shape[0],):
-            raise ValueError(f"labels: expected shape [{latents.shape[0]}], got {list(labels.shape)}")
+        if isinstance(latents, Tensor):
+            if latents.dim() != 4:
+                raise ValueError(f"latents: expected [N, C, H, W], got {list(latents.shape)}")
+            labels = torch.as_tensor(labels, dtype=torch.long).cpu()
+            if labels.shape != (latents.shape[0],):
+                raise ValueError(f"labels: expected shape [{latents.shape[0]}], got {list(labels.shape)}")
         self.model, self.latents, self.labels, self.block_index = model, latents, labels, block_index
         self.t_mode, self.diffusion, self.seed, self.projection = t_mode, diffusion, seed, projection
         self.dtype, self.batch_size, self.max_cached_classes = dtype, batch_size, max_cached_classes
@@ -274,10 +276,15 @@ class RealFeatures:
         Raises:
             ValueError: if the class has no real latents.
         """
-        rows = (self.labels == class_index).nonzero().flatten()
-        if rows.numel() == 0:
+        if isinstance(self.latents, Tensor):
+            latents = self.latents[(self.labels == class_index).nonzero().flatten().to(self.latents.device)]
+        elif class_index in self.latents:
+            latents = self.latents[class_index]
+        else:
+            latents = None
+        if latents is None or latents.shape[0] == 0:
             raise ValueError(f"labels: class {class_index} has no real latents (DAP needs at least one)")
-        return self.latents[rows.to(self.latents.device)]
+        return latents.to(self.device)
 
     def get(self, class_index: int, index: int) -> tuple[Tensor, Tensor]:
         """The features of one class at a respaced step, computed on first use and cached.

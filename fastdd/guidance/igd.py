@@ -19,8 +19,9 @@ per-class real gradients G_k,c, and save everything in one safetensors file (`Su
 from __future__ import annotations
 
 import json
+import math
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -33,11 +34,13 @@ from torch.nn.utils import parameters_to_vector
 
 from .. import ops
 from ..data.atomic import save_safetensors_atomic
-from ..data.augment import random_resized_crop
+from ..data.augment import color_jitter_lighting, random_resized_crop
+from ..data.real import RealData, as_real_data
 from ..models.convnet import ConvNet
 from ..ops.reference import unflatten_params
+from ..parallel import data_parallel, group_rank, rank_batches
 from ..progress import progress_bar
-from ..sampling.sampler import Guidance, StepContext
+from ..sampling.sampler import Guidance, ImageId, StepContext
 
 
 # ----------------------------------------------------------------------------------------- deviation guidance
@@ -222,9 +225,10 @@ def influence_gradient(
 class InfluenceGuidance(Guidance):
     """IGD's G_I as a sampler guidance, active on respaced indices [low, high] (default [30, 45] of 50).
 
-    real_grads: [num_classes, K, P] (G_k per class). compat=True reproduces the authors' shadow row: the
-    unconditional row of each CFG pair is decoded too and its CE averaged with the conditional row's
-    (one gradient per pair); the update is applied to the conditional rows only.
+    real_grads: [num_classes, K, P] (G_k per class), or a mapping class -> [K, P] read when a batch needs the class
+    (e.g. `fastdd.data.latents.ClassCache`: with 1,000 classes only the current batch's classes are held).
+    compat=True reproduces the authors' shadow row: the unconditional row of each CFG pair is decoded too and its CE
+    averaged with the conditional row's (one gradient per pair); the update is applied to the conditional rows only.
     """
 
     requires_grad = True
@@ -235,7 +239,7 @@ class InfluenceGuidance(Guidance):
         decode: Callable[[Tensor], Tensor],
         surrogate: nn.Module,
         flat_params: Tensor,
-        real_grads: Tensor,
+        real_grads: Tensor | Mapping[int, Tensor],
         *,
         k: float = 5.0,
         low: int = 30,
@@ -244,12 +248,30 @@ class InfluenceGuidance(Guidance):
     ):
         if k < 0:
             raise ValueError(f"k must be >= 0, got {k}")
-        if real_grads.dim() != 3 or real_grads.shape[1:] != flat_params.shape:
+        if isinstance(real_grads, Tensor) and (real_grads.dim() != 3 or real_grads.shape[1:] != flat_params.shape):
             raise ValueError(
                 f"real_grads must be [num_classes, K, P] with [K, P] = {tuple(flat_params.shape)}, got {tuple(real_grads.shape)}"
             )
         self.decode, self.surrogate, self.k, self.low, self.high, self.compat = decode, surrogate, k, low, high, compat
         self.flat_params, self.real_grads = flat_params, real_grads
+        self._batch_grads: Tensor | None = None  # [B, K, P]: each row's class's real gradients
+
+    def begin_batch(self, labels: Tensor, image_ids: Sequence[ImageId]) -> None:
+        """Gather the real gradients of the batch's rows (only the batch's classes are read)."""
+        classes = [c for c, _, _ in image_ids]
+        if isinstance(self.real_grads, Tensor):
+            grads = self.real_grads[torch.tensor(classes, device=self.real_grads.device)]
+        else:
+            grads = torch.stack([self.real_grads[c] for c in classes])
+        if grads.shape[1:] != self.flat_params.shape:
+            raise ValueError(
+                f"real_grads: rows of shape {list(grads.shape[1:])}, the checkpoints are {list(self.flat_params.shape)}"
+            )
+        grads = grads.to(device=self.flat_params.device, dtype=self.flat_params.dtype)
+        if self._batch_grads is not None and self._batch_grads.shape == grads.shape:
+            self._batch_grads.copy_(grads)  # in place, so a step recorded as a CUDA graph reads this batch's rows
+        else:
+            self._batch_grads = grads
 
     def step(self, ctx: StepContext) -> Tensor:
         """The update −ρ_t·k·∇G_I on the conditional rows.
@@ -262,17 +284,17 @@ class InfluenceGuidance(Guidance):
             [R, C, H, W] delta: the update on the first ctx.rows rows, zeros on the shadow rows.
         """
         rows = ctx.rows
-        labels = ctx.y[:rows]  # device labels; real_grads rows are gathered on the device, no host sync
+        labels = ctx.y[:rows]  # device labels, and the batch's real gradients gathered by begin_batch: no host sync
+        if self._batch_grads is None or self._batch_grads.shape[0] != rows:
+            raise ValueError("InfluenceGuidance.step: begin_batch was not called for this batch")
         if self.compat:
             # decode both rows of each [cond; uncond] pair, CE averaged within the pair
             images = self.decode(ctx.pred_xstart)
             groups = torch.arange(ctx.x_t.shape[0], device=labels.device) % rows
-            loss = influence_loss(
-                images, labels[groups], self.surrogate, self.flat_params, self.real_grads[labels], groups
-            )
+            loss = influence_loss(images, labels[groups], self.surrogate, self.flat_params, self._batch_grads, groups)
         else:
             images = self.decode(ctx.pred_xstart[:rows])
-            loss = influence_loss(images, labels, self.surrogate, self.flat_params, self.real_grads[labels])
+            loss = influence_loss(images, labels, self.surrogate, self.flat_params, self._batch_grads)
         grad = ctx.grad(loss)[:rows]
         update = -adaptive_scale(ctx.eps[:rows].detach(), grad, ctx.alpha_bar, self.k) * grad
         return F.pad(update, (0, 0, 0, 0, 0, 0, 0, ctx.x_t.shape[0] - rows))
@@ -322,16 +344,37 @@ def class_mean_gradient(
     return torch.stack(chunk_grads).mean(0)
 
 
-def real_gradients(
-    surrogate: nn.Module, flat_params: Tensor, images: Tensor, labels: Tensor, num_classes: int, **kwargs
+def class_real_gradients(
+    surrogate: nn.Module,
+    flat_params: Tensor,
+    data: RealData,
+    class_index: int,
+    max_images: int = REAL_IMAGES_PER_CLASS,
+    chunk: int = REAL_CHUNK,
 ) -> Tensor:
-    """G_k,c for every class c and parameter set k.
+    """G_k,c of one class for every parameter set k: [K, P] float32 (`class_mean_gradient` on the class's first
+    max_images images, read now and dropped after)."""
+    images = data.class_images(class_index, max_images)
+    device = flat_params.device
+    return torch.stack([class_mean_gradient(surrogate, p, images.to(device), class_index, max_images, chunk)
+                        for p in flat_params])  # fmt: skip
+
+
+def real_gradients(
+    surrogate: nn.Module,
+    flat_params: Tensor,
+    images: Tensor | RealData,
+    labels: Tensor | None,
+    num_classes: int,
+    **kwargs,
+) -> Tensor:
+    """G_k,c for every class c and parameter set k, one class's images read at a time.
 
     Args:
         surrogate: the surrogate network (its own parameter values are not used).
         flat_params: [K, P] parameter sets.
-        images: [N, C, H, W] real images (sorted by file within a class).
-        labels: [N] class labels.
+        images: [N, C, H, W] real images (sorted by file within a class) with labels [N], or a `RealData`.
+        labels: [N] class labels (with a tensor of images).
         num_classes: number of classes.
         **kwargs: max_images, chunk (see `class_mean_gradient`).
 
@@ -341,11 +384,8 @@ def real_gradients(
     Raises:
         ValueError: if a class has no images.
     """
-    out = []
-    for c in range(num_classes):
-        class_images = images[labels == c]
-        out.append(torch.stack([class_mean_gradient(surrogate, p, class_images, c, **kwargs) for p in flat_params]))
-    return torch.stack(out)
+    data = as_real_data(images, labels)
+    return torch.stack([class_real_gradients(surrogate, flat_params, data, c, **kwargs) for c in range(num_classes)])
 
 
 SELECTION_RULES = ("paper", "authors")
@@ -556,49 +596,59 @@ def surrogate_config_for(image_shape: tuple[int, int, int], num_classes: int) ->
 
 def train_trajectory(
     config: SurrogateConfig,
-    images: Tensor,
-    labels: Tensor,
+    images: Tensor | RealData,
+    labels: Tensor | None = None,
     *,
     epochs: int = 50,
     lr: float = 0.01,
     batch_size: int = 64,
     flip: bool = True,
+    photometric: bool = False,
     seed: int = 0,
     device: torch.device | str = "cpu",
     progress: bool = True,
 ) -> Tensor:
     """Train config.build() with SGD, keeping its parameters after every epoch.
 
-    SGD with momentum 0.9 and weight decay 5e-4; every batch is augmented by random_resized_crop (with
-    horizontal flips when flip).
+    SGD with momentum 0.9 and weight decay 5e-4; every batch is augmented by random_resized_crop (scale 0.5-1, with
+    horizontal flips when flip) and, when photometric, `color_jitter_lighting` (SPEC's ColorJitter 0.4 and lighting
+    noise 0.1; RGB images). In a process group of several ranks (torchrun, `fastdd.parallel.process_group`) the
+    network trains under DistributedDataParallel, each rank reading its share of every batch.
 
     Args:
         config: the surrogate architecture.
-        images: [N, C, H, W] in [-1, 1].
-        labels: [N] class labels.
+        images: [N, C, H, W] in [-1, 1] with labels [N], or a `RealData` (read batch by batch).
+        labels: [N] class labels (with a tensor of images).
         epochs: number of epochs E.
         lr: learning rate.
-        batch_size: batch size.
+        batch_size: batch size (over all ranks).
         flip: random horizontal flips.
-        seed: seeds torch.manual_seed (initialisation) and the generator of batch order and augmentation.
+        photometric: colour jitter and lighting noise.
+        seed: seeds torch.manual_seed (initialisation) and the generator of batch order and augmentation (one
+            process: one generator; several ranks: the order from it, each rank's augmentation from its own).
         device: where the model trains.
         progress: show a progress bar.
 
     Returns:
         [epochs + 1, P] snapshots on the CPU (row 0: the initial parameters).
     """
+    data = as_real_data(images, labels)
+    rank, world = group_rank()
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
+    augment = generator if world == 1 else torch.Generator().manual_seed(seed * 7919 + rank + 1)
     model = config.build().to(device)
+    trained = data_parallel(model, torch.device(device))
     optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4)
     snapshots = [parameters_to_vector(model.parameters()).detach().cpu().clone()]
-    for _ in progress_bar(range(epochs), desc="surrogate epochs", disable=not progress):
-        model.train()
-        order = torch.randperm(len(labels), generator=generator)
-        for start in range(0, len(order), batch_size):
-            idx = order[start : start + batch_size]
-            batch = random_resized_crop(images[idx], generator, flip=flip).to(device)
-            loss = F.cross_entropy(model(batch), labels[idx].to(device))
+    for _ in progress_bar(range(epochs), desc="surrogate epochs", disable=not progress or rank != 0):
+        trained.train()
+        order = torch.randperm(data.num_images, generator=generator)
+        for batch, batch_labels in data.read(rank_batches(order, batch_size, rank, world)):
+            batch = random_resized_crop(batch, augment, flip=flip)
+            if photometric:
+                batch = color_jitter_lighting(batch, augment)
+            loss = F.cross_entropy(trained(batch.to(device)), batch_labels.to(device))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -606,25 +656,55 @@ def train_trajectory(
     return torch.stack(snapshots)
 
 
+class FileRows(Mapping):
+    """{class: [K, P]} read row by row from a safetensors tensor [num_classes, K, P], without loading the rest."""
+
+    def __init__(self, path: str | Path, name: str, rows: int):
+        self.path, self.name, self.rows = str(path), name, rows
+
+    def __len__(self) -> int:
+        return self.rows
+
+    def __iter__(self):
+        return iter(range(self.rows))
+
+    def __getitem__(self, row: int) -> Tensor:
+        from safetensors import safe_open
+
+        if not 0 <= row < self.rows:
+            raise KeyError(row)
+        with safe_open(self.path, framework="pt") as f:
+            return f.get_slice(self.name)[row : row + 1][0]
+
+
+LAZY_BYTES = 2**30  # a bundle's real gradients above this are read per class rather than loaded whole
+
+
 @dataclass
 class SurrogateBundle:
-    """What influence guidance needs: config, flat_params [K, P], real_grads [num_classes, K, P], epochs [K]."""
+    """What influence guidance needs: config, flat_params [K, P], epochs [K], and real_grads: [num_classes, K, P], a
+    mapping class -> [K, P] read when needed (a large file's rows, a per-class cache), or None (not computed yet)."""
 
     config: SurrogateConfig
     flat_params: Tensor
-    real_grads: Tensor
+    real_grads: Tensor | Mapping[int, Tensor] | None
     epochs: list[int]
 
     def save(self, path: str | Path) -> None:
-        """Write the bundle to a safetensors file, atomically.
-
-        config and epochs are stored as JSON metadata.
+        """Write the bundle to a safetensors file, atomically: flat_params and, when held, the real gradients of every
+        class ([num_classes, K, P]; a mapping is stacked); config and epochs as JSON metadata.
 
         Args:
             path: the file to write.
         """
         metadata = {"config": json.dumps(asdict(self.config)), "epochs": json.dumps(self.epochs)}
-        save_safetensors_atomic({"flat_params": self.flat_params, "real_grads": self.real_grads}, path, metadata)
+        tensors = {"flat_params": self.flat_params}
+        if self.real_grads is not None:
+            real = self.real_grads
+            tensors["real_grads"] = (
+                real if isinstance(real, Tensor) else torch.stack([real[c] for c in range(len(real))])
+            )
+        save_safetensors_atomic(tensors, path, metadata)
 
     def network(self, device: torch.device | str = "cpu") -> nn.Module:
         """The surrogate ConvNet, in eval mode and frozen.
@@ -641,7 +721,8 @@ class SurrogateBundle:
 
     @classmethod
     def load(cls, path: str | Path) -> SurrogateBundle:
-        """Read a bundle written by `save`.
+        """Read a bundle written by `save`: real_grads loaded whole (up to LAZY_BYTES; above, read per class from the
+        file), or None when the file has none.
 
         Args:
             path: the safetensors file.
@@ -661,25 +742,32 @@ class SurrogateBundle:
         try:
             with safe_open(str(path), framework="pt") as f:
                 metadata = f.metadata() or {}
+                names = set(f.keys())
+                flat = f.get_tensor("flat_params") if "flat_params" in names else None
+                real_shape = list(f.get_slice("real_grads").get_shape()) if "real_grads" in names else None
         except Exception as err:  # safetensors raises its own error type for files of another format
             raise ValueError(f"surrogate file {path} is not a readable safetensors file ({err})") from None
         if "config" not in metadata:
             raise ValueError(f"{path} is not a fastdd surrogate file (no config metadata)")
-        tensors = load_file(str(path))
         try:
             config = SurrogateConfig(**json.loads(metadata["config"]))
-            bundle = cls(config, tensors["flat_params"], tensors["real_grads"], json.loads(metadata["epochs"]))
+            epochs = json.loads(metadata["epochs"])
             expected = sum(p.numel() for p in config.build().parameters())
+            if flat is None:
+                raise KeyError("flat_params")
         except (KeyError, TypeError, ValueError) as err:
             raise ValueError(f"surrogate file {path} is malformed ({err})") from None
-        flat, real = bundle.flat_params, bundle.real_grads
         if flat.dim() != 2 or flat.shape[1] != expected:
             raise ValueError(f"surrogate file {path}: flat_params {list(flat.shape)}, the config needs [K, {expected}]")
-        if real.dim() != 3 or real.shape != (config.num_classes, *flat.shape):
-            raise ValueError(
-                f"surrogate file {path}: real_grads {list(real.shape)}, expected [{config.num_classes}, {flat.shape[0]}, {expected}]"
-            )
-        return bundle
+        real = None
+        if real_shape is not None:
+            if real_shape != [config.num_classes, *flat.shape]:
+                raise ValueError(
+                    f"surrogate file {path}: real_grads {real_shape}, expected [{config.num_classes}, {flat.shape[0]}, {expected}]"
+                )
+            large = 4 * math.prod(real_shape) > LAZY_BYTES
+            real = FileRows(path, "real_grads", real_shape[0]) if large else load_file(str(path))["real_grads"]
+        return cls(config, flat, real, epochs)
 
 
 def load_digits_surrogate() -> SurrogateBundle:
@@ -691,13 +779,11 @@ def load_digits_surrogate() -> SurrogateBundle:
     return SurrogateBundle.load(DIGITS_SURROGATE_PATH)
 
 
-def build_surrogate_bundle(
+def select_epochs(
     config: SurrogateConfig,
     snapshots: Tensor,
-    images: Tensor,
-    labels: Tensor,
+    data: RealData,
     *,
-    epochs: list[int] | None = None,
     threshold: float = 0.7,
     max_checkpoints: int | None = MAX_CHECKPOINTS,
     selection: str = "paper",
@@ -705,15 +791,13 @@ def build_surrogate_bundle(
     max_images: int = REAL_IMAGES_PER_CLASS,
     chunk: int = REAL_CHUNK,
     progress: bool = False,
-) -> SurrogateBundle:
-    """Pick checkpoints and compute their real gradients.
+) -> list[int]:
+    """Algorithm 2 on the real data, one class's images read at a time: the kept snapshot indices.
 
     Args:
         config: the surrogate architecture.
         snapshots: [E + 1, P] parameter snapshots.
-        images: [N, C, H, W] real images.
-        labels: [N] class labels.
-        epochs: snapshot indices to keep (None: Algorithm 2).
+        data: the real images.
         threshold: Algorithm 2's threshold.
         max_checkpoints: keep at most this many of the checkpoints Algorithm 2 selects, the first ones (every
             published pick has K = 4; noisy small data can make Algorithm 2 keep almost every epoch); said on stderr
@@ -723,12 +807,9 @@ def build_surrogate_bundle(
             authors' script, its mean of per-class cosines on the images of `authors_selection_indices` (one
             shuffled draw reused for every snapshot, one chunk per class).
         seed: the authors' loader seed.
-        max_images: see `class_mean_gradient` (the real gradients and the paper's Algorithm 2).
+        max_images: see `class_mean_gradient` (the paper's Algorithm 2).
         chunk: see `class_mean_gradient`.
         progress: show a progress bar (Algorithm 2's gradients).
-
-    Returns:
-        SurrogateBundle: flat_params [K, P], real_grads [num_classes, K, P], the K kept epochs.
 
     Raises:
         ValueError: if a class has no images, threshold is not in (0, 1] or selection is unknown.
@@ -736,53 +817,91 @@ def build_surrogate_bundle(
     if selection not in SELECTION_RULES:
         raise ValueError(f"selection must be one of {SELECTION_RULES}, got {selection!r}")
     model = config.build().eval()
+    if selection == "authors":
+        chosen = authors_selection_indices(data.labels, config.num_classes, seed)
+        class_images, selection_chunk = (lambda c: data.images(chosen[c])), AUTHORS_IMAGES_PER_CLASS
+    else:
+        class_images, selection_chunk = (lambda c: data.class_images(c, max_images)), chunk
+    statistics = selection_statistics(model, snapshots, class_images, config.num_classes, selection_chunk, progress)
+    epochs = walk_checkpoints(statistics.similarity(selection), threshold)
+    if max_checkpoints is not None and len(epochs) > max_checkpoints:
+        print(f"fastdd: Algorithm 2 kept {len(epochs)} checkpoints (epochs {epochs}); using the first "
+              f"{max_checkpoints} ({epochs[:max_checkpoints]})", file=sys.stderr)  # fmt: skip
+        epochs = epochs[:max_checkpoints]
+    return epochs
+
+
+def build_surrogate_bundle(
+    config: SurrogateConfig,
+    snapshots: Tensor,
+    images: Tensor | RealData,
+    labels: Tensor | None = None,
+    *,
+    epochs: list[int] | None = None,
+    max_images: int = REAL_IMAGES_PER_CLASS,
+    chunk: int = REAL_CHUNK,
+    real_grads: bool = True,
+    **selection_options,
+) -> SurrogateBundle:
+    """Pick checkpoints (`select_epochs`, unless `epochs` gives them) and compute every class's real gradients
+    (real_grads=False: none; a run computes them per class when it needs them).
+
+    Args:
+        config: the surrogate architecture.
+        snapshots: [E + 1, P] parameter snapshots.
+        images: [N, C, H, W] real images with labels [N], or a `RealData`.
+        labels: [N] class labels (with a tensor of images).
+        epochs: snapshot indices to keep (None: Algorithm 2).
+        max_images: see `class_mean_gradient` (the real gradients and the paper's Algorithm 2).
+        chunk: see `class_mean_gradient`.
+        real_grads: compute the [num_classes, K, P] real gradients.
+        **selection_options: threshold, max_checkpoints, selection, seed, progress (see `select_epochs`).
+
+    Returns:
+        SurrogateBundle: flat_params [K, P], real_grads [num_classes, K, P], the K kept epochs.
+
+    Raises:
+        ValueError: as `select_epochs`.
+    """
+    data = as_real_data(images, labels)
     if epochs is None:
-        if selection == "authors":
-            chosen = authors_selection_indices(labels, config.num_classes, seed)
-            class_images, selection_chunk = (lambda c: images[chosen[c]]), AUTHORS_IMAGES_PER_CLASS
-        else:
-            class_images, selection_chunk = (lambda c: images[labels == c][:max_images]), chunk
-        statistics = selection_statistics(model, snapshots, class_images, config.num_classes, selection_chunk, progress)
-        epochs = walk_checkpoints(statistics.similarity(selection), threshold)
-        if max_checkpoints is not None and len(epochs) > max_checkpoints:
-            print(f"fastdd: Algorithm 2 kept {len(epochs)} checkpoints (epochs {epochs}); using the first "
-                  f"{max_checkpoints} ({epochs[:max_checkpoints]})", file=sys.stderr)  # fmt: skip
-            epochs = epochs[:max_checkpoints]
+        epochs = select_epochs(config, snapshots, data, max_images=max_images, chunk=chunk, **selection_options)
+    elif selection_options.get("selection", "paper") not in SELECTION_RULES:
+        raise ValueError(f"selection must be one of {SELECTION_RULES}, got {selection_options['selection']!r}")
     flat = snapshots[epochs]
-    real = real_gradients(model, flat, images, labels, config.num_classes, max_images=max_images, chunk=chunk)
+    real = None
+    if real_grads:
+        model = config.build().eval()
+        real = real_gradients(model, flat, data, None, config.num_classes, max_images=max_images, chunk=chunk)
     return SurrogateBundle(config, flat, real, list(epochs))
 
 
 def compute_surrogate_bundle(
     config: SurrogateConfig,
-    images: Tensor,
-    labels: Tensor,
+    images: Tensor | RealData,
+    labels: Tensor | None = None,
     *,
     epochs: int = 50,
     epoch_list: list[int] | None = None,
-    threshold: float = 0.7,
-    max_checkpoints: int | None = MAX_CHECKPOINTS,
-    selection: str = "paper",
     flip: bool = True,
     seed: int = 0,
     device: torch.device | str = "cpu",
     progress: bool = True,
+    **selection_options,
 ) -> SurrogateBundle:
     """Train the trajectory and build the bundle from it.
 
     Args:
         config: the surrogate architecture.
-        images: [N, C, S, S] real images in [-1, 1].
-        labels: [N] class labels.
+        images: [N, C, S, S] real images in [-1, 1] with labels [N], or a `RealData`.
+        labels: [N] class labels (with a tensor of images).
         epochs: training epochs.
         epoch_list: snapshot indices to keep (None: Algorithm 2).
-        threshold: Algorithm 2's threshold.
-        max_checkpoints: see `build_surrogate_bundle`.
-        selection: Algorithm 2's rule (see `build_surrogate_bundle`).
         flip: random horizontal flips in training.
-        seed: training seed (see `train_trajectory`).
+        seed: training seed (see `train_trajectory`) and the authors' loader seed.
         device: where the model trains.
         progress: show progress bars.
+        **selection_options: threshold, max_checkpoints, selection (see `select_epochs`).
 
     Returns:
         SurrogateBundle: flat_params [K, P], real_grads [num_classes, K, P], the K kept epochs.
@@ -790,18 +909,8 @@ def compute_surrogate_bundle(
     Raises:
         ValueError: if a class has no images or threshold is not in (0, 1].
     """
-    snapshots = train_trajectory(
-        config, images, labels, epochs=epochs, flip=flip, seed=seed, device=device, progress=progress
-    )
+    data = as_real_data(images, labels)
+    snapshots = train_trajectory(config, data, epochs=epochs, flip=flip, seed=seed, device=device, progress=progress)
     return build_surrogate_bundle(
-        config,
-        snapshots,
-        images,
-        labels,
-        epochs=epoch_list,
-        threshold=threshold,
-        max_checkpoints=max_checkpoints,
-        selection=selection,
-        seed=seed,
-        progress=progress,
+        config, snapshots, data, epochs=epoch_list, seed=seed, progress=progress, **selection_options
     )

@@ -55,15 +55,19 @@ from __future__ import annotations
 import copy
 import json
 import math
-from collections.abc import Callable, Sequence
+import tempfile
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..data.atomic import save_safetensors_atomic
 from ..data.augment import crop_sides
+from ..data.dataset import TensorBatches
+from ..data.latents import EncodedBatches
 from ..models.convnet import ConvNet
 from ..progress import progress_bar
 from ..sampling.sampler import Guidance, StepContext
@@ -214,25 +218,28 @@ class InformationEstimator(nn.Module):
         return self.classifier(embedding), self.sigma(embedding)
 
     @torch.no_grad()
-    def set_class_means(self, images: Tensor, labels: Tensor, batch_size: int = 512) -> None:
+    def set_class_means(self, images: Tensor | Iterable[tuple[Tensor, Tensor]], labels: Tensor | None = None) -> None:
         """Set Q_y = mean of σ(f(x)) over the images of class y, without grad.
 
         Args:
-            images: [N, C, H, W].
-            labels: [N] (every class present).
-            batch_size: images per forward.
+            images: [N, C, H, W] (with labels [N]), or batches (images [b, C, H, W], labels [b]) covering the real
+                images once.
+            labels: the classes of a tensor of images (every class present).
 
         Raises:
             ValueError: if a class has no images.
         """
-        labels = labels.to(self.class_means.device)
-        counts = torch.bincount(labels, minlength=self.num_classes)
-        if counts.shape[0] != self.num_classes or bool((counts == 0).any()):
-            raise ValueError(f"labels: every class 0..{self.num_classes - 1} needs images, counts {counts.tolist()}")
+        batches = (
+            TensorBatches(images, labels).batches(torch.arange(len(labels)), 512) if labels is not None else images
+        )
         sums = torch.zeros_like(self.class_means)
-        for start in range(0, len(labels), batch_size):
-            batch = images[start : start + batch_size].to(self.class_means.device)
-            sums.index_add_(0, labels[start : start + batch_size], self.sigma(self.embed(batch)))
+        counts = torch.zeros(self.num_classes, dtype=torch.long, device=self.class_means.device)
+        for batch, labels in batches:
+            labels = labels.to(self.class_means.device)
+            sums.index_add_(0, labels, self.sigma(self.embed(batch.to(self.class_means.device))))
+            counts += torch.bincount(labels, minlength=self.num_classes)
+        if bool((counts == 0).any()):
+            raise ValueError(f"labels: every class 0..{self.num_classes - 1} needs images, counts {counts.tolist()}")
         self.class_means.copy_(sums / counts[:, None].to(sums.dtype))
 
     def save(self, path: str | Path) -> None:
@@ -487,12 +494,13 @@ def class_mean_kl(sigma: Tensor, labels: Tensor, num_classes: int) -> Tensor:
 
 
 def _check_training_data(images: Tensor, labels: Tensor, num_classes: int | None) -> int:
-    if images.dim() != 4 or labels.shape != (images.shape[0],):
+    """num_classes, after checking the images (a tensor, or one batch of a batch source) and every label."""
+    if images.dim() != 4 or (labels.shape != (images.shape[0],) and images.shape[0] != 1):
         raise ValueError(
             f"images, labels: expected [N, C, H, W] and [N], got {list(images.shape)} and {list(labels.shape)}"
         )
-    if images.shape[0] < 2:
-        raise ValueError(f"images: need at least 2 images, got {images.shape[0]}")
+    if labels.shape[0] < 2:
+        raise ValueError(f"images: need at least 2 images, got {labels.shape[0]}")
     if images.shape[-1] != images.shape[-2]:
         raise ValueError(f"images: expected square images, got {list(images.shape[-2:])}")
     if not bool(torch.isfinite(images).all()):
@@ -510,8 +518,8 @@ def _check_training_data(images: Tensor, labels: Tensor, num_classes: int | None
 
 
 def train_information_estimator(
-    images: Tensor,
-    labels: Tensor,
+    images: Tensor | EncodedBatches,
+    labels: Tensor | None = None,
     num_classes: int | None = None,
     *,
     dim: int = 128,
@@ -541,8 +549,10 @@ def train_information_estimator(
     augmentations from a generator seeded too.
 
     Args:
-        images: [N, C, S, S] in [-1, 1] (N >= 2, finite).
-        labels: [N] integer classes.
+        images: [N, C, S, S] in [-1, 1] (N >= 2, finite), or a batch source (`fastdd.data.latents.EncodedBatches`:
+            the real images read batch by batch, so that no more than one batch is held; its `labels` are the
+            classes; the frozen features of the classifier stage go to a temporary file, not to memory).
+        labels: [N] integer classes (with a tensor of images).
         num_classes: number of classes (default: labels.max() + 1); every class needs an image.
         dim: embedding dimension d.
         width: ConvNet width.
@@ -570,7 +580,10 @@ def train_information_estimator(
     Raises:
         ValueError: if images / labels are malformed (see the arguments) or an argument is out of range.
     """
-    num_classes = _check_training_data(images, labels, num_classes)
+    source = TensorBatches(images, labels) if isinstance(images, Tensor) else images
+    labels = source.labels.long()
+    first, _ = next(source.batches(torch.arange(1), 1))
+    num_classes = _check_training_data(images if isinstance(images, Tensor) else first, labels, num_classes)
     _check_positive("tau", tau)
     _check_non_negative("lam", lam)
     for name, value in (("epochs", epochs), ("classifier_epochs", classifier_epochs)):
@@ -582,7 +595,7 @@ def train_information_estimator(
     _check_positive("classifier_lr", classifier_lr)
     if not 0 <= momentum < 1:
         raise ValueError(f"momentum must be in [0, 1), got {momentum}")
-    count = images.shape[0]
+    count = len(labels)
     queue_size = min(4096, count // 2) if queue_size is None else queue_size
     if not 0 <= queue_size <= count:
         raise ValueError(f"queue_size must be in 0..{count} (the number of images), got {queue_size}")
@@ -590,22 +603,22 @@ def train_information_estimator(
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
     estimator = InformationEstimator(
-        images.shape[1], num_classes, images.shape[-1], dim=dim, width=width, depth=depth, tau=tau
+        first.shape[1], num_classes, first.shape[-1], dim=dim, width=width, depth=depth, tau=tau
     ).to(device)
     key_encoder = copy.deepcopy(estimator.encoder).requires_grad_(False)
     queue = F.normalize(torch.randn(queue_size, dim, generator=generator), dim=1).to(device)
     queue_position = 0
     optimizer = torch.optim.Adam(estimator.encoder.parameters(), lr=lr)
-    labels = labels.long()
     history: dict[str, list[float]] = {"info_nce": [], "kl": [], "classifier_ce": []}
 
     estimator.train()
     for _ in progress_bar(range(epochs), desc="IGDS estimator", disable=not progress):
         sums = torch.zeros(2)
         order = torch.randperm(count, generator=generator)
-        for start in range(0, count, batch_size):
-            index = order[start : start + batch_size]
-            batch, batch_labels = images[index], labels[index].to(device)
+        for batch, batch_labels in source.batches(order, batch_size):
+            if not bool(torch.isfinite(batch).all()):
+                raise ValueError("images contain NaN or infinite values")
+            batch, batch_labels = batch.cpu(), batch_labels.to(device)
             view_q = augment(batch, generator, crop_scale=crop_scale, flip=flip, jitter=jitter).to(device)
             view_k = augment(batch, generator, crop_scale=crop_scale, flip=flip, jitter=jitter).to(device)
             queries = estimator.embed(view_q)
@@ -623,27 +636,35 @@ def train_information_estimator(
                     kept = keys[-queue_size:]
                     queue[(queue_position + torch.arange(len(kept), device=device)) % queue_size] = kept
                     queue_position = (queue_position + len(kept)) % queue_size
-            sums += torch.stack([contrastive.detach(), kl.detach()]).cpu() * len(index)
+            sums += torch.stack([contrastive.detach(), kl.detach()]).cpu() * len(batch_labels)
         history["info_nce"].append(float(sums[0]) / count)
         history["kl"].append(float(sums[1]) / count)
 
     estimator.eval().requires_grad_(False)
-    estimator.set_class_means(images, labels)
-    with torch.no_grad():
-        features = torch.cat([estimator.embed(images[s : s + 512].to(device)) for s in range(0, count, 512)])
-    estimator.classifier.requires_grad_(True)
-    probe_optimizer = torch.optim.Adam(estimator.classifier.parameters(), lr=classifier_lr)
-    for _ in progress_bar(range(classifier_epochs), desc="IGDS classifier", disable=not progress):
-        total = 0.0
-        order = torch.randperm(count, generator=generator)
-        for start in range(0, count, batch_size):
-            index = order[start : start + batch_size].to(device)
-            loss = F.cross_entropy(estimator.classifier(features[index]), labels.to(device)[index])
-            probe_optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            probe_optimizer.step()
-            total += float(loss.detach()) * len(index)
-        history["classifier_ce"].append(total / count)
+    in_order = torch.arange(count)
+    estimator.set_class_means(source.batches(in_order, 512))
+    with tempfile.TemporaryDirectory() as scratch:  # the frozen features of every image, on disk, not in memory
+        features = np.lib.format.open_memmap(f"{scratch}/features.npy", "w+", np.float32, (count, dim))
+        with torch.no_grad():
+            start = 0
+            for batch, _ in source.batches(in_order, 512):
+                features[start : start + len(batch)] = estimator.embed(batch.to(device)).cpu().numpy()
+                start += len(batch)
+        estimator.classifier.requires_grad_(True)
+        probe_optimizer = torch.optim.Adam(estimator.classifier.parameters(), lr=classifier_lr)
+        for _ in progress_bar(range(classifier_epochs), desc="IGDS classifier", disable=not progress):
+            total = 0.0
+            order = torch.randperm(count, generator=generator)
+            for start in range(0, count, batch_size):
+                index = order[start : start + batch_size]
+                batch_features = torch.from_numpy(features[index.numpy()])
+                loss = F.cross_entropy(estimator.classifier(batch_features.to(device)), labels[index].to(device))
+                probe_optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                probe_optimizer.step()
+                total += float(loss.detach()) * len(index)
+            history["classifier_ce"].append(total / count)
+        del features
     estimator.requires_grad_(False)
     estimator.history = history
     return estimator

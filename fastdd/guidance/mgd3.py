@@ -169,46 +169,6 @@ def _update_centroids(points: Tensor, assignments: Tensor, centroids: Tensor) ->
 
 
 # --------------------------------------------------------------------------------------------- modes
-def encode_latents(
-    codec,
-    images: Tensor,
-    *,
-    batch_size: int = 32,
-    sample: bool = False,
-    generator: torch.Generator | None = None,
-    progress: bool = True,
-) -> Tensor:
-    """Codec latents of images, encoded batch by batch without autograd.
-
-    The codec applies the latent scale (0.18215 for the SD VAE).
-
-    Args:
-        codec: the latent codec (`encode(images, sample=, generator=)`).
-        images: [N, 3, H, W] in [-1, 1].
-        batch_size: images per encode call (> 0).
-        sample: False: the encoder mean (MGD3's modes); True: a draw of the encoder's Gaussian (D3HR).
-        generator: generator of the draws (sample=True).
-        progress: show a progress bar.
-
-    Returns:
-        [N, C, h, w] latents.
-
-    Raises:
-        ValueError: if batch_size <= 0 or images is not a non-empty [N, C, H, W] batch.
-    """
-    if batch_size <= 0:
-        raise ValueError(f"batch_size must be > 0, got {batch_size}")
-    if images.dim() != 4 or images.shape[0] == 0:
-        raise ValueError(f"images: expected a non-empty [N, C, H, W] batch, got shape {list(images.shape)}")
-    out = []
-    with torch.no_grad():
-        for start in progress_bar(
-            range(0, images.shape[0], batch_size), disable=not progress, desc="encode", leave=False
-        ):
-            out.append(codec.encode(images[start : start + batch_size], sample=sample, generator=generator))
-    return torch.cat(out)
-
-
 def class_modes(latents: Tensor, ipc: int, *, seed: int = 0, max_iter: int = 300) -> Tensor:
     """MGD3 modes of one class: k-means centroids of its flattened latents.
 
@@ -294,7 +254,8 @@ def mode_update(pred_xstart: Tensor, mode: Tensor, log_variance: Tensor, lam: fl
 class ModeGuidance(Guidance):
     """MGD3 as a sampler guidance: image (c, j, seed) is pulled toward mode j of class c on indices > stop_index.
 
-    modes: [num_classes, ipc, C, H, W] or {class_index: [ipc, C, H, W]} (latent space, as `fit_modes` returns);
+    modes: [num_classes, ipc, C, H, W] or {class_index: [ipc, C, H, W]} (latent space, as `fit_modes` returns; a
+    mapping may compute a class's modes when it is first looked up, e.g. `fastdd.data.latents.ClassCache`);
     lam: λ (>= 0); stop_index: last unguided respaced index (guided: stop_index < i; -1 guides every step).
     compat=False (clean): the update of each image uses its own row's x̂0 and variance.
     compat=True (2B rows [cond; uncond], the authors' layout): the conditional row gets
@@ -323,14 +284,9 @@ class ModeGuidance(Guidance):
             if modes.dim() != 5:
                 raise ValueError(f"modes: expected [num_classes, ipc, C, H, W], got shape {list(modes.shape)}")
             modes = {c: modes[c] for c in range(modes.shape[0])}
-        self.modes = {int(c): m for c, m in modes.items()}
-        if not self.modes:
+        if not len(modes):
             raise ValueError("modes: no class has modes")
-        for c, m in self.modes.items():
-            if m.dim() != 4 or m.shape[0] == 0:
-                raise ValueError(f"modes[{c}]: expected a non-empty [ipc, C, H, W], got shape {list(m.shape)}")
-            if not torch.isfinite(m).all():
-                raise ValueError(f"modes[{c}]: contains NaN or Inf")
+        self.modes = modes
         self.lam, self.stop_index, self.compat = lam, stop_index, compat
         self.low, self.high = stop_index + 1, math.inf
         self._targets: Tensor | None = None  # [B, C, H, W] modes of the batch's images
@@ -351,6 +307,8 @@ class ModeGuidance(Guidance):
             if class_index not in self.modes:
                 raise ValueError(f"image_ids: class {class_index} has no modes")
             class_modes_ = self.modes[class_index]
+            if class_modes_.dim() != 4 or class_modes_.shape[0] == 0 or not torch.isfinite(class_modes_).all():
+                raise ValueError(f"modes[{class_index}]: expected a finite non-empty [ipc, C, H, W]")
             if not 0 <= image_index < class_modes_.shape[0]:
                 raise ValueError(
                     f"image_ids: image {image_index} of class {class_index} has no mode (class {class_index} has "

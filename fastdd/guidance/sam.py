@@ -38,6 +38,8 @@ from torch import Tensor, nn
 
 from .. import ops
 from ..data.atomic import save_safetensors_atomic, write_atomic
+from ..data.dataset import TensorBatches
+from ..data.latents import EncodedBatches
 from ..models.dit import DiT
 from ..ops._checks import check_positive_int
 from ..progress import progress_bar
@@ -353,8 +355,8 @@ class SamFinetune:
 def finetune_sam(
     model: DiT,
     diffusion: GaussianDiffusion,
-    latents: Tensor,
-    labels: Tensor,
+    latents: Tensor | EncodedBatches,
+    labels: Tensor | None = None,
     *,
     epochs: int = 8,
     batch_size: int = 8,
@@ -376,7 +378,8 @@ def finetune_sam(
     EMA of the DiffFit parameters with ema_decay after each step.
 
     Randomness, from torch.Generator().manual_seed(seed) on the CPU, in this order: per epoch a permutation
-    of the N latents (batches of batch_size, the last partial batch dropped, as the authors' drop_last);
+    of the N latents (batches of batch_size read in that order, the last partial batch dropped, as the authors'
+    drop_last);
     per step t = randint(0, T, [B]), noise = randn([B, C, H, W]), dropout = rand([B]) < p.
     Differences from the authors' script: fixed latents (they draw a new VAE posterior sample of a randomly
     flipped image each time), one process.
@@ -384,8 +387,10 @@ def finetune_sam(
     Args:
         model: a fastdd DiT with DiffFit gammas (`to_difffit` adds them).
         diffusion: the unrespaced training diffusion (GaussianDiffusion(1000), learn_sigma as the model).
-        latents: [N, C, H, W] real latents (VAE latents × 0.18215), C, H, W the model's.
-        labels: [N] classes.
+        latents: [N, C, H, W] real latents (VAE latents × 0.18215), C, H, W the model's; or a batch source
+            (`fastdd.data.latents.EncodedBatches`: the real images read and encoded batch by batch, so that no more
+            than one batch is held), whose `labels` are the classes.
+        labels: [N] classes (with a tensor of latents).
         epochs: number of epochs.
         batch_size: batch size (<= N).
         lr: AdamW learning rate.
@@ -419,18 +424,22 @@ def finetune_sam(
     if diffusion.learn_sigma != model.learn_sigma:
         raise ValueError(f"diffusion: learn_sigma={diffusion.learn_sigma}, the model's is {model.learn_sigma}")
     shape = (model.in_channels, model.input_size, model.input_size)
-    if latents.dim() != 4 or tuple(latents.shape[1:]) != shape or latents.shape[0] == 0:
-        expected = f"a non-empty [N, {shape[0]}, {shape[1]}, {shape[2]}]"
-        raise ValueError(f"latents: expected {expected}, got {list(latents.shape)}")
-    labels = torch.as_tensor(labels, dtype=torch.long).cpu()
-    if labels.shape != (latents.shape[0],):
-        raise ValueError(f"labels: expected shape [{latents.shape[0]}], got {list(labels.shape)}")
+    if isinstance(latents, Tensor):
+        if latents.dim() != 4 or tuple(latents.shape[1:]) != shape or latents.shape[0] == 0:
+            expected = f"a non-empty [N, {shape[0]}, {shape[1]}, {shape[2]}]"
+            raise ValueError(f"latents: expected {expected}, got {list(latents.shape)}")
+        labels = torch.as_tensor(labels, dtype=torch.long).cpu()
+        if labels.shape != (latents.shape[0],):
+            raise ValueError(f"labels: expected shape [{latents.shape[0]}], got {list(labels.shape)}")
+        source = TensorBatches(latents, labels)
+    else:
+        source, labels = latents, latents.labels
     if int(labels.min()) < 0 or int(labels.max()) >= model.num_classes:
         raise ValueError(f"labels must be in 0..{model.num_classes - 1}")
     for name, value in dict(epochs=epochs, batch_size=batch_size).items():
         check_positive_int(name, value)
-    if batch_size > latents.shape[0]:
-        raise ValueError(f"batch_size {batch_size} is larger than the {latents.shape[0]} latents (no full batch)")
+    if batch_size > len(labels):
+        raise ValueError(f"batch_size {batch_size} is larger than the {len(labels)} latents (no full batch)")
     if not lr > 0:
         raise ValueError(f"lr must be > 0, got {lr}")
     if not 0 <= ema_decay <= 1:
@@ -461,22 +470,24 @@ def finetune_sam(
     optimizer = torch.optim.AdamW(list(trained.values()), lr=lr, weight_decay=0.0)
     ema = {name: p.detach().clone() for name, p in trained.items()}
     generator = torch.Generator().manual_seed(seed)
-    steps_per_epoch = latents.shape[0] // batch_size
+    steps_per_epoch = len(labels) // batch_size
     result = SamFinetune(model, ema, memory)
     was_training = model.training
     model.eval()  # no built-in label dropout: it is drawn from `generator` below
     try:
         with progress_bar(total=epochs * steps_per_epoch, disable=not progress, desc="sam fine-tuning") as bar:
             for _ in range(epochs):
-                order = torch.randperm(latents.shape[0], generator=generator)
-                for step in range(steps_per_epoch):
-                    rows = order[step * batch_size : (step + 1) * batch_size]
+                order = torch.randperm(len(labels), generator=generator)
+                for x0, batch_labels in source.batches(order[: steps_per_epoch * batch_size], batch_size):
+                    if tuple(x0.shape[1:]) != shape:
+                        raise ValueError(
+                            f"latents: expected [B, {shape[0]}, {shape[1]}, {shape[2]}], got {list(x0.shape)}"
+                        )
                     t = torch.randint(0, diffusion.num_steps, (batch_size,), generator=generator)
                     noise = torch.randn((batch_size, *shape), generator=generator)
                     dropped = torch.rand(batch_size, generator=generator) < dropout
-                    batch_labels = labels[rows]
                     model_labels = torch.where(dropped, torch.full_like(batch_labels, model.num_classes), batch_labels)
-                    x0 = latents[rows.to(latents.device)].to(device=device, dtype=dtype)
+                    x0 = x0.to(device=device, dtype=dtype)
                     loss, pred_xstart = diffusion_training_loss(
                         model,
                         diffusion,

@@ -13,7 +13,8 @@ Conventions a builder can rely on:
   order, so memory-like state is restored exactly.
 - A batch may hold several images of a class (images_per_batch); a builder whose guidances carry state from a
   class's earlier images to its later ones calls `require_one_image_per_batch(spec, reason)` before heavy work.
-- `spec.state_dir`: a folder in the run directory for caches (None in dry runs).
+- `spec.state_dir`: a folder in the run directory for caches (a dry run only looks into it: whether a cache exists
+  decides what is left to estimate).
 """
 
 from __future__ import annotations
@@ -28,10 +29,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file
 from torch import Tensor, nn
 
-from ..data.atomic import save_safetensors_atomic
+from ..data.latents import ClassCache
 from ..data.real import RealData, fingerprint_of
 from ..options import REQUIRED, documented, flag_of, option, option_fields
 from ..sampling.sampler import Guidance
@@ -43,27 +43,37 @@ PRECISIONS = ("fp32", "bf16")
 MAX_IMAGES = 2_000_000  # a larger plan is refused (ImageNet-1K at IPC 2,000)
 
 
-def default_device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
 @documented
 @dataclass(frozen=True)
 class RunSpec:
     """Everything a `fastdd distill` run is given except the method's own options (`fastdd distill`'s global flags).
 
-    The images depend on every field but device, dry_run, quiet, compile and cuda_graphs (the run config in the
-    manifest records the others)."""
+    The images depend on every field but device, workers, dry_run, quiet, compile and cuda_graphs (the run config in
+    the manifest records the others)."""
 
-    method: str = option(REQUIRED, "one of the registered methods (fastdd.methods.METHODS)")
+    method: str = option(REQUIRED, "the distillation method (`fastdd distill --help` lists each with its options)")
     ipc: int = option(REQUIRED, "images per class")
     out: str = option(REQUIRED, "output folder (resumed if it holds this run's manifest)")
     data: str | None = option(None, "real ImageFolder (default: the scikit-learn digits, offline)")
-    classes: str | None = option(None, "imagenette | imagewoof | FILE ('name [label]' per line)")
-    model: str | None = option(None, "fastdd prior, DiT checkpoint or diffusers DiT (default: bundled digits prior)")
-    vae: str | None = option(None, "mse | ema | none | NAME_OR_PATH (default: mse for DiT, none for pixel priors)")
-    seed: int = option(0, "run seed; image (class c, index i) uses hash(seed, c, i)")
-    steps: int = option(50, "sampling steps (respaced from 1000)")
+    classes: str | None = option(
+        None,
+        "the classes: imagenette | imagewoof | imagenet1k (the 1,000 wnids, label = index) | FILE ('name [label]' "
+        "per line) (default: every class folder of --data, or the prior's classes)",
+    )
+    model: str | None = option(
+        None,
+        "the generator: a fastdd prior, an official DiT checkpoint (.pt/.safetensors), a diffusers DiT or pipeline "
+        "folder, or a hub id (default: the bundled digits prior without --data, facebook/DiT-XL-2-256 with --data)",
+    )
+    vae: str | None = option(
+        None,
+        "the VAE that decodes latents: mse (stabilityai/sd-vae-ft-mse) | ema | none | hub id | folder (default: a "
+        "diffusers pipeline's own vae/, else mse for DiT checkpoints; pixel-space priors take none)",
+    )
+    seed: int = option(
+        0, "run seed; image i of class c is seeded by hash(seed, c, i), so it does not depend on the others"
+    )
+    steps: int = option(50, "sampling steps, respaced from the 1000 training steps (guided step ranges are rescaled)")
     sampler: str = option(
         "ddpm", "ancestral DDPM (the authors'), DDIM, or DPM-Solver++ (unguided methods only)", choices=SAMPLERS
     )
@@ -73,14 +83,18 @@ class RunSpec:
         "980, 960, ...) or trailing — default: the method's (d3hr: leading, else iddpm; with --compat the authors')",
         choices=SPACINGS,
     )
-    eta: float = option(0.0, "DDIM eta")
+    eta: float = option(
+        0.0, "DDIM's noise scale η with --sampler ddim (0: deterministic; 1: as ancestral DDPM; Song et al. 2021)"
+    )
     cfg_scale: float | None = option(None, "CFG scale (default 4.0; digits 2.0)")
     compat: bool = option(
         False,
         "the authors' settings for the method: their DiT numerics, spacing, CFG channels and the shadow rows of the "
         "official 2-row loop (README: Bring your own weights); an explicit --numerics / --spacing still wins",
     )
-    class_batch: int = option(10, "classes per batch; processes get whole chunks of this many classes")
+    class_batch: int = option(
+        10, "classes sampled together in one batch; torchrun processes get whole chunks of this many classes"
+    )
     device: str | None = option(None, "torch device (default: cuda when available, else cpu)")
     precision: str = option(
         "fp32",
@@ -92,6 +106,11 @@ class RunSpec:
         "consecutive images of each class in a batch (rows: classes × this); the same "
         "images as 1, up to float rounding, for every method but igds (its entropy term "
         "spans the batch); igd with --igd-gamma > 0 needs 1",
+    )
+    workers: int | None = option(
+        None,
+        "DataLoader worker processes that decode real images (default: min(4, CPUs); 0: in this process); does not "
+        "change the images",
     )
     compile: bool = option(False, "torch.compile the DiT (first batch pays compilation)")
     cuda_graphs: bool = option(False, "replay whole sampling steps as CUDA graphs from the second batch on (CUDA only)")
@@ -114,7 +133,7 @@ class RunSpec:
         "official initialisation; the missing keys are listed); default: refused",
     )
     dry_run: bool = option(False, "print the plan and a time estimate, write nothing")
-    quiet: bool = option(False, "no progress bars")
+    quiet: bool = option(False, "no progress bars and no closing summary line (errors still print)")
 
     def validate(self) -> None:
         """ValueError naming the flag of the first invalid field (before anything is loaded or written)."""
@@ -135,13 +154,15 @@ class RunSpec:
             raise ValueError(f"--cfg-scale must be >= 0, got {self.cfg_scale}")
         if self.eta < 0:
             raise ValueError(f"--eta must be >= 0, got {self.eta}")
+        if self.workers is not None and self.workers < 0:
+            raise ValueError(f"--workers must be >= 0, got {self.workers}")
         if self.num_heads is not None and self.num_heads <= 0:
             raise ValueError(f"--num-heads must be > 0, got {self.num_heads}")
 
     @property
-    def state_dir(self) -> Path | None:
-        """The run's cache folder DIR/.fastdd (None in a dry run, which writes nothing)."""
-        return None if self.dry_run else Path(self.out) / STATE_DIR
+    def state_dir(self) -> Path:
+        """The run's cache folder DIR/.fastdd (a dry run writes nothing there)."""
+        return Path(self.out) / STATE_DIR
 
     @property
     def progress(self) -> bool:
@@ -172,13 +193,14 @@ class Cost:
 
     guided_steps: sampling steps with a guidance backward, each costing `guided_step_calls` model forwards (measured
     per method on the digits default); sampling_steps: the steps each image is sampled for (default: the run's);
-    state(probe) -> seconds of the per-run state (surrogate, fine-tuning, inversion, estimator), from timed probes.
+    state(probe, classes) -> seconds of the per-run state still to compute (surrogate, fine-tuning, inversion,
+    estimator) for the local classes whose batches are left, from timed probes; None when nothing is left (cached).
     """
 
     guided_steps: int = 0
     guided_step_calls: float = 3.0
     sampling_steps: int | None = None
-    state: Callable[[Any], float] | None = None
+    state: Callable[[Any, set[int]], float] | None = None
 
 
 @dataclass
@@ -188,7 +210,8 @@ class MethodSetup:
     guidances: in the order their deltas are added; params: the method's resolved hyper-parameters (JSON-able) for
     the manifest; prepare(local_classes): called before each batch with the local class of each of its rows;
     sample(sampler, labels, image_ids, latent_shape, device) -> final latents [B, C, h, w]: replaces the default
-    sampling call (e.g. DDIM from inverted latents); cost: the dry run's estimate of its extra work.
+    sampling call (e.g. DDIM from inverted latents); cost: the dry run's estimate of its extra work; sampling: how a
+    `sample` override samples, for the dry run's plan (default: the run's sampler settings).
     """
 
     guidances: list[Guidance] = field(default_factory=list)
@@ -196,6 +219,7 @@ class MethodSetup:
     prepare: Callable[[Sequence[int]], None] | None = None
     sample: Callable[..., Tensor] | None = None
     cost: Cost = field(default_factory=Cost)
+    sampling: str | None = None
 
 
 @dataclass(frozen=True)
@@ -310,16 +334,19 @@ def cache_key(inputs: dict) -> str:
     return fingerprint_of(inputs)[:12]
 
 
-def read_cache(path: Path, load: Callable[[Path], Any]) -> Any:
+def read_cache(path: Path, load: Callable[[Path], Any], dry_run: bool = False) -> Any:
     """load(path) of a cached artefact, or None when it is missing or unreadable (a corrupt file, e.g. from a full
-    disk, is removed and said on stderr, so the caller computes it again)."""
+    disk, is removed and said on stderr, so the caller computes it again; a dry run leaves it)."""
     if not path.is_file():
         return None
     try:
         return load(path)
     except Exception as err:  # safetensors, torch and JSON raise their own error types for corrupt files
-        print(f"fastdd: cached {path.name} is unreadable ({type(err).__name__}); computing it again", file=sys.stderr)
-        path.unlink(missing_ok=True)
+        if not dry_run:
+            print(
+                f"fastdd: cached {path.name} is unreadable ({type(err).__name__}); computing it again", file=sys.stderr
+            )
+            path.unlink(missing_ok=True)
         return None
 
 
@@ -359,24 +386,26 @@ def check_pool(spec: RunSpec, data: RealData, minimum: int, why: str, ipc_bound:
         )
 
 
-def real_latents(spec: RunSpec, models: Models, data: RealData, sample: bool = False) -> tuple[Tensor, Tensor]:
-    """(latents [N, C, h, w] on the model device, local labels [N]) of the real images: the codec's encoder mean
-    (sample=False) or a draw seeded with spec.seed (sample=True). VAE latents are cached in the state folder."""
-    from ..guidance.mgd3 import encode_latents
+def real_latents(spec: RunSpec, models: Models, data: RealData, sample: bool = False) -> ClassCache:
+    """{local class: [n, C, h, w] real latents}: per class, on first use, the codec's encoder mean (sample=False) or a
+    draw seeded from (spec.seed, class) (sample=True), stored per class in the state folder for a VAE (in pixel space
+    the images, not stored); at most max(8, --class-batch) classes held in memory."""
+    from ..data.latents import class_latents
     from ..models.vae import PixelCodec
+    from ..sampling.seeds import image_seed
 
-    images, labels = data.load()
+    data.require()
     device, codec = models.device, models.codec
-    if isinstance(codec, PixelCodec):
-        return images.to(device), labels
-    cache = cache_path(spec, models, data, "latents", {"sample": sample, "seed": spec.seed})
-    cached = read_cache(cache, lambda path: load_file(str(path))["latents"])
-    if cached is not None:
-        return cached.to(device), labels
-    generator = torch.Generator(device=device).manual_seed(spec.seed) if sample else None
-    latents = encode_latents(codec, images.to(device), sample=sample, generator=generator, progress=spec.progress)
-    save_safetensors_atomic({"latents": latents}, cache)
-    return latents, labels
+    folder = None
+    if not isinstance(codec, PixelCodec):
+        key = cache_key(cache_inputs(spec, models, data, {"sample": sample, "seed": spec.seed}))
+        folder = spec.state_dir / f"latents_{key}"
+
+    def compute(c: int) -> Tensor:
+        generator = torch.Generator(device=device).manual_seed(image_seed(spec.seed, c, 0)) if sample else None
+        return class_latents(data, c, codec, device, sample=sample, generator=generator)
+
+    return ClassCache(range(data.num_classes), compute, folder, keep=max(8, spec.class_batch))
 
 
 def default_sample(spec: RunSpec, sampler, labels, ids, latent_shape, device, progress: bool = False) -> Tensor:

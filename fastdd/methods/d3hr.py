@@ -16,6 +16,7 @@ from torch import Tensor
 
 from .. import ops
 from ..bench.common import timeit
+from ..data.latents import ClassCache
 from ..guidance.d3hr import (
     D3HR_AUTHORS_CANDIDATES,
     D3HR_CANDIDATES,
@@ -54,7 +55,7 @@ class D3HROptions:
 
     target: int = option(
         31,
-        "inversion target / generation start step for 50 steps (SPEC: 31, timestep 620 = step 18 of 50)",
+        "inversion target / generation start step for 50 steps: 31 = timestep 620, the authors' --start_step 18 of 50 (D3HR generation/group_sampling.py)",
         flag="--d3hr-target",
     )
     candidates: int | None = option(
@@ -108,14 +109,19 @@ def build(options: D3HROptions, spec: RunSpec, models: Models, data: RealData) -
                     statistics_path(stats_dir, label), statistics_config(like_run, label, target, inputs)
                 )
 
-    def state_seconds(probe) -> float:
-        """Each class inverted in batches of options.batch images, `target` DDIM steps per batch, then its
-        candidate groups drawn and scored."""
+    if stats_dir is None:  # private to the run, named by what the statistics depend on
+        stats_dir = spec.state_dir / f"d3hr_stats_{cache_key(inputs)}"
+    counts = data.class_counts()
+
+    def state_seconds(probe, classes) -> float:
+        """For each class left: its inversion (in batches of options.batch images, `target` DDIM steps per batch)
+        unless its statistics are on disk, then its candidate groups drawn and scored."""
         seconds = 0.0
-        for n in data.class_counts():
-            full, rest = divmod(n, options.batch)
-            seconds += full * probe.model_call(options.batch) + (probe.model_call(rest) if rest else 0.0)
-        return target * seconds + data.num_classes * group_seconds(probe.seconds)
+        for c in classes:
+            if not statistics_path(stats_dir, models.class_labels[c]).is_file():
+                full, rest = divmod(counts[c], options.batch)
+                seconds += target * (full * probe.model_call(options.batch) + (probe.model_call(rest) if rest else 0))
+        return seconds + len(classes) * group_seconds(probe.seconds)
 
     def group_seconds(timer) -> float:
         """Seconds of one class's group sampling: a timed call on min(candidates, 1024) groups, scaled."""
@@ -125,8 +131,12 @@ def build(options: D3HROptions, spec: RunSpec, models: Models, data: RealData) -
         return timer(call, repeats=2) * candidates / count
 
     cost = Cost(sampling_steps=target + 1, state=state_seconds)
+    sampling = (
+        f"ddim, eta 0, from step {target} of {spec.steps} ({models.diffusion.timestep_spacing} spacing), the "
+        "selected groups as starting latents"
+    )
     if spec.dry_run:
-        return MethodSetup(params=params, cost=cost)
+        return MethodSetup(params=params, cost=cost, sampling=sampling)
     if candidates > 10 * D3HR_CANDIDATES and spec.progress:
         per_class = group_seconds(lambda fn, repeats: timeit(fn, models.device, repeats, 1, do_bench=False))
         print(
@@ -134,43 +144,40 @@ def build(options: D3HROptions, spec: RunSpec, models: Models, data: RealData) -
             f"{models.device.type} (a timed probe); --d3hr-candidates N draws fewer",
             file=sys.stderr,
         )
-    if stats_dir is None:  # private to the run, named by what the statistics depend on
-        stats_dir = spec.state_dir / f"d3hr_stats_{cache_key(inputs)}"
-    groups: dict[int, Tensor] = {}
-    real: list[tuple[Tensor, Tensor]] = []
+    real = real_latents(spec, models, data, sample=True)  # per class, read only for classes without statistics
+    samplers: list[GuidedSampler] = []  # the run's sampler, set at its first batch
 
-    def group_of(sampler: GuidedSampler, c: int) -> Tensor:
+    def group_of(c: int) -> Tensor:
         """The selected IPC latents of local class c [ipc, C, h, w]."""
-        if c not in groups:
-            latents, path = None, statistics_path(stats_dir, models.class_labels[c])
-            if options.stats is None:  # a private file that is unreadable (a killed or full disk) is made again
-                read_cache(path, load_class_statistics)
-            if not path.is_file():
-                if not real:
-                    real.append(real_latents(spec, models, data, sample=True))
-                all_latents, labels = real[0]
-                latents = all_latents[(labels == c).to(all_latents.device)]
-            groups[c] = class_group(
-                sampler,
-                latents,
-                models.class_labels[c],
-                spec.ipc,
-                target_index=target,
-                n_candidates=candidates,
-                seed=spec.seed,
-                stats_dir=stats_dir,
-                batch_size=options.batch,
-                inputs=inputs,
-                progress=spec.progress,
-            )
-        return groups[c]
+        latents, path = None, statistics_path(stats_dir, models.class_labels[c])
+        if options.stats is None:  # a private file that is unreadable (a killed or full disk) is made again
+            read_cache(path, load_class_statistics)
+        if not path.is_file():
+            latents = real[c].to(models.device)
+        return class_group(
+            samplers[0],
+            latents,
+            models.class_labels[c],
+            spec.ipc,
+            target_index=target,
+            n_candidates=candidates,
+            seed=spec.seed,
+            stats_dir=stats_dir,
+            batch_size=options.batch,
+            inputs=inputs,
+            progress=spec.progress,
+            class_name=data.class_names[c],
+        )
+
+    groups = ClassCache(range(data.num_classes), group_of, keep=max(8, spec.class_batch))  # a chunk's classes
 
     def sample(sampler, labels, ids, latent_shape, device) -> Tensor:
         """DDIM (η = 0) from each image's selected latent at the target index, with the run's CFG and labels."""
-        x_start = torch.stack([group_of(sampler, c)[i] for c, i, _ in ids]).to(device)
+        samplers[:] = [sampler]
+        x_start = torch.stack([groups[c][i] for c, i, _ in ids]).to(device)
         return sampler.ddim_sample(labels, ids, start_index=target, x_start=x_start, progress=False)
 
-    return MethodSetup(params=params, sample=sample, cost=cost)
+    return MethodSetup(params=params, sample=sample, cost=cost, sampling=sampling)
 
 
 METHOD = Method(

@@ -97,11 +97,16 @@ def build(options: DAPOptions, spec: RunSpec, models: Models, data: RealData) ->
         "guided_range": [low, high],
         "feature_dtype": str(dtype).removeprefix("torch."),
     }
-    count = sum(data.class_counts())
+    counts = data.class_counts()
+
+    def real_feature_seconds(probe, count: int) -> float:
+        """The real features of the classes left: one block-feature forward per 64 images."""
+        return math.ceil(count / 64) * probe.model_call(min(count, 64)) if count else 0.0
+
     cost = Cost(
         guided_steps=high - low + 1,
         guided_step_calls=DAP_GUIDED_STEP_CALLS,
-        state=lambda probe: math.ceil(count / 64) * probe.model_call(min(count, 64)),
+        state=lambda probe, classes: real_feature_seconds(probe, sum(counts[c] for c in classes)),
     )
     if spec.dry_run:
         return MethodSetup(params=params, cost=cost)
@@ -111,11 +116,10 @@ def build(options: DAPOptions, spec: RunSpec, models: Models, data: RealData) ->
         projection = JLProjection(
             prior.grid_size**2 * prior.hidden_size, options.proj_dim, seed=spec.seed, device=models.device
         )
-    latents, labels = real_latents(spec, models, data)
     real = RealFeatures(
         model,
-        latents,
-        labels,
+        real_latents(spec, models, data),
+        None,
         block,
         options.t_mode,
         diffusion=models.diffusion,

@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..data.atomic import computed_once
+from ..data.latents import ClassCache
 from ..guidance.igd import (
     DIGITS_SURROGATE_PATH,
     MAX_CHECKPOINTS,
@@ -20,9 +23,12 @@ from ..guidance.igd import (
     DeviationGuidance,
     InfluenceGuidance,
     SurrogateBundle,
-    compute_surrogate_bundle,
+    class_real_gradients,
+    select_epochs,
     surrogate_config_for,
+    train_trajectory,
 )
+from ..models.loading import file_digest
 from ..options import documented, option, parse_range
 from .base import (
     Cost,
@@ -67,9 +73,13 @@ class IGDOptions:
         "computed from --data and cached in DIR/.fastdd)",
         flag="--surrogate",
     )
-    k: float | None = option(None, "influence scale k (default: SPEC preset, 5)", flag="--igd-k")
+    k: float | None = option(
+        None, "influence scale k (default: the IGD authors' preset, 5; their sample_mp.sh)", flag="--igd-k"
+    )
     gamma: float | None = option(
-        None, "deviation scale gamma (default: SPEC preset by dataset and IPC)", flag="--igd-gamma"
+        None,
+        "deviation scale γ (default: the IGD authors' preset by dataset and IPC, e.g. 50 for ImageNette IPC 10, 120 above, 8 for the digits prior; their sample_mp.sh --dev-scale)",
+        flag="--igd-gamma",
     )
     range: tuple[int, int] = option(
         (30, 45), "guided respaced steps low,high for 50 steps (rescaled to --steps)", flag="--igd-range"
@@ -95,7 +105,8 @@ class IGDOptions:
 def check_bundle(bundle: SurrogateBundle, models: Models, data: RealData, source: str) -> None:
     """The surrogate must match the class list and the decoded images."""
     config, (channels, _, _) = bundle.config, models.image_shape
-    if config.num_classes != data.num_classes or bundle.real_grads.shape[0] != data.num_classes:
+    rows = config.num_classes if bundle.real_grads is None else len(bundle.real_grads)
+    if config.num_classes != data.num_classes or rows != data.num_classes:
         raise ValueError(
             f"--surrogate {source}: made for {config.num_classes} classes, the class list has {data.num_classes}"
         )
@@ -104,45 +115,69 @@ def check_bundle(bundle: SurrogateBundle, models: Models, data: RealData, source
 
 
 def surrogate_bundle(options: IGDOptions, spec: RunSpec, models: Models, data: RealData):
-    """(bundle or None in a dry run, source): options.surrogate, the shipped digits bundle, or computed from the real
-    data (cached in the state folder)."""
+    """(bundle, source): options.surrogate, the shipped digits bundle, or computed from the real data (cached in the
+    state folder); None in a dry run that would train it. Real gradients a bundle does not hold (a computed one, a
+    checkpoints-only file from `fastdd surrogate`) are computed per class when a batch first needs them, stored per
+    class in the state folder, at most --class-batch classes held."""
     path = options.surrogate
     if path is None and data.dataset == "digits" and DIGITS_SURROGATE_PATH.is_file():
         path = str(DIGITS_SURROGATE_PATH)
     if path is not None:
         bundle = SurrogateBundle.load(path)
         check_bundle(bundle, models, data, path)
+        if bundle.real_grads is None:
+            inputs = {"surrogate": file_digest(Path(path))}
+            attach_real_gradients(bundle, models, data, cache_path(spec, models, data, "surrogate_file", inputs), spec)
         return bundle, path
     check(options.surrogate_epochs > 0, f"--surrogate-epochs must be > 0, got {options.surrogate_epochs}")
     check(options.max_checkpoints > 0, f"--igd-max-checkpoints must be > 0, got {options.max_checkpoints}")
     selection = options.selection or ("authors" if spec.compat else "paper")
-    if spec.dry_run:
-        return None, "computed from the real data at the start of the run"
-    cache = cache_path(
-        spec,
-        models,
-        data,
-        "surrogate",
-        {"seed": spec.seed, "epochs": options.surrogate_epochs, "k": options.max_checkpoints, "selection": selection},
-    )
-    cached = read_cache(cache, SurrogateBundle.load)
-    if cached is not None:
-        return cached, str(cache)
-    images, labels = data.load()
-    config = surrogate_config_for(models.image_shape, data.num_classes)
-    bundle = compute_surrogate_bundle(
-        config,
-        images,
-        labels,
-        epochs=options.surrogate_epochs,
-        max_checkpoints=options.max_checkpoints,
-        selection=selection,
-        seed=spec.seed,
-        flip=data.dataset != "digits",
-        progress=spec.progress,
-    )
-    bundle.save(cache)
+    photometric = data.dataset != "digits" and models.image_shape[0] == 3
+    depends_on = {"seed": spec.seed, "epochs": options.surrogate_epochs, "k": options.max_checkpoints,
+                  "selection": selection, "augment": "crop+flip+jitter+lighting" if photometric else "crop"}  # fmt: skip
+    cache = cache_path(spec, models, data, "surrogate", depends_on)
+    with computed_once(cache, not spec.dry_run):  # torchrun ranks: one trains, the others read its file
+        bundle = read_cache(cache, SurrogateBundle.load, spec.dry_run)
+        if bundle is None and spec.dry_run:
+            return None, "computed from the real data at the start of the run"
+        if bundle is None:  # the trajectory and Algorithm 2 (the data read batch by batch, then class by class)
+            data.require()
+            config = surrogate_config_for(models.image_shape, data.num_classes)
+            snapshots = train_trajectory(
+                config,
+                data,
+                epochs=options.surrogate_epochs,
+                flip=data.dataset != "digits",
+                photometric=photometric,
+                seed=spec.seed,
+                device=models.device,
+                progress=spec.progress,
+            )
+            epochs = select_epochs(
+                config,
+                snapshots,
+                data,
+                max_checkpoints=options.max_checkpoints,
+                selection=selection,
+                seed=spec.seed,
+                progress=spec.progress,
+            )
+            bundle = SurrogateBundle(config, snapshots[epochs], None, epochs)
+            bundle.save(cache)  # without real gradients: those are computed per class when a batch needs them
+    attach_real_gradients(bundle, models, data, cache, spec)
     return bundle, str(cache)
+
+
+def attach_real_gradients(bundle: SurrogateBundle, models: Models, data: RealData, cache: Path, spec: RunSpec) -> None:
+    """bundle.real_grads = a per-class cache beside `cache` (`<cache stem>_real_grads/<class>.safetensors`): each
+    class's K real gradients computed from its first images when first needed, at most --class-batch classes held."""
+    model, flat = bundle.network(models.device), bundle.flat_params.to(models.device)
+    bundle.real_grads = ClassCache(
+        range(data.num_classes),
+        lambda c: class_real_gradients(model, flat, data, c),
+        cache.with_name(cache.stem + "_real_grads"),
+        keep=spec.class_batch,
+    )
 
 
 def build(options: IGDOptions, spec: RunSpec, models: Models, data: RealData) -> MethodSetup:
@@ -161,10 +196,29 @@ def build(options: IGDOptions, spec: RunSpec, models: Models, data: RealData) ->
     bundle, source = surrogate_bundle(options, spec, models, data)
     params = {"k": k, "gamma": gamma, "guided_range": [low, high], "memory": options.memory, "surrogate": source}
     cost = Cost(guided_steps=high - low + 1, guided_step_calls=IGD_GUIDED_STEP_CALLS)
-    if bundle is None:  # a dry run that would train the surrogate: a trajectory and Algorithm 2's gradients
-        count, config = sum(data.class_counts()), surrogate_config_for(models.image_shape, data.num_classes)
-        steps = 2 * options.surrogate_epochs * math.ceil(count / 64)
-        cost.state = lambda probe: steps * probe.network_train_step(config.build(), min(count, 64))
+    config = surrogate_config_for(models.image_shape, data.num_classes) if bundle is None else bundle.config
+    real_grads = None if bundle is None else bundle.real_grads
+
+    def state_seconds(probe, classes) -> float:
+        """The trajectory and Algorithm 2's gradients when not cached (≈ 2 passes of training steps), plus the real
+        gradients of the classes left that are not stored yet (K gradients of 4 chunks of 50 images)."""
+        seconds, count = 0.0, data.num_images
+        if bundle is None:
+            seconds += (
+                2
+                * options.surrogate_epochs
+                * math.ceil(count / 64)
+                * probe.network_train_step(config.build(), min(count, 64))
+            )
+        if bundle is None or isinstance(real_grads, ClassCache):  # computed per class, unless stored already
+            todo = [c for c in classes if bundle is None or not real_grads.done(c)]
+            if todo:
+                chunk = probe.network_train_step(config.build(), min(count, 50))
+                seconds += len(todo) * options.max_checkpoints * 4 * chunk
+        return seconds
+
+    cost.state = state_seconds if (bundle is None or isinstance(real_grads, ClassCache)) else None
+    if bundle is None:  # a dry run that would train the surrogate
         return MethodSetup(params=params, cost=cost)
     params["surrogate_epochs_kept"] = bundle.epochs
     device, codec, size = models.device, models.codec, bundle.config.im_size
@@ -188,7 +242,7 @@ def build(options: IGDOptions, spec: RunSpec, models: Models, data: RealData) ->
         decode,
         bundle.network(device),
         bundle.flat_params.to(device),
-        bundle.real_grads.to(device),
+        bundle.real_grads,
         k=k,
         low=low,
         high=high,

@@ -6,6 +6,10 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import torch
+
+from ..data.atomic import computed_once
+from ..data.latents import EncodedBatches
 from ..guidance.igds import (
     DEFAULT_TAU,
     InformationEstimator,
@@ -97,28 +101,30 @@ def build(options: IGDSOptions, spec: RunSpec, models: Models, data: RealData) -
     cost = Cost(
         guided_steps=high - low + 1,
         guided_step_calls=IGDS_GUIDED_STEP_CALLS,
-        state=lambda probe: batches * probe.network_train_step(encoder, min(count, 256)),
+        state=lambda probe, classes: batches * probe.network_train_step(encoder, min(count, 256)),
     )
-    if spec.dry_run:
-        return MethodSetup(params=params, cost=cost)
     cache = cache_path(spec, models, data, "igds_estimator", params["estimator"])
-    estimator = read_cache(cache, lambda path: InformationEstimator.load(path, models.device))
-    if estimator is None:
-        images, labels = data.load()
-        estimator = train_information_estimator(
-            images,
-            labels,
-            data.num_classes,
-            lam=options.lam,
-            epochs=options.epochs,
-            batch_size=min(256, len(labels)),
-            classifier_epochs=options.classifier_epochs,
-            flip=flip,
-            seed=spec.seed,
-            device=models.device,
-            progress=spec.progress,
-        )
-        estimator.save(cache)
+    if spec.dry_run:
+        if cache.is_file():  # trained already: only sampling is left
+            cost.state = None
+        return MethodSetup(params=params, cost=cost)
+    with computed_once(cache):  # torchrun ranks: one trains it, the others read its file
+        estimator = read_cache(cache, lambda path: InformationEstimator.load(path, models.device))
+        if estimator is None:
+            estimator = train_information_estimator(
+                EncodedBatches(data, torch.device("cpu")),
+                None,
+                data.num_classes,
+                lam=options.lam,
+                epochs=options.epochs,
+                batch_size=min(256, data.num_images),
+                classifier_epochs=options.classifier_epochs,
+                flip=flip,
+                seed=spec.seed,
+                device=models.device,
+                progress=spec.progress,
+            )
+            estimator.save(cache)
     params["estimator_file"] = str(cache)
     guidance = InformationGuidance(models.codec.decode, estimator, eta, beta, low=low, high=high, source=options.source)
     return MethodSetup(guidances=[guidance], params=params, cost=cost)

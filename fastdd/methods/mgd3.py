@@ -6,11 +6,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-import torch
-from safetensors.torch import load_file
-
-from ..data.atomic import save_safetensors_atomic
-from ..guidance.mgd3 import MGD3_LAMBDA, MGD3_STOP_INDEX, ModeGuidance, fit_modes
+from ..data.latents import ClassCache
+from ..guidance.mgd3 import MGD3_LAMBDA, MGD3_STOP_INDEX, ModeGuidance, class_modes
 from ..options import documented, option
 from .base import (
     Cost,
@@ -19,10 +16,10 @@ from .base import (
     Models,
     RealData,
     RunSpec,
-    cache_path,
+    cache_inputs,
+    cache_key,
     check,
     check_pool,
-    read_cache,
     real_latents,
     rescale_index,
 )
@@ -33,10 +30,10 @@ from .base import (
 class MGD3Options:
     """MGD3 (ICML 2025): k-means modes of the real latents guide the early steps."""
 
-    lam: float = option(MGD3_LAMBDA, "mode guidance scale λ >= 0 (SPEC: 0.1)", flag="--mgd3-lambda")
+    lam: float = option(MGD3_LAMBDA, "mode guidance scale λ >= 0 (MGD3's default: 0.1)", flag="--mgd3-lambda")
     stop: int = option(
         MGD3_STOP_INDEX,
-        "last unguided step for 50 steps: steps above it are guided (SPEC: 25, i.e. 24 of 50); -1 guides all",
+        "last unguided step for 50 steps: steps above it are guided (MGD3's default: 25, i.e. 24 of 50); -1 guides all",
         flag="--mgd3-stop",
     )
     kmeans_seed: int = option(0, "k-means++ seed (the authors' random_state=0)", flag="--mgd3-kmeans-seed")
@@ -58,16 +55,15 @@ def build(options: MGD3Options, spec: RunSpec, models: Models, data: RealData) -
     cost = Cost()  # k-means and the mode pull cost little next to sampling
     if spec.dry_run:
         return MethodSetup(params=params, cost=cost)
-    cache = cache_path(spec, models, data, "mgd3_modes", {"ipc": spec.ipc, "seed": options.kmeans_seed})
-    modes = read_cache(cache, lambda path: load_file(str(path))["modes"])
-    if modes is None:
-        latents, labels = real_latents(spec, models, data)
-        fitted = fit_modes(
-            latents, labels, spec.ipc, range(data.num_classes), seed=options.kmeans_seed, progress=spec.progress
-        )
-        modes = torch.stack([fitted[c] for c in range(data.num_classes)])
-        save_safetensors_atomic({"modes": modes}, cache)
-    guidance = ModeGuidance(modes.to(models.device), lam=options.lam, stop_index=stop, compat=spec.compat)
+    latents = real_latents(spec, models, data)
+    key = cache_key(cache_inputs(spec, models, data, {"ipc": spec.ipc, "seed": options.kmeans_seed}))
+    modes = ClassCache(
+        range(data.num_classes),
+        lambda c: class_modes(latents[c].to(models.device), spec.ipc, seed=options.kmeans_seed),
+        spec.state_dir / f"mgd3_modes_{key}",
+        keep=max(8, spec.class_batch),
+    )
+    guidance = ModeGuidance(modes, lam=options.lam, stop_index=stop, compat=spec.compat)
     return MethodSetup(guidances=[guidance], params=params, cost=cost)
 
 

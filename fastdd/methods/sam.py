@@ -5,14 +5,17 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 from safetensors.torch import load_file
 from torch import Tensor
 
-from ..data.atomic import save_safetensors_atomic
+from ..data.atomic import computed_once, save_safetensors_atomic
+from ..data.latents import EncodedBatches
 from ..guidance.sam import LAMBDA_GEN, LAMBDA_REAL, POLICIES, finetune_sam, to_difffit
 from ..models.dit import DiT
+from ..models.vae import PixelCodec
 from ..options import documented, option
 from ..sampling import GaussianDiffusion, GuidedSampler
 from .base import (
@@ -27,7 +30,6 @@ from .base import (
     check_pool,
     default_sample,
     read_cache,
-    real_latents,
 )
 
 SAM_EMA_PRESETS = {"digits": 0.99}  # digits: ~1.4k fine-tuning steps, so 0.9999 would keep ~87% of the prior
@@ -38,12 +40,12 @@ SAM_EMA_PRESETS = {"digits": 0.99}  # digits: ~1.4k fine-tuning steps, so 0.9999
 class SAMOptions:
     """SAM (ICIP 2025): DiffFit fine-tuning with self-adaptive memories, then sampling (Minimax: policy fifo)."""
 
-    epochs: int = option(8, "fine-tuning epochs over the real latents (SPEC: 8)", flag="--sam-epochs")
-    batch: int = option(8, "fine-tuning batch size (SPEC: 8)", flag="--sam-batch")
-    lr: float = option(1e-3, "AdamW learning rate (SPEC: 1e-3, weight decay 0)", flag="--sam-lr")
-    lambda_real: float = option(LAMBDA_REAL, "λ_r of L_real (SPEC: 0.002)", flag="--sam-lambda-real")
-    lambda_gen: float = option(LAMBDA_GEN, "λ_g of L_gen (SPEC: 0.008)", flag="--sam-lambda-gen")
-    capacity: int = option(64, "memory capacity per class (SPEC: 64)", flag="--sam-capacity")
+    epochs: int = option(8, "fine-tuning epochs over the real latents (SAM paper: 8)", flag="--sam-epochs")
+    batch: int = option(8, "fine-tuning batch size (SAM paper: 8)", flag="--sam-batch")
+    lr: float = option(1e-3, "AdamW learning rate (SAM paper: 1e-3, weight decay 0)", flag="--sam-lr")
+    lambda_real: float = option(LAMBDA_REAL, "λ_r of L_real (SAM paper: 0.002)", flag="--sam-lambda-real")
+    lambda_gen: float = option(LAMBDA_GEN, "λ_g of L_gen (SAM paper: 0.008)", flag="--sam-lambda-gen")
+    capacity: int = option(64, "memory capacity per class (SAM paper: 64)", flag="--sam-capacity")
     policy: str = option(
         "most_similar", "memory pop rule: most_similar (SAM) or fifo (Minimax)", flag="--sam-policy", choices=POLICIES
     )
@@ -86,39 +88,41 @@ def build(options: SAMOptions, spec: RunSpec, models: Models, data: RealData) ->
     }
     steps = options.epochs * math.ceil(total / options.batch)
     # a step: the loss terms, memory updates, AdamW and EMA on top of a forward and backward (×2.5, digits)
-    cost = Cost(state=lambda probe: 2.5 * steps * probe.model_train_step(options.batch))
-    if spec.dry_run:
-        return MethodSetup(params=params, cost=cost)
     cache = cache_path(spec, models, data, "sam_difffit", params)
+    cost = Cost(state=lambda probe, classes: 2.5 * steps * probe.model_train_step(options.batch))
+    if spec.dry_run:
+        if cache.is_file():  # fine-tuned already: only sampling is left
+            cost.state = None
+        return MethodSetup(params=params, cost=cost)
     finetuned = to_difffit(prior)
-    weights = read_cache(cache, lambda path: load_file(str(path)))
-    if weights is not None:
-        finetuned.load_state_dict(weights)
-    else:
-        latents, labels = real_latents(spec, models, data)
-        model_labels = torch.as_tensor(models.class_labels)[labels]
-        schedule = models.description.get("schedule", {})  # a diffusers pipeline's training schedule, if any
-        train = {k: v for k, v in schedule.items() if k in ("num_train_steps", "train_betas")}
-        diffusion = GaussianDiffusion(train.get("num_train_steps", 1000), learn_sigma=prior.learn_sigma, **train)
-        result = finetune_sam(
-            finetuned,
-            diffusion,
-            latents,
-            model_labels,
-            epochs=options.epochs,
-            batch_size=options.batch,
-            lr=options.lr,
-            lambda_real=options.lambda_real,
-            lambda_gen=options.lambda_gen,
-            capacity=options.capacity,
-            policy=options.policy,
-            ema_decay=ema_decay,
-            compat=spec.compat,
-            seed=spec.seed,
-            progress=spec.progress,
-        )
-        finetuned = result.ema_model()
-        save_safetensors_atomic(finetuned.state_dict(), cache)
+    with computed_once(cache):  # torchrun ranks: one fine-tunes, the others read its file
+        weights = read_cache(cache, lambda path: load_file(str(path)))
+        if weights is not None:
+            finetuned.load_state_dict(weights)
+        else:
+            encode = None if isinstance(models.codec, PixelCodec) else partial(models.codec.encode, sample=False)
+            batches = EncodedBatches(data, models.device, encode, torch.as_tensor(models.class_labels))
+            schedule = models.description.get("schedule", {})  # a diffusers pipeline's training schedule, if any
+            train = {k: v for k, v in schedule.items() if k in ("num_train_steps", "train_betas")}
+            diffusion = GaussianDiffusion(train.get("num_train_steps", 1000), learn_sigma=prior.learn_sigma, **train)
+            result = finetune_sam(
+                finetuned,
+                diffusion,
+                batches,
+                epochs=options.epochs,
+                batch_size=options.batch,
+                lr=options.lr,
+                lambda_real=options.lambda_real,
+                lambda_gen=options.lambda_gen,
+                capacity=options.capacity,
+                policy=options.policy,
+                ema_decay=ema_decay,
+                compat=spec.compat,
+                seed=spec.seed,
+                progress=spec.progress,
+            )
+            finetuned = result.ema_model()
+            save_safetensors_atomic(finetuned.state_dict(), cache)
     finetuned = finetuned.to(models.device).eval().requires_grad_(False)
     params["weights"] = str(cache)
     samplers: dict[int, GuidedSampler] = {}

@@ -29,7 +29,9 @@ def test_eval_trains_on_real_digits_above_chance_on_the_test_split(tmp_path, cap
     folder = real_digits_set(tmp_path / "set", ipc=10)
     assert main(["eval", str(folder), "--epochs", "40", "--seeds", "0,1", "--quiet", "--device", "cpu"]) == 0
     out = capsys.readouterr().out
-    assert out.splitlines()[0].startswith("| set | arch | IPC | epochs | top-1 (mean ± std over 2 seeds) |"), out
+    assert out.splitlines()[0].startswith("| set | arch | labels | IPC | epochs | top-1 (mean ± std over 2 seeds) |"), (
+        out
+    )
     summary = json.loads((folder / "eval_convnet6.json").read_text())
     assert summary["ipc"] == 10 and summary["epochs"] == 40 and len(summary["per_seed"]) == 2
     assert summary["top1_mean"] > 50.0, summary  # 10 classes: chance is 10 %

@@ -26,6 +26,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -33,6 +34,7 @@ from safetensors import safe_open
 from torch import Tensor
 
 from .data.atomic import save_safetensors_atomic
+from .data.real import RealData, as_real_data
 from .models.dit import DiT
 from .progress import progress_bar
 from .sampling.diffusion import GaussianDiffusion
@@ -55,8 +57,8 @@ def hybrid_loss(
 
 def train_prior(
     model: DiT,
-    data: Tensor,
-    labels: Tensor,
+    data: Tensor | RealData,
+    labels: Tensor | None = None,
     *,
     steps: int = 4000,
     batch_size: int = 128,
@@ -66,8 +68,11 @@ def train_prior(
     seed: int = 0,
     device: torch.device | str = "cpu",
     progress: bool = True,
+    encode: Callable[[Tensor], Tensor] | None = None,
 ) -> DiT:
-    """Train `model` on (data [N, C, H, W], labels [N]); returns the EMA copy (eval mode).
+    """Train `model` on (data [N, C, H, W], labels [N]) or a `RealData` (each step's batch read by index, so that no
+    more than one batch is held); returns the EMA copy (eval mode). encode: images -> the latents the model is
+    trained on (a latent prior: a VAE's scaled encoder mean); None: the images themselves.
 
     warmup: linear lr warm-up steps (default min(200, steps // 5))."""
     if steps <= 0 or batch_size <= 0:
@@ -82,11 +87,16 @@ def train_prior(
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps))
     )
-    data, labels = data.to(device), labels.to(device)
+    data = as_real_data(data, labels)
     bar = progress_bar(range(steps), desc="prior", disable=not progress)
     for step in bar:
-        idx = torch.randint(0, len(labels), (batch_size,), generator=generator).to(device)
-        loss = hybrid_loss(model, diffusion, data[idx], labels[idx], generator)
+        idx = torch.randint(0, data.num_images, (batch_size,), generator=generator)
+        images, batch_labels = next(data.batches(idx, batch_size))
+        x0 = images.to(device)
+        if encode is not None:
+            with torch.no_grad():
+                x0 = encode(x0)
+        loss = hybrid_loss(model, diffusion, x0, batch_labels.to(device), generator)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

@@ -78,7 +78,7 @@ def test_cli_method_flags_are_generated_from_the_dataclasses():
     for method in METHODS.values():
         for field in option_fields(method.options):
             action = flags[flag_of(field)]
-            assert action.dest == dest_of(field) and action.help == field.metadata["help"]
+            assert action.dest == dest_of(field) and action.help.startswith(field.metadata["help"])
             assert action.default == field.default
 
 

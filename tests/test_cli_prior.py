@@ -75,3 +75,25 @@ def test_the_shipped_digits_prior_is_small_and_loads():
     training = extra["training"]
     assert {k: training[k] for k in DIGITS_PRIOR_DEFAULTS} == DIGITS_PRIOR_DEFAULTS  # made by the documented command
     assert model.hidden_size == DIGITS_PRIOR_DEFAULTS["hidden_size"] and model.depth == DIGITS_PRIOR_DEFAULTS["depth"]
+
+
+def test_a_latent_prior_trains_on_its_vae_and_samples_through_it(tmp_path):
+    """`fastdd prior vae` (a diffusers AutoencoderKL) then `fastdd prior train --vae`: the prior records its VAE and
+    `--model PRIOR` decodes through it with diffusers' real loading code."""
+    import json
+
+    import fastdd
+
+    vae = tmp_path / "assets" / "vae"
+    assert main(["prior", "vae", "--out", str(vae), "--image-size", "16", "--channels", "8,8", "--steps", "3",
+                 "--batch-size", "8", "--quiet", "--device", "cpu"]) == 0  # fmt: skip
+    assert (vae / "config.json").is_file() and json.loads((vae / "config.json").read_text())["scaling_factor"] > 0
+    prior = tmp_path / "assets" / "latent_prior.safetensors"
+    assert main(["prior", "train", "--vae", str(vae), "--out", str(prior), "--steps", "3", "--image-size", "16",
+                 "--patch-size", "2", *TINY]) == 0  # fmt: skip
+    model, extra = load_prior(prior)
+    assert extra["latent"] == "vae" and extra["vae"] == "vae" and model.in_channels == 4 and model.input_size == 8
+    run = fastdd.distill("dit", 1, tmp_path / "run", model=str(prior), steps=2, quiet=True, device="cpu")
+    manifest = json.loads((run.out / "manifest.json").read_text())
+    assert manifest["complete"] and manifest["config"]["image_size"] == 16
+    assert main(["prior", "vae", "--out", str(vae), "--image-size", "15", "--quiet"]) == 2

@@ -64,7 +64,7 @@ def test_an_id_missing_from_the_cache_fails_in_one_line_naming_the_option(tmp_pa
         err = proc.stderr.strip()
         assert proc.returncode == 2 and len(err.splitlines()) == 1, err
         assert f"{option}: not in the Hugging Face cache and offline (HF_HUB_OFFLINE=1)" in err, err
-        assert "huggingface-cli download" in err and not out.exists()
+        assert f"`hf download {option.split()[1]}`" in err and not out.exists()
 
 
 @pytest.fixture(scope="module")

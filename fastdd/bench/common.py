@@ -27,7 +27,7 @@ def device_name(device: torch.device | str) -> str:
     device = torch.device(device)
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return f"CPU ({cpu_model()}, {platform.machine()}, {torch.get_num_threads()} threads)"
+    return f"CPU ({cpu_model()}, {platform.machine()}, {torch.get_num_threads()} thread{'s' * (torch.get_num_threads() != 1)})"
 
 
 def synchronize(device: torch.device) -> None:

@@ -34,7 +34,11 @@ def add_parser(subparsers) -> None:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", choices=list(CONFIGS), default="tiny", help="model sizes (default tiny)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument(
+        "--device",
+        default="cuda" if torch.cuda.is_available() else "cpu",
+        help="cpu or cuda (default: cuda when available, else cpu)",
+    )
     parser.add_argument(
         "--methods",
         default=",".join(METHODS),

@@ -46,6 +46,9 @@ def add_parser(subparsers) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add_options(parser, RunSpec)
+    method_flag = next(a for a in parser._actions if "--method" in a.option_strings)
+    method_flag.choices = sorted(METHODS)
+    method_flag.help = "the distillation method: " + "; ".join(f"{m.name}: {m.help}" for m in METHODS.values())
     for method in METHODS.values():
         if option_fields(method.options):
             add_options(parser, method.options, title=f"{method.name}: {method.help}")

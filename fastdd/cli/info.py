@@ -42,7 +42,11 @@ def info_text() -> str:
     if torch.cuda.is_available():
         devices += [torch.device("cuda", i) for i in range(torch.cuda.device_count())]
     for d in devices:
-        name = torch.cuda.get_device_name(d) if d.type == "cuda" else f"{torch.get_num_threads()} threads"
+        name = (
+            torch.cuda.get_device_name(d)
+            if d.type == "cuda"
+            else f"{torch.get_num_threads()} thread{'s' * (torch.get_num_threads() != 1)}"
+        )
         lines.append(f"device {d}: {name}")
     lines.append("")
     lines.append("op".ljust(22) + "".join(str(d).ljust(12) for d in devices) + "auto order (cpu | cuda)")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import bench, distill, evaluate, info, prior, surrogate
+from . import bench, distill, evaluate, info, prior, report, surrogate, teacher
 from .errors import UsageError
 
 
@@ -16,6 +16,16 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
+def show_defaults(parser: argparse.ArgumentParser) -> None:
+    """Append "(default: X)" to every option's help, in every sub-command, unless it already names its default."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                show_defaults(sub)
+        elif action.help and action.default not in (None, False, argparse.SUPPRESS) and "default" not in action.help:
+            action.help += " (default: %(default)s)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="fastdd", description=__doc__)
     subparsers = parser.add_subparsers(dest="command", required=True)
@@ -24,7 +34,10 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_parser(subparsers)
     prior.add_parser(subparsers)
     surrogate.add_parser(subparsers)
+    teacher.add_parser(subparsers)
+    report.add_parser(subparsers)
     bench.add_parser(subparsers)
+    show_defaults(parser)
     return parser
 
 

@@ -24,7 +24,11 @@ def add_options(parser: argparse.ArgumentParser | Any, cls: type, *, title: str 
     group = parser.add_argument_group(title) if title else parser
     for field in option_fields(cls):
         value_type, flag = _value_type(cls, field), flag_of(field)
-        kwargs: dict[str, Any] = {"dest": dest_of(field), "help": field.metadata["help"]}
+        help_text = field.metadata["help"]
+        if field.default not in (REQUIRED, None, False) and "default" not in help_text:
+            shown = f"{field.default[0]},{field.default[1]}" if isinstance(field.default, tuple) else field.default
+            help_text += f" (default: {shown})"
+        kwargs: dict[str, Any] = {"dest": dest_of(field), "help": help_text}
         if field.default is REQUIRED:
             kwargs["required"] = True
         else:

@@ -14,7 +14,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-DIGITS_PRIOR_PATH = Path(__file__).resolve().parent.parent / "assets" / "digits_prior.safetensors"
+ASSETS = Path(__file__).resolve().parent.parent / "assets"
+DIGITS_PRIOR_PATH = ASSETS / "digits_prior.safetensors"
 DEFAULT_DIT = "facebook/DiT-XL-2-256"
 WEIGHT_SUFFIXES = (".pt", ".pth", ".safetensors", ".bin", ".ckpt")  # a --model naming a file, never a hub id
 
@@ -78,7 +79,8 @@ def resolve_hub_id(spec: str, option: str, revision: str | None = None) -> Path:
         offline = " and offline (HF_HUB_OFFLINE=1)" if huggingface_hub.constants.HF_HUB_OFFLINE else ""
         raise ValueError(
             f"{option} {spec}: not in the Hugging Face cache{offline} ({type(err).__name__}); download it with "
-            f"`huggingface-cli download {spec}` where the hub is reachable, or pass a local folder"
+            f"`hf download {spec}{f' --revision {revision}' if revision else ''}` where the hub is reachable, or pass "
+            "a local folder"
         ) from None
 
 
@@ -190,7 +192,7 @@ def load_generator(
     path = resolve_hub_id(spec, "--model", revision) if hub_model else Path(spec)
     if model is None and data is None and not path.is_file():
         raise ValueError(f"the bundled digits prior {path} is missing; make it with `fastdd prior train --out {path}`")
-    description = {"model": spec if model else ("bundled digits prior" if data is None else spec)}
+    description = {"model": model if model else ("bundled digits prior" if data is None else spec)}
     if revision is not None:
         description["revision"] = revision
     describe_weights(description, "model", path, hub_model)
@@ -200,10 +202,16 @@ def load_generator(
             network, extra = load_prior(path, device)
         except (RuntimeError, KeyError, TypeError) as err:
             raise ValueError(f"--model {path}: checkpoint does not match its DiT config ({err})") from None
-        if vae not in (None, "none"):
-            raise ValueError(f"--vae: {path} is a pixel-space prior; it takes no VAE")
-        codec = PixelCodec(network.in_channels)
         description.update(prior_extra=extra)
+        if extra.get("latent") == "vae":  # a latent prior: the VAE it was trained in, unless --vae names another
+            vae = vae or str(path.parent / extra["vae"])
+            codec, vae_path = load_codec(vae, device, precision)
+            description.update(vae=vae)
+            describe_weights(description, "vae", vae_path, vae_path != Path(vae))
+        else:
+            if vae not in (None, "none"):
+                raise ValueError(f"--vae: {path} is a pixel-space prior; it takes no VAE")
+            codec = PixelCodec(network.in_channels)
     else:
         from .dit import load_diffusers_dit
 

@@ -647,6 +647,23 @@ class Probe:
                     p.requires_grad_(False)
                     p.grad = None
 
+    def image_read(self, rows: int) -> float:
+        """Seconds to read `rows` of the run's real images through its DataLoader path (file decoding included), per
+        image; 0 without real data."""
+        data = self.run.data
+        rows = min(rows, data.num_images)
+        if data.source is None or rows == 0:
+            return 0.0
+        order = torch.arange(rows)
+        return self.seconds(lambda: sum(len(labels) for _, labels in data.batches(order, rows)), repeats=2) / rows
+
+    def encode(self, rows: int) -> float:
+        """Seconds of the codec's encoder on `rows` images (the VAE of a latent run; ~0 in pixel space)."""
+        models = self.run.models
+        x = torch.rand(rows, *models.image_shape, device=models.device) * 2 - 1
+        with torch.no_grad():
+            return self.seconds(lambda: models.codec.encode(x), repeats=2)
+
     def network_train_step(self, network: torch.nn.Module, rows: int) -> float:
         """Seconds of a forward and backward of `network` on `rows` images of the run's image shape."""
         network = network.to(self.run.models.device)

@@ -11,14 +11,18 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from ..data.atomic import computed_once
+from ..data.augment import color_jitter_lighting, random_resized_crop
 from ..data.latents import ClassCache
 from ..guidance.igd import (
     DIGITS_SURROGATE_PATH,
     MAX_CHECKPOINTS,
+    REAL_CHUNK,
+    REAL_IMAGES_PER_CLASS,
     SELECTION_RULES,
     DeviationGuidance,
     InfluenceGuidance,
@@ -199,22 +203,42 @@ def build(options: IGDOptions, spec: RunSpec, models: Models, data: RealData) ->
     config = surrogate_config_for(models.image_shape, data.num_classes) if bundle is None else bundle.config
     real_grads = None if bundle is None else bundle.real_grads
 
+    def trajectory_extras(probe, network, rows: int) -> float:
+        """A trajectory batch's augmentation (crop, flip; colour jitter and lighting on RGB) and SGD step."""
+        generator = torch.Generator().manual_seed(0)
+        images = torch.rand(rows, *models.image_shape) * 2 - 1
+        photometric = data.dataset != "digits" and models.image_shape[0] == 3
+
+        def augment() -> Tensor:
+            batch = random_resized_crop(images, generator, flip=True)
+            return color_jitter_lighting(batch, generator) if photometric else batch
+
+        for p in network.parameters():
+            p.grad = torch.zeros_like(p)
+        optimizer = torch.optim.SGD(network.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
+        return probe.seconds(augment, repeats=3) + probe.seconds(optimizer.step, repeats=3)
+
     def state_seconds(probe, classes) -> float:
-        """The trajectory and Algorithm 2's gradients when not cached (≈ 2 passes of training steps), plus the real
-        gradients of the classes left that are not stored yet (K gradients of 4 chunks of 50 images)."""
-        seconds, count = 0.0, data.num_images
+        """When not cached: the trajectory (every epoch reads the real images and trains on them, batch 64) and
+        Algorithm 2 (every snapshot's gradient on each class's first 200 images, chunks of 50); plus the real
+        gradients of the classes left that are not stored yet (K gradients of the class's first 200 images)."""
+        counts, network = data.class_counts(), config.build()
+        per_image = probe.image_read(64)
+        chunk = probe.network_train_step(network, min(data.num_images, REAL_CHUNK))
+
+        def class_gradients(c: int, snapshots: int) -> float:
+            used = min(counts[c], REAL_IMAGES_PER_CLASS)
+            return used * per_image + snapshots * math.ceil(used / REAL_CHUNK) * chunk
+
+        seconds = 0.0
         if bundle is None:
-            seconds += (
-                2
-                * options.surrogate_epochs
-                * math.ceil(count / 64)
-                * probe.network_train_step(config.build(), min(count, 64))
-            )
+            epochs, count = options.surrogate_epochs, data.num_images
+            step = probe.network_train_step(network, min(count, 64)) + trajectory_extras(probe, network, min(count, 64))
+            seconds += epochs * (count * per_image + math.ceil(count / 64) * step)
+            seconds += sum(class_gradients(c, epochs + 1) for c in range(data.num_classes))
         if bundle is None or isinstance(real_grads, ClassCache):  # computed per class, unless stored already
             todo = [c for c in classes if bundle is None or not real_grads.done(c)]
-            if todo:
-                chunk = probe.network_train_step(config.build(), min(count, 50))
-                seconds += len(todo) * options.max_checkpoints * 4 * chunk
+            seconds += sum(class_gradients(c, options.max_checkpoints) for c in todo)
         return seconds
 
     cost.state = state_seconds if (bundle is None or isinstance(real_grads, ClassCache)) else None

@@ -1,7 +1,7 @@
 """The main job's `fastdd eval` (3 seeds, the hard-label protocol's 2,000 epochs of convnet6 on the digits IPC 10
-set of `fastdd distill --method igd --ipc 10`): the seeds one after another (`--sequential`, the engine every
+set of `fastdd distill --method igd --ipc 10`): the seeds one after another (the default, the engine every
 earlier fastdd used) against the seeds trained together as one batched ensemble (`torch.func.stack_module_state` +
-`vmap`, the default), timed in the same process, interleaved, median of --repeats. Both report each seed's best
+`vmap`, `--ensemble`), timed in the same process, interleaved, median of --repeats. Both report each seed's best
 top-1: the same protocol, the same random draws, float rounding apart.
 
     python benchmarks/eval_speed.py [--repeats 3] [--epochs N] [--device cpu]

@@ -38,7 +38,7 @@ def run(args) -> int:
                 temperature=args.temperature,
                 soft_factor=args.soft_factor,
                 input_size=args.input_size,
-                ensemble=not args.sequential,
+                ensemble=args.ensemble,
                 workers=args.workers,
             )
         except ValueError as err:
@@ -134,10 +134,11 @@ def add_parser(subparsers) -> None:
         help="evaluate a run whose manifest says it did not finish (default: refused; the summary then says so)",
     )
     parser.add_argument(
-        "--sequential",
+        "--ensemble",
         action="store_true",
-        help="train the seeds one after another rather than as one batched ensemble (the same protocol; the "
-        "ensemble is used for hard labels when the set fits in memory and the network has no BatchNorm)",
+        help="hard labels: train the seeds together as one vmap ensemble rather than one after another (the same "
+        "protocol; for sets in memory and networks without BatchNorm). On a 2-core CPU it took 1.42x as long "
+        "(benchmarks/eval_speed.py); not measured on GPU",
     )
     parser.add_argument(
         "--workers", type=int, default=0, help="DataLoader worker processes for sets read from disk (default: 0)"

@@ -54,7 +54,7 @@ def evaluate(
     temperature: float | None = None,
     soft_factor: int | None = None,
     input_size: int | None = None,
-    ensemble: bool = True,
+    ensemble: bool = False,
     workers: int = 0,
 ) -> dict:
     """`fastdd eval` from Python: train `arch` from each seed on a distilled ImageFolder, test on real images.
@@ -70,8 +70,9 @@ def evaluate(
         labels: "hard" (IGD's protocol) or "soft" (RDED's, with `teacher`). teacher: the soft protocol's teacher file
             (`fastdd.evaluation.teacher.load_teacher`). temperature, soft_factor, input_size: the soft protocol's T
             (20), crop / patch factor (2) and training size (224 for images >= 224 px, else theirs).
-        ensemble: train the seeds of the hard protocol together (`hard.train_ensemble`) when the set is in memory
-            and the network has no BatchNorm statistics; False: one after another (the same protocol).
+        ensemble: train the seeds of the hard protocol together (`hard.train_ensemble`, vmap) when the set is in
+            memory and the network has no BatchNorm statistics (the same protocol); default False, one after
+            another: on a 2-core CPU the ensemble took 1.42× as long (benchmarks/eval_speed.py).
         workers: DataLoader worker processes for sets read from disk.
 
     Returns:
